@@ -1,0 +1,83 @@
+"""Algorithms are plug-ins of the one trainer loop.
+
+An algorithm is any object with the attributes and methods of `Algorithm` (a Protocol: no base
+class). The trainer asks it for the micro-batches of one optimizer step, for the step's loss
+normaliser, and for each micro-batch's `(loss, metrics)`; it does the rest (backward,
+accumulation, clipping, optimizer, schedule, logging, eval, checkpoints) without knowing which
+algorithm it runs.
+
+The contract on numbers: `loss(batch, normaliser)` returns this micro-batch's share of the
+step's loss, so summing over the step's micro-batches gives the step loss (e.g. token NLL summed
+over the micro-batch divided by the loss tokens of the whole step). Metrics follow the same
+rule: the trainer sums each metric over the step's micro-batches, so an algorithm scales a
+per-micro-batch mean by its share of the step. The key `num_tokens` (tokens processed) feeds the
+throughput metric.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from rltune.config import RLTuneConfig
+
+
+@dataclass
+class BuildContext:
+    """What the trainer hands an algorithm when building it."""
+
+    cfg: RLTuneConfig
+    device: torch.device
+    dtype: torch.dtype
+    run_dir: Path
+    rank: int = 0
+    world_size: int = 1
+
+
+class Algorithm(Protocol):
+    policy: nn.Module
+    """The model the optimizer trains."""
+    tokenizer: Any
+    """The policy's tokenizer (exported with final/)."""
+
+    def default_lr(self) -> float:
+        """Learning rate used when train.lr is null (before model.lr_scale)."""
+
+    def models(self) -> dict[str, nn.Module]:
+        """Every model the pipeline holds, by role (policy, reference, ...), for the start log."""
+
+    def examples_per_epoch(self) -> int | None:
+        """Training examples in one pass over the data, or None when batches are generated."""
+
+    def next_batches(self, num_micro: int, micro_batch_size: int) -> list[Any]:
+        """The micro-batches of the next optimizer step (advances the data position)."""
+
+    def normaliser(self, batches: list[Any]) -> float:
+        """The step-level denominator handed to `loss` for each micro-batch of `batches`."""
+
+    def loss(self, batch: Any, normaliser: float) -> tuple[torch.Tensor, dict[str, float]]:
+        """This micro-batch's share of the step loss, and its metric contributions."""
+
+    def evaluate(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """Eval metrics (`eval/...`) and a few generated samples for the logger's table."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state needed for exact resume (data position, ...)."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+ALGORITHMS = {"sft": "rltune.algos.sft:SFT"}
+"""Algorithm name -> import path of its class; each class takes (algo_cfg, ctx)."""
+
+
+def build_algorithm(ctx: BuildContext) -> Algorithm:
+    name = ctx.cfg.algo.name
+    module_name, _, cls_name = ALGORITHMS[name].partition(":")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    return cls(ctx.cfg.algo, ctx)

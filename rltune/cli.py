@@ -1,0 +1,115 @@
+"""The `rltune` command: compose the config with Hydra, check it, run the trainer.
+
+    rltune [group=option ...] [key=value ...]        one run, in Hydra's run directory
+    rltune -m key=a,b ...                            a sweep, one run directory per job
+    rltune +recipe=<name>                            a ready preset from recipes/
+
+Everything that can be checked without loading a model is checked first: unknown keys
+(including ones added with `+`), unknown group options (Hydra), and values outside their
+allowed set. Those exit with status 2 and a message naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from rltune.config import ConfigError, RLTuneConfig, register_configs, validate
+
+log = logging.getLogger("rltune")
+
+CONFIG_ERROR_EXIT = 2
+
+
+def conf_dir() -> Path:
+    """conf/ beside the package in a source checkout, or inside it when installed as a wheel."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "config.yaml").exists():
+            return candidate
+    raise FileNotFoundError(f"rltune's conf/ folder is missing (looked beside {here})")
+
+
+def unknown_keys(node: DictConfig, prefix: str = "") -> list[tuple[str, list[str]]]:
+    """Keys present in the composed config but absent from the dataclass schema of their node.
+    Hydra lets `+key=value` through the schema; this catches it."""
+    found = []
+    schema = OmegaConf.get_type(node)
+    allowed = [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else None
+    for key in node.keys():
+        full = f"{prefix}{key}"
+        if allowed is not None and key not in allowed:
+            found.append((full, allowed))
+            continue
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            found.extend(unknown_keys(child, f"{full}."))
+    return found
+
+
+def check_schema(cfg: DictConfig) -> RLTuneConfig:
+    """The composed config as typed dataclasses, or a ConfigError naming the first bad key."""
+    bad = unknown_keys(cfg)
+    if bad:
+        key, allowed = bad[0]
+        name = key.rsplit(".", 1)[-1]
+        close = difflib.get_close_matches(name, allowed, n=1)
+        hint = f" Did you mean '{key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}'?" if close else ""
+        raise ConfigError(f"Unknown config key '{key}'.{hint} Valid keys here: {', '.join(allowed)}")
+    settings = OmegaConf.to_object(cfg)
+    assert isinstance(settings, RLTuneConfig)
+    validate(settings)
+    return settings
+
+
+_last_run_dir: Path | None = None
+
+
+def _task(cfg: DictConfig) -> None:
+    global _last_run_dir
+    from rltune.data import DataError
+    from rltune.trainer import Interrupted, train
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    _last_run_dir = run_dir
+    try:
+        settings = check_schema(cfg)
+        train(
+            settings,
+            run_dir,
+            config_yaml=OmegaConf.to_yaml(cfg),
+            config_dict=OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
+        )
+    except (ConfigError, DataError) as err:
+        log.error("%s", err)
+        print(f"rltune: error: {err}", file=sys.stderr)
+        sys.exit(CONFIG_ERROR_EXIT)
+    except Interrupted as stop:
+        log.warning("%s; continue with train.resume=auto", stop)
+        sys.exit(128 + stop.signum)
+
+
+def main() -> None:
+    """Console entry point (`rltune ...`, `python -m rltune ...`)."""
+    register_configs()
+    app = hydra.main(config_path=str(conf_dir()), config_name="config", version_base=None)(_task)
+    app()
+
+
+def run(overrides: list[str]) -> Path:
+    """Run rltune in this process as if `rltune *overrides` was typed; return the run directory."""
+    saved = sys.argv
+    sys.argv = ["rltune", *overrides]
+    try:
+        main()
+    finally:
+        sys.argv = saved
+    assert _last_run_dir is not None
+    return _last_run_dir

@@ -1,0 +1,269 @@
+"""Typed configuration: one dataclass per config group, registered in Hydra's ConfigStore.
+
+Every field carries a one-line docstring (the string literal under it); `rltune --help-config`
+and the README's config reference are generated from the same place. The YAML files in `conf/`
+only pick values: each starts with `defaults: [base_<group>, _self_]`, so a misspelt key
+(`algo.betta=0.5`) fails when Hydra composes the config, before anything is loaded.
+
+Batch semantics, stated once (the README repeats it):
+
+    train.batch_size        examples per optimizer step, summed over all processes
+    train.micro_batch_size  examples per forward/backward pass on one process
+    grad_accum              = batch_size / (micro_batch_size * world_size), derived
+
+`train.grad_accum`, when set, takes precedence: batch_size becomes
+micro_batch_size * grad_accum * world_size. The resolved numbers are logged at start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = -1
+    """Optimizer steps to run; -1 derives it from train.epochs and the dataset size."""
+    epochs: float = 1.0
+    """Passes over the training data when max_steps is -1."""
+    lr: float | None = None
+    """Peak learning rate; null uses the algorithm's default times model.lr_scale."""
+    batch_size: int = 16
+    """Examples per optimizer step, summed over all processes."""
+    micro_batch_size: int = 8
+    """Examples per forward/backward pass on one process."""
+    grad_accum: int | None = None
+    """Micro-batches accumulated per step; null derives it from batch_size (see module doc)."""
+    warmup_ratio: float = 0.0
+    """Fraction of max_steps spent ramping the learning rate up linearly from 0."""
+    scheduler: str = "cosine"
+    """Learning-rate schedule after warmup: cosine, linear or constant."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate of cosine/linear decay, as a fraction of the peak."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (not applied to biases and norms)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    log_every: int = 10
+    """Write metrics every N steps (the last step is always logged)."""
+    eval_every: int = 0
+    """Evaluate every N steps; 0 evaluates only at step 0 and at the end."""
+    eval_samples: int = 200
+    """Eval examples used for eval/accuracy and eval/loss."""
+    save_every: int = 0
+    """Checkpoint every N steps; 0 saves only on interruption (final/ is always written)."""
+    keep_checkpoints: int = 2
+    """How many step-N checkpoints to keep; older ones are deleted after a new one is complete."""
+    resume: str | None = None
+    """null starts fresh; 'auto' continues from the newest complete checkpoint; or a path."""
+    seed: int = 0
+    """Seed for model init of new heads, data order, dropout and sampling."""
+    dtype: str = "auto"
+    """Training dtype: auto (bf16 on a GPU that has it, fp32 on CPU), fp32, bf16 or fp16."""
+    device: str = "auto"
+    """auto (cuda when available, else cpu), cpu, cuda, or cuda:N."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory (slower)."""
+    fail_at_step: int | None = None
+    """Testing aid: end the process abruptly (os._exit) right after this step, saving nothing."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    """Display name of the preset."""
+    path: str = "tiny"
+    """Hub id or local folder; 'tiny' and 'tiny_init' are the models shipped in the package."""
+    tokenizer_path: str | None = None
+    """Tokenizer location when it differs from path."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit)."""
+    dtype: str = "auto"
+    """Weights dtype to load; auto follows train.dtype."""
+    attn_implementation: str | None = None
+    """sdpa, eager or flash_attention_2; null lets transformers choose."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub repository."""
+    lr_scale: float = 1.0
+    """Multiplies the algorithm's default learning rate (tiny models train at larger rates)."""
+
+
+@dataclass
+class PeftConfig:
+    method: str = "none"
+    """none (full fine-tuning) or lora."""
+    r: int = 16
+    """LoRA rank."""
+    alpha: int = 32
+    """LoRA alpha; the update is scaled by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    target_modules: Any = "all-linear"
+    """Modules that get adapters: 'all-linear' or a list of module names."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "arith"
+    """Display name of the preset."""
+    path: Any = None
+    """A .jsonl/.json/.csv/.parquet/.txt/.md/.pdf/.docx file, a list of them, or a hub dataset id; null uses data.task."""
+    task: str = "arith"
+    """Built-in task used when path is null (also provides eval/accuracy)."""
+    format: str = "auto"
+    """auto (from the columns), text, instruction, prompt_completion, chat, sharegpt, preference or prompt_answer."""
+    max_length: int = 512
+    """Tokens per example; longer prompts/completions are truncated, raw text is chunked."""
+    packing: bool = False
+    """Pack several examples into one row of max_length tokens (SFT)."""
+    eval_path: Any = None
+    """Held-out data for eval/loss; null uses the task's eval split or data.eval_ratio."""
+    eval_ratio: float = 0.0
+    """Fraction of data.path held out for eval/loss when eval_path is null."""
+    train_size: int = 20000
+    """Examples generated from the built-in task for training."""
+    seed: int = 0
+    """Seed of the built-in task generator."""
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "none"
+    """none or wandb (metrics.jsonl and the progress bar are always written)."""
+    project: str = "rltune"
+    """wandb project."""
+    entity: str | None = None
+    """wandb entity (team or user)."""
+    run_name: str | None = None
+    """wandb run name; null uses the run directory's name."""
+    mode: str = "auto"
+    """wandb mode: auto (offline when no API key is configured), online or offline."""
+
+
+@dataclass
+class SFTConfig:
+    name: str = "sft"
+    """Algorithm name."""
+    lr: float = 2e-5
+    """Default learning rate (full fine-tuning); used when train.lr is null."""
+    lora_lr: float = 2e-4
+    """Default learning rate with peft=lora."""
+    completion_only: bool = True
+    """Loss on completion/assistant tokens only; raw text always gets the full loss."""
+
+
+@dataclass
+class RLTuneConfig:
+    algo: Any = MISSING
+    """The algorithm and its hyperparameters (config group)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy model (config group)."""
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    """Parameter-efficient fine-tuning (config group)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data (config group)."""
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    """Experiment logging (config group)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The trainer loop."""
+
+
+ALGO_CONFIGS: dict[str, type] = {"sft": SFTConfig}
+"""Algorithm name -> its config dataclass. Each algorithm registers here."""
+
+GROUPS: dict[str, type] = {
+    "model": ModelConfig,
+    "peft": PeftConfig,
+    "data": DataConfig,
+    "logger": LoggerConfig,
+}
+
+
+def register_configs() -> None:
+    """Put the schema into Hydra's ConfigStore: `base_<x>` nodes the YAML presets extend."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=RLTuneConfig)
+    for name, cls in ALGO_CONFIGS.items():
+        cs.store(group="algo", name=f"base_{name}", node=cls)
+    for group, cls in GROUPS.items():
+        cs.store(group=group, name=f"base_{group}", node=cls)
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key."""
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each dataclass field, read from the source."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for stmt, nxt in zip(body, body[1:]):
+        if (
+            isinstance(stmt, ast.AnnAssign)
+            and isinstance(stmt.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+        ):
+            docs[stmt.target.id] = str(nxt.value.value)
+    return docs
+
+
+def schema_keys(cls: type) -> list[str]:
+    return [f.name for f in fields(cls)]
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "train.scheduler": ("cosine", "linear", "constant"),
+    "train.dtype": ("auto", "fp32", "bf16", "fp16"),
+    "model.dtype": ("auto", "fp32", "bf16", "fp16"),
+    "peft.method": ("none", "lora"),
+    "data.format": (
+        "auto", "text", "instruction", "prompt_completion", "chat", "sharegpt", "preference", "prompt_answer",
+    ),
+    "logger.backend": ("none", "wandb"),
+    "logger.mode": ("auto", "online", "offline"),
+}
+"""Keys whose value must be one of a fixed set, checked before anything is loaded."""
+
+
+def validate(cfg: RLTuneConfig) -> None:
+    """Value checks that the schema's types cannot express. Raises ConfigError naming the key."""
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of: {', '.join(allowed)}")
+    t = cfg.train
+    positive = {"train.micro_batch_size": t.micro_batch_size, "train.batch_size": t.batch_size,
+                "train.log_every": t.log_every, "data.max_length": cfg.data.max_length}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be >= 1")
+    if t.max_steps == 0 or t.max_steps < -1:
+        raise ConfigError(f"train.max_steps={t.max_steps} must be -1 (use train.epochs) or >= 1")
+    if t.max_steps == -1 and t.epochs <= 0:
+        raise ConfigError(f"train.epochs={t.epochs} must be > 0 when train.max_steps is -1")
+    for key in ("eval_every", "save_every", "keep_checkpoints", "eval_samples"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"train.{key}={getattr(t, key)} must be >= 0")
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        raise ConfigError(f"train.warmup_ratio={t.warmup_ratio} must be in [0, 1)")
+    if t.lr is not None and t.lr <= 0:
+        raise ConfigError(f"train.lr={t.lr} must be > 0 (or null for the algorithm's default)")
+    if not 0.0 <= cfg.data.eval_ratio < 1.0:
+        raise ConfigError(f"data.eval_ratio={cfg.data.eval_ratio} must be in [0, 1)")

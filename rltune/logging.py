@@ -1,0 +1,158 @@
+"""Where metrics go: `metrics.jsonl` (always), a progress bar (always), wandb (logger=wandb).
+
+`metrics.jsonl` holds one JSON object per logged step, each with `step`. Every row is flushed
+as it is written, so a crash loses at most the row being written; a torn last line is skipped
+on reading. On resume, rows after the checkpoint's step belong to the abandoned trajectory:
+they are moved to `metrics.orphaned.jsonl` (never deleted) and the main file is rewritten
+atomically without them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from rltune.config import LoggerConfig
+
+log = logging.getLogger("rltune")
+
+METRICS_FILE = "metrics.jsonl"
+ORPHANED_FILE = "metrics.orphaned.jsonl"
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Rows of a metrics file, skipping a torn (unparseable) last line."""
+    rows = []
+    if not path.exists():
+        return rows
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise
+    return rows
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep them visible rather than crash the run
+    return value
+
+
+class MetricsLogger:
+    """Writes metric rows to every sink. Only the process with rank 0 should create one."""
+
+    def __init__(self, run_dir: Path, cfg: LoggerConfig, *, config: dict[str, Any], total_steps: int):
+        self.run_dir = run_dir
+        self.path = run_dir / METRICS_FILE
+        self._file = None
+        self._wandb = None
+        self._bar = None
+        self.total_steps = total_steps
+        if cfg.backend == "wandb":
+            self._wandb = _start_wandb(run_dir, cfg, config)
+        elif cfg.backend != "none":
+            raise ValueError(f"logger.backend={cfg.backend!r} is not one of: none, wandb")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows with step > `step` (moved to metrics.orphaned.jsonl) before resuming."""
+        rows = read_metrics(self.path)
+        keep = [r for r in rows if r.get("step", 0) <= step]
+        orphaned = [r for r in rows if r.get("step", 0) > step]
+        if not orphaned and len(keep) == len(rows):
+            return
+        with open(self.run_dir / ORPHANED_FILE, "a") as f:
+            for row in orphaned:
+                f.write(json.dumps(row) + "\n")
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        os.replace(tmp, self.path)
+        log.info("resume: moved %d metric rows after step %d to %s", len(orphaned), step, ORPHANED_FILE)
+
+    def start_progress(self, initial: int) -> None:
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=self.total_steps, initial=initial, desc="train", dynamic_ncols=True, mininterval=1.0)
+
+    def advance(self, summary: dict[str, Any]) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(
+                {k: f"{v:.4g}" for k, v in summary.items() if isinstance(v, (int, float))},
+                refresh=False,
+            )
+
+    def log(self, row: dict[str, Any]) -> None:
+        if self._file is None:
+            self._file = open(self.path, "a")
+        self._file.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def log_samples(self, step: int, columns: list[str], rows: list[list[Any]]) -> None:
+        """A table of generated samples: a wandb Table, and `samples.jsonl` beside the metrics."""
+        with open(self.run_dir / "samples.jsonl", "a") as f:
+            for values in rows:
+                f.write(json.dumps({"step": step, **dict(zip(columns, values))}) + "\n")
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({"samples": wandb.Table(columns=columns, data=rows)}, step=step)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._file is not None:
+            self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _wandb_has_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.exists() and "api.wandb.ai" in netrc.read_text()
+
+
+def _start_wandb(run_dir: Path, cfg: LoggerConfig, config: dict[str, Any]):
+    import wandb
+
+    mode = cfg.mode
+    if mode == "auto":
+        mode = "online" if _wandb_has_key() else "offline"
+        if mode == "offline":
+            log.info("wandb: no API key configured, logging offline to %s (upload later with `wandb sync`)", run_dir / "wandb")
+    if mode not in ("online", "offline", "disabled"):
+        raise ValueError(f"logger.mode={cfg.mode!r} is not one of: auto, online, offline")
+    return wandb.init(
+        project=cfg.project,
+        entity=cfg.entity,
+        name=cfg.run_name or run_dir.name,
+        dir=str(run_dir),
+        config=config,
+        mode=mode,
+        resume="allow",
+        id=_wandb_run_id(run_dir),
+    )
+
+
+def _wandb_run_id(run_dir: Path) -> str:
+    """One wandb run per run directory, so a resumed run continues the same wandb run."""
+    id_file = run_dir / ".wandb_run_id"
+    if id_file.exists():
+        return id_file.read_text().strip()
+    import uuid
+
+    run_id = uuid.uuid4().hex[:12]
+    id_file.write_text(run_id)
+    return run_id

@@ -1,0 +1,158 @@
+"""Loading, wrapping and exporting models: policy (with optional LoRA), tokenizer, dtype, device.
+
+Later algorithms add the reference, value and reward models here; this file owns every
+`from_pretrained` call so dtype, attention and LoRA handling stay in one place.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rltune.config import ConfigError, ModelConfig, PeftConfig
+
+log = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).parent / "assets"
+SHIPPED = {"tiny": ASSETS / "tiny", "tiny_init": ASSETS / "tiny_init"}
+"""Models that ship inside the package (built by scripts/make_tiny_model.py)."""
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name}: CUDA is not available on this machine")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on a GPU that supports it, else fp32 (fp16 training needs loss scaling we
+    do not do, so auto never picks it)."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if name not in DTYPES:
+        raise ConfigError(f"train.dtype={name!r} is not one of: auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_path(path: str) -> str:
+    """Map a shipped model name to its folder; pass anything else through (hub id or path)."""
+    if path in SHIPPED:
+        folder = SHIPPED[path]
+        if not (folder / "config.json").exists():
+            raise ConfigError(
+                f"model.path={path}: the shipped model is missing at {folder}; "
+                "rebuild it with `python scripts/make_tiny_model.py`"
+            )
+        return str(folder)
+    if os.path.sep in path or path.startswith("."):
+        if not Path(path).exists():
+            raise ConfigError(f"model.path={path}: no such folder")
+    return path
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    path = resolve_path(cfg.tokenizer_path or cfg.path)
+    tokenizer = AutoTokenizer.from_pretrained(
+        path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        # Llama-style tokenizers have no pad token; padding is always masked, so reusing EOS is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(
+    cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device
+) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    load_dtype = dtype if cfg.dtype == "auto" else DTYPES[cfg.dtype]
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_path(cfg.path),
+        revision=cfg.revision,
+        trust_remote_code=cfg.trust_remote_code,
+        dtype=load_dtype,
+        **kwargs,
+    )
+    return model.to(device)
+
+
+def apply_lora(model: nn.Module, cfg: PeftConfig) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    target = cfg.target_modules
+    if not isinstance(target, str):
+        target = list(target)
+    lora = LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=target,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def load_policy(
+    model_cfg: ModelConfig,
+    peft_cfg: PeftConfig,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    gradient_checkpointing: bool = False,
+) -> nn.Module:
+    """The trainable causal LM: full weights, or the base frozen under LoRA adapters."""
+    model = load_causal_lm(model_cfg, dtype=dtype, device=device)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if peft_cfg.method == "lora":
+        model = apply_lora(model, peft_cfg)
+        if gradient_checkpointing:
+            model.enable_input_require_grads()
+    elif peft_cfg.method != "none":
+        raise ConfigError(f"peft.method={peft_cfg.method!r} is not one of: none, lora")
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def export_final(model: nn.Module, tokenizer, out_dir: Path) -> None:
+    """Write a Hugging Face folder that `from_pretrained` loads. With LoRA the adapter goes to
+    `out_dir/adapter/` and the merged model to `out_dir/` itself."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if is_peft(model):
+        model.save_pretrained(out_dir / "adapter")
+        # Merge into a copy so the in-memory policy keeps its adapters (callers may go on).
+        import copy
+
+        merged = copy.deepcopy(model).merge_and_unload()
+        merged.save_pretrained(out_dir)
+    else:
+        model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)

@@ -1,0 +1,256 @@
+"""THE training loop. Every algorithm runs through `train`; none has a loop of its own.
+
+    for step in 1..max_steps:
+        batches = algo.next_batches(grad_accum)          # micro-batches of one optimizer step
+        for batch in batches: algo.loss(batch).backward()  # each loss already normalised for the step
+        clip · optimizer · schedule · log · eval · checkpoint
+
+Around it: resume (exact: weights, optimizer, schedule, RNG and data position), SIGINT/SIGTERM
+(finish the step, save a checkpoint, exit), and `train.fail_at_step` (die abruptly, for tests).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rltune.algos import Algorithm, BuildContext, build_algorithm
+from rltune.checkpoint import find_resume, load_checkpoint, save_checkpoint
+from rltune.config import ConfigError, RLTuneConfig, TrainConfig
+from rltune.logging import MetricsLogger
+from rltune.models import count_parameters, export_final, resolve_device, resolve_dtype
+
+log = logging.getLogger("rltune")
+
+FAIL_EXIT_CODE = 3
+"""Exit status of a run ended by train.fail_at_step."""
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; a checkpoint was saved. Carries the signal number."""
+
+    def __init__(self, signum: int, checkpoint: Path):
+        super().__init__(f"interrupted by signal {signum}; checkpoint saved at {checkpoint}")
+        self.signum = signum
+        self.checkpoint = checkpoint
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """The resolved batch arithmetic (see rltune/config.py for the semantics)."""
+
+    batch_size: int
+    micro_batch_size: int
+    grad_accum: int
+    world_size: int
+
+    @classmethod
+    def from_config(cls, t: TrainConfig, world_size: int) -> BatchPlan:
+        if t.micro_batch_size < 1:
+            raise ConfigError(f"train.micro_batch_size={t.micro_batch_size} must be >= 1")
+        per_pass = t.micro_batch_size * world_size
+        if t.grad_accum is not None:
+            if t.grad_accum < 1:
+                raise ConfigError(f"train.grad_accum={t.grad_accum} must be >= 1")
+            return cls(per_pass * t.grad_accum, t.micro_batch_size, t.grad_accum, world_size)
+        if t.batch_size < 1 or t.batch_size % per_pass:
+            raise ConfigError(
+                f"train.batch_size={t.batch_size} must be a positive multiple of "
+                f"train.micro_batch_size ({t.micro_batch_size}) x processes ({world_size}) = {per_pass}"
+            )
+        return cls(t.batch_size, t.micro_batch_size, t.batch_size // per_pass, world_size)
+
+    def describe(self) -> str:
+        return (
+            f"{self.batch_size} examples per optimizer step = {self.micro_batch_size} per micro-batch"
+            f" x {self.grad_accum} accumulated x {self.world_size} process(es)"
+        )
+
+
+def lr_lambda(t: TrainConfig, max_steps: int):
+    """Multiplier of the peak lr for optimizer step i (0-based): linear warmup that never uses a
+    zero lr, then cosine, linear or constant down to min_lr_ratio."""
+    warmup = math.ceil(t.warmup_ratio * max_steps)
+    if t.scheduler not in ("cosine", "linear", "constant"):
+        raise ConfigError(f"train.scheduler={t.scheduler!r} is not one of: cosine, linear, constant")
+
+    def factor(i: int) -> float:
+        if i < warmup:
+            return (i + 1) / (warmup + 1)
+        if t.scheduler == "constant":
+            return 1.0
+        progress = min(1.0, (i - warmup) / max(1, max_steps - warmup))
+        if t.scheduler == "cosine":
+            shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+        else:
+            shape = 1.0 - progress
+        return t.min_lr_ratio + (1.0 - t.min_lr_ratio) * shape
+
+    return factor
+
+
+def make_optimizer(model: torch.nn.Module, t: TrainConfig, lr: float, device: torch.device):
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)  # no decay on biases and norm scales
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        groups,
+        lr=lr,
+        betas=(t.adam_beta1, t.adam_beta2),
+        eps=t.adam_eps,
+        fused=device.type == "cuda",
+    )
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class _SignalFlag:
+    """Turns the first SIGINT/SIGTERM into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("signal %d: finishing this step, saving a checkpoint, then exiting", signum)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(cfg: RLTuneConfig, run_dir: Path, *, config_yaml: str, config_dict: dict[str, Any]) -> Path:
+    """Run the configured algorithm to the end; return the exported `final/` folder."""
+    t = cfg.train
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        raise ConfigError(f"WORLD_SIZE={world_size}: several processes are not supported yet")
+    plan = BatchPlan.from_config(t, world_size)
+    device = resolve_device(t.device)
+    dtype = resolve_dtype(t.dtype, device)
+    seed_everything(t.seed)
+
+    algo = build_algorithm(BuildContext(cfg=cfg, device=device, dtype=dtype, run_dir=run_dir, world_size=world_size))
+    policy = algo.policy
+    for role, model in algo.models().items():
+        trainable, total = count_parameters(model)
+        log.info("%s: %s parameters, %s trainable (%.2f%%)", role, f"{total:,}", f"{trainable:,}", 100 * trainable / max(1, total))
+    lr = t.lr if t.lr is not None else algo.default_lr() * cfg.model.lr_scale
+    examples = algo.examples_per_epoch()
+    if t.max_steps > 0:
+        max_steps = t.max_steps
+    elif examples is not None:
+        max_steps = max(1, math.ceil(t.epochs * examples / plan.batch_size))
+    else:
+        raise ConfigError("train.max_steps must be set for an algorithm that generates its batches")
+    log.info("batch: %s; %d steps at lr %.3g on %s (%s)", plan.describe(), max_steps, lr, device, str(dtype).replace("torch.", ""))
+
+    optimizer = make_optimizer(policy, t, lr, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t, max_steps))
+    logger = MetricsLogger(run_dir, cfg.logger, config=config_dict, total_steps=max_steps)
+    ckpt_root = run_dir / "checkpoints"
+
+    step, pending, total_tokens = 0, {}, 0.0
+    resume_from = find_resume(t.resume, ckpt_root)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model=policy, optimizer=optimizer, scheduler=scheduler)
+        algo.load_state_dict(state["algo"])
+        step, pending, total_tokens = state["step"], state["pending"], state["total_tokens"]
+        log.info("resumed from %s at step %d", resume_from, step)
+    logger.truncate_after(step if resume_from is not None else -1)
+
+    def snapshot() -> dict[str, Any]:
+        return {"algo": algo.state_dict(), "pending": pending, "total_tokens": total_tokens}
+
+    def evaluate(at: int) -> dict[str, Any]:
+        metrics, samples = algo.evaluate()
+        if samples:
+            logger.log_samples(at, list(samples[0]), [list(s.values()) for s in samples])
+        return metrics
+
+    if step == 0:
+        logger.log({"step": 0, **evaluate(0)})
+    logger.start_progress(step)
+    policy.train()
+    with _SignalFlag() as stop:
+        while step < max_steps:
+            started = time.perf_counter()
+            batches = algo.next_batches(plan.grad_accum, plan.micro_batch_size)
+            norm = algo.normaliser(batches)
+            step_metrics: dict[str, float] = {}
+            for batch in batches:
+                loss, metrics = algo.loss(batch, norm)
+                loss.backward()
+                for k, v in metrics.items():
+                    step_metrics[k] = step_metrics.get(k, 0.0) + v
+            clip = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), clip).item()
+            step_lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            elapsed = time.perf_counter() - started
+
+            tokens = step_metrics.pop("num_tokens", 0.0)
+            total_tokens += tokens
+            step_metrics.update(grad_norm=grad_norm, tokens_per_s=tokens / elapsed, step_time_s=elapsed)
+            # metrics are averaged over the steps since the last log, like the peers' `loss`
+            for k, v in step_metrics.items():
+                pending[k] = pending.get(k, 0.0) + v
+            pending["_n"] = pending.get("_n", 0) + 1
+            logger.advance({"loss": step_metrics.get("loss", float("nan")), "lr": step_lr})
+
+            row: dict[str, Any] = {}
+            if step % t.log_every == 0 or step == max_steps:
+                n = pending.pop("_n")
+                row.update({k: v / n for k, v in pending.items()})
+                row.update(lr=step_lr, num_tokens=total_tokens)
+                if examples:
+                    row["epoch"] = step * plan.batch_size / examples
+                pending = {}
+            if (t.eval_every and step % t.eval_every == 0) or step == max_steps:
+                row.update(evaluate(step))
+            if row:
+                logger.log({"step": step, **row})
+            if (t.save_every and step % t.save_every == 0) or stop.signum is not None:
+                saved = save_checkpoint(
+                    ckpt_root, step, model=policy, optimizer=optimizer, scheduler=scheduler,
+                    trainer_state=snapshot(), config_yaml=config_yaml, keep=t.keep_checkpoints,
+                )
+                if stop.signum is not None:
+                    logger.close()
+                    raise Interrupted(stop.signum, saved)
+            if t.fail_at_step is not None and step == t.fail_at_step:
+                os._exit(FAIL_EXIT_CODE)
+
+    logger.close()
+    final = run_dir / "final"
+    export_final(policy, algo.tokenizer, final)
+    log.info("done: %d steps; model written to %s", step, final)
+    return final

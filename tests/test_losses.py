@@ -1,0 +1,56 @@
+"""The SFT loss against values worked out by hand."""
+
+import math
+
+import torch
+
+from rltune.losses import IGNORE_INDEX, shift_labels, token_accuracy_sum, token_nll_sum
+
+
+def test_shift_labels_moves_targets_one_left():
+    labels = torch.tensor([[5, 6, 7, 8]])
+    assert shift_labels(labels).tolist() == [[6, 7, 8, IGNORE_INDEX]]
+
+
+def test_token_nll_sum_by_hand():
+    """Vocabulary of 2. Sequence [0, 1, 1] with labels [-100, 1, 1] (the prompt token 0 has no
+    loss). Logits at positions 0 and 1 predict tokens 1 and 2 (the labels 1 and 1):
+
+      position 0: logits [0, 0]        -> p(1) = 1/2             -> nll = ln 2
+      position 1: logits [ln 3, 0]     -> p(1) = 1/(3+1) = 1/4   -> nll = ln 4
+      position 2: predicts past the end -> no loss
+
+    sum = ln 2 + ln 4 = ln 8, over 2 tokens.
+    """
+    logits = torch.tensor([[[0.0, 0.0], [math.log(3.0), 0.0], [5.0, -5.0]]])
+    labels = torch.tensor([[IGNORE_INDEX, 1, 1]])
+    nll, count = token_nll_sum(logits, labels)
+    assert count.item() == 2
+    assert math.isclose(nll.item(), math.log(8.0), rel_tol=1e-6)
+
+
+def test_masked_tokens_do_not_contribute():
+    """Masking the second target leaves only position 0's ln 2."""
+    logits = torch.tensor([[[0.0, 0.0], [math.log(3.0), 0.0], [0.0, 0.0]]])
+    labels = torch.tensor([[IGNORE_INDEX, 1, IGNORE_INDEX]])
+    nll, count = token_nll_sum(logits, labels)
+    assert count.item() == 1
+    assert math.isclose(nll.item(), math.log(2.0), rel_tol=1e-6)
+
+
+def test_step_normalisation_weighs_every_token_equally():
+    """Two micro-batches with 1 and 3 loss tokens: dividing each sum by the step's 4 tokens gives
+    the mean over all 4 tokens, not the mean of the two micro-batch means."""
+    a_logits = torch.zeros(1, 2, 2)  # one target, nll ln 2
+    a_labels = torch.tensor([[IGNORE_INDEX, 0]])
+    b_logits = torch.tensor([[[math.log(3.0), 0.0]] * 4])  # three targets of class 1: nll ln 4 each
+    b_labels = torch.tensor([[IGNORE_INDEX, 1, 1, 1]])
+    (na, ca), (nb, cb) = token_nll_sum(a_logits, a_labels), token_nll_sum(b_logits, b_labels)
+    step_loss = (na + nb) / (ca + cb)
+    assert math.isclose(step_loss.item(), (math.log(2) + 3 * math.log(4)) / 4, rel_tol=1e-6)
+
+
+def test_token_accuracy_counts_only_labelled_positions():
+    logits = torch.tensor([[[2.0, 0.0], [0.0, 2.0], [2.0, 0.0]]])  # argmax 0, 1, 0
+    labels = torch.tensor([[IGNORE_INDEX, 0, 0]])  # targets 0 (pos 0) and 0 (pos 1)
+    assert token_accuracy_sum(logits, labels).item() == 1

@@ -1,0 +1,62 @@
+"""The loop's arithmetic: batch plan, learning-rate schedule, data position."""
+
+import math
+
+import pytest
+
+from rltune.config import ConfigError, TrainConfig
+from rltune.data.stream import IndexStream
+from rltune.trainer import BatchPlan, lr_lambda
+
+
+def test_batch_plan_derives_accumulation():
+    plan = BatchPlan.from_config(TrainConfig(batch_size=32, micro_batch_size=8), world_size=2)
+    assert (plan.batch_size, plan.grad_accum) == (32, 2)
+
+
+def test_batch_plan_grad_accum_takes_precedence():
+    plan = BatchPlan.from_config(TrainConfig(batch_size=16, micro_batch_size=4, grad_accum=3), world_size=1)
+    assert (plan.batch_size, plan.grad_accum) == (12, 3)
+
+
+def test_batch_plan_rejects_indivisible_batch_naming_keys():
+    with pytest.raises(ConfigError, match=r"train.batch_size=10 .*train.micro_batch_size \(4\)"):
+        BatchPlan.from_config(TrainConfig(batch_size=10, micro_batch_size=4), world_size=1)
+
+
+def test_warmup_then_cosine_by_hand():
+    """max_steps=10, warmup_ratio=0.2 -> 2 warmup steps: factors 1/3, 2/3; then cosine over the
+    remaining 8 steps: step i has progress (i-2)/8, factor (1+cos(pi*progress))/2."""
+    f = lr_lambda(TrainConfig(warmup_ratio=0.2, scheduler="cosine"), 10)
+    assert f(0) == pytest.approx(1 / 3)
+    assert f(1) == pytest.approx(2 / 3)
+    assert f(2) == pytest.approx(1.0)
+    assert f(6) == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 8)))
+    assert f(10) == pytest.approx(0.0)
+
+
+def test_linear_and_constant_with_floor():
+    lin = lr_lambda(TrainConfig(scheduler="linear", min_lr_ratio=0.1), 4)
+    assert [round(lin(i), 6) for i in range(5)] == [1.0, 0.775, 0.55, 0.325, 0.1]
+    const = lr_lambda(TrainConfig(scheduler="constant"), 4)
+    assert {const(i) for i in range(4)} == {1.0}
+
+
+def test_stream_covers_each_epoch_once_and_resumes_exactly():
+    s = IndexStream(10, seed=3)
+    first_epoch = s.take(4) + s.take(4) + s.take(2)
+    assert sorted(first_epoch) == list(range(10))
+    s.take(3)
+    state = s.state_dict()
+    expected = s.take(9)  # crosses into epoch 2
+    resumed = IndexStream(10, seed=3)
+    resumed.load_state_dict(state)
+    assert resumed.take(9) == expected
+    assert state == {"epoch": 1, "offset": 3}
+
+
+def test_stream_shards_between_ranks_without_overlap():
+    ranks = [IndexStream(8, seed=0, rank=r, world_size=2) for r in range(2)]
+    got = [ranks[0].take(2), ranks[1].take(2)]
+    assert set(got[0]).isdisjoint(got[1])
+    assert len(set(got[0]) | set(got[1])) == 4
