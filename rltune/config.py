@@ -37,7 +37,7 @@ class TrainConfig:
     micro_batch_size: int = 8
     """Examples per forward/backward pass on one process."""
     grad_accum: int | None = None
-    """Micro-batches accumulated per step; null derives it from batch_size (see module doc)."""
+    """Micro-batches accumulated per step; null derives it from batch_size (README: batch semantics)."""
     warmup_ratio: float = 0.0
     """Fraction of max_steps spent ramping the learning rate up linearly from 0."""
     scheduler: str = "cosine"

@@ -1,0 +1,49 @@
+"""Training data: load files into records, detect and validate formats, build SFT batches."""
+
+from rltune.data.formats import (
+    FORMATS,
+    DataError,
+    FormatSpec,
+    check_records,
+    conversation,
+    detect_format,
+    preference_parts,
+    require_kind,
+    resolve_format,
+    to_messages,
+)
+from rltune.data.loading import Record, load_and_check, load_records
+from rltune.data.sft import (
+    IGNORE_INDEX,
+    SFT_FORMATS,
+    EncodeStats,
+    collate_sft,
+    encode_sft,
+    encode_sft_dataset,
+    has_loss_tokens,
+    pack,
+)
+
+__all__ = [
+    "FORMATS",
+    "IGNORE_INDEX",
+    "SFT_FORMATS",
+    "DataError",
+    "EncodeStats",
+    "FormatSpec",
+    "Record",
+    "check_records",
+    "collate_sft",
+    "conversation",
+    "detect_format",
+    "encode_sft",
+    "encode_sft_dataset",
+    "has_loss_tokens",
+    "load_and_check",
+    "load_records",
+    "pack",
+    "preference_parts",
+    "require_kind",
+    "resolve_format",
+    "to_messages",
+]

@@ -1,0 +1,183 @@
+"""SFT: supervised fine-tuning with the next-token loss.
+
+Logged metrics (summed/averaged over each optimizer step):
+    loss                 mean NLL per loss token (completion/assistant tokens unless
+                         algo.completion_only=false; every token for raw text)
+    mean_token_accuracy  share of loss tokens the argmax predicts
+    num_tokens           tokens processed (non-padding), for throughput
+    eval/loss            mean NLL per loss token on the eval examples
+    eval/accuracy        greedy exact match on the built-in task's eval prompts (data.task only)
+
+The loss of a step is the sum of token NLLs divided by the loss tokens of the *whole* step, so
+every token weighs the same however the step is split into micro-batches (the peers' per-micro
+mean gives short examples more weight as accumulation grows).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from rltune.algos import BuildContext
+from rltune.config import SFTConfig
+from rltune.data import (
+    SFT_FORMATS,
+    DataError,
+    Record,
+    check_records,
+    collate_sft,
+    encode_sft_dataset,
+    load_records,
+    require_kind,
+    resolve_format,
+)
+from rltune.data.stream import IndexStream
+from rltune.evaluation import get_task, task_accuracy
+from rltune.losses import IGNORE_INDEX, shift_labels, token_accuracy_sum, token_nll_sum
+from rltune.models import load_policy, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def task_records(task_name: str, n: int, *, seed: int, split: str) -> list[Record]:
+    rows = get_task(task_name).rows("prompt_completion", n, seed=seed, split=split)
+    source = f"<task {task_name}:{split}>"
+    return [Record(data=row, file=source, index=i) for i, row in enumerate(rows)]
+
+
+def checked(records: list[Record], forced: str) -> tuple[list[Record], str]:
+    """Records with their format (forced, or detected from the columns), every row validated
+    here, before any model is loaded."""
+    fmt = resolve_format(records, None if forced == "auto" else forced)
+    require_kind(fmt, SFT_FORMATS, "sft", records[0].file)
+    check_records(records, fmt)
+    return records, fmt
+
+
+class SFT:
+    def __init__(self, cfg: SFTConfig, ctx: BuildContext):
+        self.cfg = cfg
+        self.ctx = ctx
+        data = ctx.cfg.data
+        if data.path is None:
+            get_task(data.task)  # fails fast on an unknown task name
+            train = task_records(data.task, data.train_size, seed=data.seed, split="train")
+            evals = task_records(data.task, ctx.cfg.train.eval_samples, seed=data.seed, split="eval")
+        else:
+            train = load_records(data.path)
+            evals = load_records(data.eval_path) if data.eval_path is not None else []
+            if not evals and data.eval_ratio > 0:
+                n_eval = max(1, int(len(train) * data.eval_ratio))
+                g = torch.Generator().manual_seed(data.seed)
+                order = torch.randperm(len(train), generator=g).tolist()
+                evals = [train[i] for i in order[:n_eval]]
+                train = [train[i] for i in sorted(order[n_eval:])]
+        train_data = checked(train, data.format)
+        eval_data = checked(evals, data.format) if evals else None
+
+        self.tokenizer = load_tokenizer(ctx.cfg.model)
+        self.examples = self._encode(*train_data, "train", packing=data.packing)
+        self.eval_examples = self._encode(*eval_data, "eval", packing=False) if eval_data else []
+        self.task = get_task(data.task) if data.path is None else None
+
+        self.policy = load_policy(
+            ctx.cfg.model,
+            ctx.cfg.peft,
+            dtype=ctx.dtype,
+            device=ctx.device,
+            gradient_checkpointing=ctx.cfg.train.gradient_checkpointing,
+        )
+        self.stream = IndexStream(
+            len(self.examples), seed=ctx.cfg.train.seed, rank=ctx.rank, world_size=ctx.world_size
+        )
+
+    def _encode(self, records: list[Record], fmt: str, split: str, *, packing: bool) -> list[dict]:
+        max_length = self.ctx.cfg.data.max_length
+        examples, stats = encode_sft_dataset(
+            records, fmt, self.tokenizer,
+            max_length=max_length, completion_only=self.cfg.completion_only, packing=packing,
+        )
+        log.info(
+            "%s data: %d rows (%s) -> %d %s, %d tokens, %d with loss",
+            split, stats.records, fmt, stats.examples, "packed rows" if packing else "examples",
+            stats.tokens, stats.loss_tokens,
+        )
+        if stats.truncated or stats.dropped_no_loss:
+            log.warning(
+                "%s data: %d examples truncated at data.max_length=%d; %d dropped with no loss tokens left",
+                split, stats.truncated, max_length, stats.dropped_no_loss,
+            )
+        if not examples:
+            raise DataError(f"{split} data: no usable examples (all {stats.dropped_no_loss} had no loss tokens)")
+        return examples
+
+    # --- the Algorithm protocol ---------------------------------------------------------
+
+    def default_lr(self) -> float:
+        return self.cfg.lora_lr if self.ctx.cfg.peft.method == "lora" else self.cfg.lr
+
+    def models(self) -> dict[str, torch.nn.Module]:
+        return {"policy": self.policy}
+
+    def examples_per_epoch(self) -> int | None:
+        return len(self.examples)
+
+    def next_batches(self, num_micro: int, micro_batch_size: int) -> list[dict[str, torch.Tensor]]:
+        batches = []
+        for _ in range(num_micro):
+            rows = [self.examples[i] for i in self.stream.take(micro_batch_size)]
+            batch = collate_sft(rows, self.tokenizer.pad_token_id)
+            batches.append({k: v.to(self.ctx.device) for k, v in batch.items()})
+        return batches
+
+    def normaliser(self, batches: list[dict[str, torch.Tensor]]) -> float:
+        return float(sum((shift_labels(b["labels"]) != IGNORE_INDEX).sum().item() for b in batches))
+
+    def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return self.policy(**inputs, use_cache=False).logits  # [B, T, V]
+
+    def loss(self, batch: dict[str, torch.Tensor], normaliser: float) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = self._forward(batch)  # [B, T, V]
+        nll, _ = token_nll_sum(logits, batch["labels"])
+        correct = token_accuracy_sum(logits.detach(), batch["labels"])
+        loss = nll / normaliser
+        metrics = {
+            "loss": loss.item(),
+            "mean_token_accuracy": correct.item() / normaliser,
+            "num_tokens": float(batch["attention_mask"].sum().item()) if "attention_mask" in batch else float(batch["input_ids"].numel()),
+        }
+        return loss, metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        metrics: dict[str, float] = {}
+        samples: list[dict[str, Any]] = []
+        was_training = self.policy.training
+        self.policy.eval()
+        if self.eval_examples:
+            nll_total, tokens = 0.0, 0
+            mb = self.ctx.cfg.train.micro_batch_size
+            for start in range(0, min(len(self.eval_examples), self.ctx.cfg.train.eval_samples), mb):
+                batch = collate_sft(self.eval_examples[start : start + mb], self.tokenizer.pad_token_id)
+                batch = {k: v.to(self.ctx.device) for k, v in batch.items()}
+                nll, n = token_nll_sum(self._forward(batch), batch["labels"])
+                nll_total += nll.item()
+                tokens += int(n.item())
+            metrics["eval/loss"] = nll_total / max(1, tokens)
+        self.policy.train(was_training)
+        if self.task is not None:
+            acc, samples = task_accuracy(
+                self.policy, self.tokenizer, self.task,
+                n=self.ctx.cfg.train.eval_samples, seed=self.ctx.cfg.data.seed,
+            )
+            metrics["eval/accuracy"] = acc
+        return metrics, samples
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stream": self.stream.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state["stream"])

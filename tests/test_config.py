@@ -1,0 +1,87 @@
+"""Composition: every preset and recipe composes into the typed schema; bad keys and values
+fail before anything loads, naming the key."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from rltune.cli import check_schema, conf_dir
+from rltune.config import ConfigError, RLTuneConfig, field_docs, register_configs, ALGO_CONFIGS, GROUPS, TrainConfig
+
+CONF = conf_dir()
+RECIPES = sorted(p.stem for p in (CONF.parent / "recipes").glob("*.yaml"))
+
+
+def _compose(overrides: list[str]):
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        return compose(config_name="config", overrides=overrides)
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", ["algo", "model", "peft", "data", "logger"])
+def test_every_preset_composes(group):
+    options = _options(group)
+    assert options
+    for option in options:
+        overrides = [f"{group}={option}"]
+        if (group, option) == ("data", "custom"):
+            overrides.append("data.path=x.jsonl")
+        settings = check_schema(_compose(overrides))
+        assert isinstance(settings, RLTuneConfig)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_composes(recipe):
+    settings = check_schema(_compose([f"+recipe={recipe}"]))
+    assert isinstance(settings, RLTuneConfig)
+
+
+def test_recipe_overrides_groups_and_values():
+    settings = check_schema(_compose(["+recipe=sft_tiny_arith"]))
+    assert settings.model.path == "tiny_init"
+    assert settings.train.max_steps == 300
+
+
+def test_plus_key_is_rejected_with_suggestion():
+    with pytest.raises(ConfigError, match=r"'train.max_stepz'.*Did you mean 'train.max_steps'"):
+        check_schema(_compose(["+train.max_stepz=3"]))
+
+
+def test_plus_key_in_algo_names_it():
+    with pytest.raises(ConfigError, match=r"Unknown config key 'algo.lrr'"):
+        check_schema(_compose(["+algo.lrr=1"]))
+
+
+def test_plus_top_level_key_is_rejected():
+    with pytest.raises(ConfigError, match=r"Unknown config key 'foo'"):
+        check_schema(_compose(["+foo=1"]))
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.scheduler=cosin", "train.scheduler"),
+        ("train.dtype=float32", "train.dtype"),
+        ("peft.method=dora", "peft.method"),
+        ("data.format=tsv", "data.format"),
+        ("train.max_steps=0", "train.max_steps"),
+        ("train.warmup_ratio=1.5", "train.warmup_ratio"),
+    ],
+)
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        check_schema(_compose([override]))
+
+
+def test_every_field_has_a_docstring():
+    for cls in [TrainConfig, *GROUPS.values(), *ALGO_CONFIGS.values()]:
+        docs = field_docs(cls)
+        missing = [f for f in cls.__dataclass_fields__ if f not in docs]
+        assert not missing, f"{cls.__name__} fields without a docstring: {missing}"
