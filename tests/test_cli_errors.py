@@ -1,0 +1,65 @@
+"""Bad input stops the command early, with a non-zero exit and a message naming the culprit."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("algo.lrr=1", "Key 'lrr' not in 'SFTConfig'"),
+        ("+algo.lrr=1", "Unknown config key 'algo.lrr'"),
+        ("+train.max_stepz=3", "Did you mean 'train.max_steps'"),
+        ("model=no_such_model", "Could not find 'model/no_such_model'"),
+    ],
+)
+def test_bad_key_or_option_exits_fast_naming_it(tmp_path, cli, override, expected):
+    started = time.time()
+    proc = cli(override, f"hydra.run.dir={tmp_path}", timeout=60)
+    assert proc.returncode != 0
+    assert expected in proc.stderr
+    assert time.time() - started < 60
+    assert not (tmp_path / "metrics.jsonl").exists()  # nothing ran
+
+
+def test_unknown_option_lists_the_valid_ones(tmp_path, cli):
+    proc = cli("model=no_such_model", f"hydra.run.dir={tmp_path}", timeout=60)
+    assert "tiny_init" in proc.stderr and "qwen-7b" in proc.stderr
+
+
+def test_missing_data_file_is_named(tmp_path, cli):
+    proc = cli(f"data.path={tmp_path}/nope.jsonl", f"hydra.run.dir={tmp_path}/run", timeout=60)
+    assert proc.returncode == 2
+    assert f"{tmp_path}/nope.jsonl" in proc.stderr and "not found" in proc.stderr
+
+
+def test_unknown_columns_are_listed(tmp_path, cli):
+    path = tmp_path / "weird.jsonl"
+    path.write_text(json.dumps({"question": "q", "reply": "r"}) + "\n")
+    proc = cli(f"data.path={path}", f"hydra.run.dir={tmp_path}/run", timeout=60)
+    assert proc.returncode == 2
+    assert "['question', 'reply']" in proc.stderr and "prompt_completion (prompt, completion)" in proc.stderr
+
+
+def test_null_field_names_file_row_and_column(tmp_path, cli):
+    path = tmp_path / "pc.jsonl"
+    rows = [{"prompt": f"{i}+1=", "completion": str(i + 1)} for i in range(5)]
+    rows[3]["completion"] = None
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = cli(f"data.path={path}", f"hydra.run.dir={tmp_path}/run", timeout=60)
+    assert proc.returncode == 2
+    assert str(path) in proc.stderr and "row 3" in proc.stderr and "completion" in proc.stderr
+
+
+def test_preference_data_is_the_wrong_kind_for_sft(tmp_path, cli):
+    path = tmp_path / "prefs.jsonl"
+    path.write_text(json.dumps({"prompt": "1+1=", "chosen": "2", "rejected": "3"}) + "\n")
+    proc = cli(f"data.path={path}", f"hydra.run.dir={tmp_path}/run", timeout=60)
+    assert proc.returncode == 2
+    assert "'preference'" in proc.stderr and "algo=sft needs one of" in proc.stderr
