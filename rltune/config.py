@@ -69,7 +69,7 @@ class TrainConfig:
     seed: int = 0
     """Seed for model init of new heads, data order, dropout and sampling."""
     dtype: str = "auto"
-    """Training dtype: auto (bf16 on a GPU that has it, fp32 on CPU), fp32, bf16 or fp16."""
+    """Compute dtype: auto (bf16 on a GPU that has it, else fp32), fp32 or bf16 (autocast, fp32 master weights)."""
     device: str = "auto"
     """auto (cuda when available, else cpu), cpu, cuda, or cuda:N."""
     gradient_checkpointing: bool = False
@@ -89,7 +89,7 @@ class ModelConfig:
     revision: str | None = None
     """Hub revision (branch, tag or commit)."""
     dtype: str = "auto"
-    """Weights dtype to load; auto follows train.dtype."""
+    """Weights dtype: auto (fp32 for trained weights, the compute dtype for frozen LoRA bases), fp32, bf16, fp16."""
     attn_implementation: str | None = None
     """sdpa, eager or flash_attention_2; null lets transformers choose."""
     trust_remote_code: bool = False
@@ -130,7 +130,7 @@ class DataConfig:
     """Held-out data for eval/loss; null uses the task's eval split or data.eval_ratio."""
     eval_ratio: float = 0.0
     """Fraction of data.path held out for eval/loss when eval_path is null."""
-    train_size: int = 20000
+    train_size: int = 5000
     """Examples generated from the built-in task for training."""
     seed: int = 0
     """Seed of the built-in task generator."""
@@ -229,7 +229,7 @@ def schema_keys(cls: type) -> list[str]:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "train.scheduler": ("cosine", "linear", "constant"),
-    "train.dtype": ("auto", "fp32", "bf16", "fp16"),
+    "train.dtype": ("auto", "fp32", "bf16"),
     "model.dtype": ("auto", "fp32", "bf16", "fp16"),
     "peft.method": ("none", "lora"),
     "data.format": (

@@ -34,15 +34,21 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 on a GPU that supports it, else fp32 (fp16 training needs loss scaling we
-    do not do, so auto never picks it)."""
+    """The compute dtype. auto: bf16 on a GPU that supports it, else fp32. (fp16 would need loss
+    scaling, which bf16's range makes unnecessary, so it is not offered for training.)"""
     if name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
-    if name not in DTYPES:
-        raise ConfigError(f"train.dtype={name!r} is not one of: auto, {', '.join(DTYPES)}")
+    if name not in ("fp32", "bf16"):
+        raise ConfigError(f"train.dtype={name!r} is not one of: auto, fp32, bf16")
     return DTYPES[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision: matmuls in `dtype` while the trained weights (and AdamW) stay fp32, which
+    keeps small updates from vanishing in bf16 rounding. A no-op for fp32."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def resolve_path(path: str) -> str:
@@ -77,6 +83,7 @@ def load_tokenizer(cfg: ModelConfig):
 def load_causal_lm(
     cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device
 ) -> nn.Module:
+    """`dtype` is the weights' dtype when model.dtype is auto."""
     from transformers import AutoModelForCausalLM
 
     kwargs = {}
@@ -117,8 +124,13 @@ def load_policy(
     device: torch.device,
     gradient_checkpointing: bool = False,
 ) -> nn.Module:
-    """The trainable causal LM: full weights, or the base frozen under LoRA adapters."""
-    model = load_causal_lm(model_cfg, dtype=dtype, device=device)
+    """The trainable causal LM: full weights, or the base frozen under LoRA adapters.
+
+    `dtype` is the compute dtype. Trained weights load in fp32 (master weights; autocast runs the
+    matmuls in `dtype`); a frozen LoRA base loads directly in `dtype` to halve its memory, and
+    peft keeps the adapters themselves in fp32."""
+    weights = dtype if peft_cfg.method == "lora" else torch.float32
+    model = load_causal_lm(model_cfg, dtype=weights, device=device)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

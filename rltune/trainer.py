@@ -27,7 +27,7 @@ from rltune.algos import Algorithm, BuildContext, build_algorithm
 from rltune.checkpoint import find_resume, load_checkpoint, save_checkpoint
 from rltune.config import ConfigError, RLTuneConfig, TrainConfig
 from rltune.logging import MetricsLogger
-from rltune.models import count_parameters, export_final, resolve_device, resolve_dtype
+from rltune.models import autocast, count_parameters, export_final, resolve_device, resolve_dtype
 
 log = logging.getLogger("rltune")
 
@@ -188,7 +188,8 @@ def train(cfg: RLTuneConfig, run_dir: Path, *, config_yaml: str, config_dict: di
         return {"algo": algo.state_dict(), "pending": pending, "total_tokens": total_tokens}
 
     def evaluate(at: int) -> dict[str, Any]:
-        metrics, samples = algo.evaluate()
+        with autocast(device, dtype):
+            metrics, samples = algo.evaluate()
         if samples:
             logger.log_samples(at, list(samples[0]), [list(s.values()) for s in samples])
         return metrics
@@ -204,7 +205,8 @@ def train(cfg: RLTuneConfig, run_dir: Path, *, config_yaml: str, config_dict: di
             norm = algo.normaliser(batches)
             step_metrics: dict[str, float] = {}
             for batch in batches:
-                loss, metrics = algo.loss(batch, norm)
+                with autocast(device, dtype):
+                    loss, metrics = algo.loss(batch, norm)
                 loss.backward()
                 for k, v in metrics.items():
                     step_metrics[k] = step_metrics.get(k, 0.0) + v
@@ -251,6 +253,7 @@ def train(cfg: RLTuneConfig, run_dir: Path, *, config_yaml: str, config_dict: di
 
     logger.close()
     final = run_dir / "final"
-    export_final(policy, algo.tokenizer, final)
+    # training is over: export in the compute dtype (bf16 on GPUs), as the peers do
+    export_final(policy.to(dtype), algo.tokenizer, final)
     log.info("done: %d steps; model written to %s", step, final)
     return final

@@ -1,0 +1,143 @@
+"""SFT end to end on the shipped tiny models: learning, export, resume, signals, sweeps, LoRA."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rltune.cli import run
+from rltune.logging import read_metrics
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+FAST = ["train.eval_samples=32", "train.micro_batch_size=8", "train.batch_size=16"]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+def test_sft_from_scratch_loss_falls_and_final_generates(tmp_path):
+    run_dir = run(["algo=sft", "model=tiny_init", f"hydra.run.dir={tmp_path}", "train.max_steps=40", "train.log_every=1", *FAST])
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert rows[0]["step"] == 0 and "eval/accuracy" in rows[0] and "eval/loss" in rows[0]
+    by_step = losses(run_dir)
+    assert sorted(by_step) == list(range(1, 41))
+    first, last = sum(by_step[s] for s in range(1, 6)) / 5, sum(by_step[s] for s in range(36, 41)) / 5
+    assert last < first - 1.0, (first, last)
+    for key in ("lr", "grad_norm", "tokens_per_s", "mean_token_accuracy"):
+        assert key in rows[-1]
+    assert rows[-1]["eval/loss"] < rows[0]["eval/loss"]
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    tok = AutoTokenizer.from_pretrained(run_dir / "final")
+    prompt = tok.apply_chat_template([{"role": "user", "content": "12+34="}], tokenize=False, add_generation_prompt=True)
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+
+
+def test_resume_after_crash_reproduces_the_uninterrupted_run(tmp_path, cli):
+    common = ["model=tiny_init", "train.max_steps=12", "train.save_every=4", "train.log_every=1", "train.lr=1e-3", *FAST]
+    straight = run([*common, f"hydra.run.dir={tmp_path / 'straight'}"])
+
+    crashed = tmp_path / "crashed"
+    proc = cli(*common, f"hydra.run.dir={crashed}", "train.fail_at_step=6")
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert sorted(p.name for p in (crashed / "checkpoints").iterdir()) == ["step-4"]
+    assert max(losses(crashed)) == 6  # steps 5 and 6 were logged before the crash
+
+    run([*common, f"hydra.run.dir={crashed}", "train.resume=auto"])
+    a, b = losses(tmp_path / "straight"), losses(crashed)
+    assert sorted(b) == list(range(1, 13))
+    for step in range(5, 13):
+        assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
+    orphaned = read_metrics(crashed / "metrics.orphaned.jsonl")
+    assert [r["step"] for r in orphaned] == [5, 6]
+    # keep_checkpoints=2: step-4 was rotated out once step-8 and step-12 were complete
+    assert sorted(p.name for p in (crashed / "checkpoints").iterdir()) == ["step-12", "step-8"]
+
+
+def test_sigint_saves_a_checkpoint_and_resume_finishes(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "rltune", "model=tiny_init", f"hydra.run.dir={run_dir}",
+            "train.max_steps=400", "train.log_every=1", *FAST]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and max(losses(run_dir), default=0) < 2:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
+    saved = [p.name for p in (run_dir / "checkpoints").iterdir()]
+    assert len(saved) == 1 and saved[0].startswith("step-")
+    stopped_at = int(saved[0].split("-")[1])
+    assert max(losses(run_dir)) == stopped_at
+
+    run(["model=tiny_init", f"hydra.run.dir={run_dir}", "train.max_steps=" + str(stopped_at + 2),
+         "train.log_every=1", "train.resume=auto", *FAST])
+    assert max(losses(run_dir)) == stopped_at + 2
+
+
+def test_multirun_gives_each_job_its_own_dir(tmp_path, cli):
+    proc = cli("-m", "train.lr=1e-4,3e-4", "train.max_steps=2", "train.log_every=1",
+               f"hydra.sweep.dir={tmp_path}", *FAST)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lrs = []
+    for job in ("0", "1"):
+        rows = read_metrics(tmp_path / job / "metrics.jsonl")
+        assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+        lrs.append(rows[1]["lr"])
+        assert (tmp_path / job / "final" / "config.json").exists()
+    assert lrs == pytest.approx([1e-4, 3e-4])
+
+
+def test_lora_trains_only_adapters_and_exports_merged_model(tmp_path):
+    run_dir = run(["peft=lora", "model=tiny_init", f"hydra.run.dir={tmp_path}", "train.max_steps=5", "train.lr=1e-2", *FAST])
+    from transformers import AutoModelForCausalLM
+
+    base_model = AutoModelForCausalLM.from_pretrained(REPO / "rltune" / "assets" / "tiny_init")
+    base = base_model.state_dict()
+    # rank-16 LoRA on every linear layer of the decoder (not lm_head): r * (in + out) each
+    linears = [m for name, m in base_model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in name]
+    adapters = sum(16 * (m.in_features + m.out_features) for m in linears)
+    total = sum(p.numel() for p in base_model.parameters()) + adapters
+    log_text = (run_dir / "cli.log").read_text()
+    assert f"policy: {total:,} parameters, {adapters:,} trainable" in log_text
+    merged = AutoModelForCausalLM.from_pretrained(run_dir / "final").state_dict()
+    assert (run_dir / "final" / "adapter" / "adapter_config.json").exists()
+    assert set(base) == set(merged)
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert changed, "the merged model equals the base: adapters did not train"
+    # only the linear layers carry adapters: embeddings and norms are untouched
+    assert all(k.endswith("proj.weight") for k in changed), sorted(changed)[:5]
+    assert not any("norm" in k or "embed" in k for k in changed)
+
+
+def test_wandb_logs_offline_without_a_key(tmp_path):
+    env_key = os.environ.pop("WANDB_API_KEY", None)
+    mode = os.environ.pop("WANDB_MODE", None)
+    try:
+        run_dir = run(["logger=wandb", "model=tiny_init", f"hydra.run.dir={tmp_path}", "train.max_steps=2", *FAST])
+    finally:
+        if env_key is not None:
+            os.environ["WANDB_API_KEY"] = env_key
+        if mode is not None:
+            os.environ["WANDB_MODE"] = mode
+    offline = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1
+    assert "logging offline" in (run_dir / "cli.log").read_text()
+    assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
