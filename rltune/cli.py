@@ -42,8 +42,10 @@ def unknown_keys(node: DictConfig, prefix: str = "") -> list[tuple[str, list[str
     Hydra lets `+key=value` through the schema; this catches it."""
     found = []
     schema = OmegaConf.get_type(node)
-    allowed = [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else None
-    for key in node.keys():
+    allowed = (
+        [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else None
+    )
+    for key in node:
         full = f"{prefix}{key}"
         if allowed is not None and key not in allowed:
             found.append((full, allowed))
@@ -61,8 +63,14 @@ def check_schema(cfg: DictConfig) -> RLTuneConfig:
         key, allowed = bad[0]
         name = key.rsplit(".", 1)[-1]
         close = difflib.get_close_matches(name, allowed, n=1)
-        hint = f" Did you mean '{key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}'?" if close else ""
-        raise ConfigError(f"Unknown config key '{key}'.{hint} Valid keys here: {', '.join(allowed)}")
+        hint = (
+            f" Did you mean '{key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}'?"
+            if close
+            else ""
+        )
+        raise ConfigError(
+            f"Unknown config key '{key}'.{hint} Valid keys here: {', '.join(allowed)}"
+        )
     settings = OmegaConf.to_object(cfg)
     assert isinstance(settings, RLTuneConfig)
     validate(settings)

@@ -212,7 +212,7 @@ def field_docs(cls: type) -> dict[str, str]:
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs: dict[str, str] = {}
-    for stmt, nxt in zip(body, body[1:]):
+    for stmt, nxt in zip(body, body[1:], strict=False):
         if (
             isinstance(stmt, ast.AnnAssign)
             and isinstance(stmt.target, ast.Name)
@@ -233,7 +233,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("auto", "fp32", "bf16", "fp16"),
     "peft.method": ("none", "lora"),
     "data.format": (
-        "auto", "text", "instruction", "prompt_completion", "chat", "sharegpt", "preference", "prompt_answer",
+        "auto",
+        "text",
+        "instruction",
+        "prompt_completion",
+        "chat",
+        "sharegpt",
+        "preference",
+        "prompt_answer",
     ),
     "logger.backend": ("none", "wandb"),
     "logger.mode": ("auto", "online", "offline"),
@@ -249,8 +256,12 @@ def validate(cfg: RLTuneConfig) -> None:
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of: {', '.join(allowed)}")
     t = cfg.train
-    positive = {"train.micro_batch_size": t.micro_batch_size, "train.batch_size": t.batch_size,
-                "train.log_every": t.log_every, "data.max_length": cfg.data.max_length}
+    positive = {
+        "train.micro_batch_size": t.micro_batch_size,
+        "train.batch_size": t.batch_size,
+        "train.log_every": t.log_every,
+        "data.max_length": cfg.data.max_length,
+    }
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}={value} must be >= 1")

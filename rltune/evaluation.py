@@ -39,9 +39,14 @@ def task_accuracy(
     rows = task.rows("prompt_answer", n, seed=seed, split="eval")
     prompts = [render_prompt(tokenizer, row["prompt"]) for row in rows]
     completions = generate_greedy(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
-    correct = [task.is_correct(c, row["answer"]) for c, row in zip(completions, rows)]
+    correct = [task.is_correct(c, row["answer"]) for c, row in zip(completions, rows, strict=False)]
     samples = [
-        {"prompt": row["prompt"][-1]["content"], "completion": c, "answer": row["answer"], "correct": ok}
-        for row, c, ok in list(zip(rows, completions, correct))[:num_samples]
+        {
+            "prompt": row["prompt"][-1]["content"],
+            "completion": c,
+            "answer": row["answer"],
+            "correct": ok,
+        }
+        for row, c, ok in list(zip(rows, completions, correct, strict=False))[:num_samples]
     ]
     return sum(correct) / max(1, len(correct)), samples

@@ -50,7 +50,9 @@ def _jsonable(value: Any) -> Any:
 class MetricsLogger:
     """Writes metric rows to every sink. Only the process with rank 0 should create one."""
 
-    def __init__(self, run_dir: Path, cfg: LoggerConfig, *, config: dict[str, Any], total_steps: int):
+    def __init__(
+        self, run_dir: Path, cfg: LoggerConfig, *, config: dict[str, Any], total_steps: int
+    ):
         self.run_dir = run_dir
         self.path = run_dir / METRICS_FILE
         self._file = None
@@ -75,12 +77,20 @@ class MetricsLogger:
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
         os.replace(tmp, self.path)
-        log.info("resume: moved %d metric rows after step %d to %s", len(orphaned), step, ORPHANED_FILE)
+        log.info(
+            "resume: moved %d metric rows after step %d to %s", len(orphaned), step, ORPHANED_FILE
+        )
 
     def start_progress(self, initial: int) -> None:
         from tqdm.auto import tqdm
 
-        self._bar = tqdm(total=self.total_steps, initial=initial, desc="train", dynamic_ncols=True, mininterval=1.0)
+        self._bar = tqdm(
+            total=self.total_steps,
+            initial=initial,
+            desc="train",
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
 
     def advance(self, summary: dict[str, Any]) -> None:
         if self._bar is not None:
@@ -92,7 +102,7 @@ class MetricsLogger:
 
     def log(self, row: dict[str, Any]) -> None:
         if self._file is None:
-            self._file = open(self.path, "a")
+            self._file = open(self.path, "a")  # noqa: SIM115 - held open for the run, closed in close()
         self._file.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
         self._file.flush()
         if self._wandb is not None:
@@ -102,7 +112,9 @@ class MetricsLogger:
         """A table of generated samples: a wandb Table, and `samples.jsonl` beside the metrics."""
         with open(self.run_dir / "samples.jsonl", "a") as f:
             for values in rows:
-                f.write(json.dumps({"step": step, **dict(zip(columns, values))}) + "\n")
+                f.write(
+                    json.dumps({"step": step, **dict(zip(columns, values, strict=False))}) + "\n"
+                )
         if self._wandb is not None:
             import wandb
 
@@ -131,7 +143,10 @@ def _start_wandb(run_dir: Path, cfg: LoggerConfig, config: dict[str, Any]):
     if mode == "auto":
         mode = "online" if _wandb_has_key() else "offline"
         if mode == "offline":
-            log.info("wandb: no API key configured, logging offline to %s (upload later with `wandb sync`)", run_dir / "wandb")
+            log.info(
+                "wandb: no API key configured, logging offline to %s (upload later with `wandb sync`)",
+                run_dir / "wandb",
+            )
     if mode not in ("online", "offline", "disabled"):
         raise ValueError(f"logger.mode={cfg.mode!r} is not one of: auto, online, offline")
     return wandb.init(

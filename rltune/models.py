@@ -61,9 +61,8 @@ def resolve_path(path: str) -> str:
                 "rebuild it with `python scripts/make_tiny_model.py`"
             )
         return str(folder)
-    if os.path.sep in path or path.startswith("."):
-        if not Path(path).exists():
-            raise ConfigError(f"model.path={path}: no such folder")
+    if (os.path.sep in path or path.startswith(".")) and not Path(path).exists():
+        raise ConfigError(f"model.path={path}: no such folder")
     return path
 
 
@@ -80,9 +79,7 @@ def load_tokenizer(cfg: ModelConfig):
     return tokenizer
 
 
-def load_causal_lm(
-    cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device
-) -> nn.Module:
+def load_causal_lm(cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
     """`dtype` is the weights' dtype when model.dtype is auto."""
     from transformers import AutoModelForCausalLM
 

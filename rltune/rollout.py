@@ -23,25 +23,33 @@ def generate_greedy(
     """Greedy completions (text, special tokens removed) of already-templated prompts."""
     was_training = model.training
     model.eval()
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # decoder-only: pad on the left so every prompt ends at the edge
     device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
     completions: list[str] = []
     try:
         for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            ids = tokenizer(prompts[start : start + batch_size], add_special_tokens=False)[
+                "input_ids"
+            ]
+            # Left padding, done here rather than by the tokenizer: a padded tokenizer call leaves
+            # padding switched on in its backend, and save_pretrained would persist it.
+            width = max(len(x) for x in ids)
+            input_ids = torch.tensor(
+                [[pad] * (width - len(x)) + x for x in ids], device=device
+            )  # [b, width]
+            attention_mask = torch.tensor(
+                [[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device
+            )
             out = model.generate(
-                **enc,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 use_cache=True,
-                pad_token_id=tokenizer.pad_token_id,
+                pad_token_id=pad,
                 eos_token_id=tokenizer.eos_token_id,
-            )  # [b, prompt + new]
-            new = out[:, enc["input_ids"].shape[1] :]  # [b, new]
-            completions.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+            )  # [b, width + new]
+            completions.extend(tokenizer.batch_decode(out[:, width:], skip_special_tokens=True))
     finally:
-        tokenizer.padding_side = side
         model.train(was_training)
     return completions

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from rltune.algos import Algorithm, BuildContext, build_algorithm
+from rltune.algos import BuildContext, build_algorithm
 from rltune.checkpoint import find_resume, load_checkpoint, save_checkpoint
 from rltune.config import ConfigError, RLTuneConfig, TrainConfig
 from rltune.logging import MetricsLogger
@@ -81,7 +81,9 @@ def lr_lambda(t: TrainConfig, max_steps: int):
     zero lr, then cosine, linear or constant down to min_lr_ratio."""
     warmup = math.ceil(t.warmup_ratio * max_steps)
     if t.scheduler not in ("cosine", "linear", "constant"):
-        raise ConfigError(f"train.scheduler={t.scheduler!r} is not one of: cosine, linear, constant")
+        raise ConfigError(
+            f"train.scheduler={t.scheduler!r} is not one of: cosine, linear, constant"
+        )
 
     def factor(i: int) -> float:
         if i < warmup:
@@ -103,7 +105,10 @@ def make_optimizer(model: torch.nn.Module, t: TrainConfig, lr: float, device: to
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)  # no decay on biases and norm scales
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": t.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(
         groups,
         lr=lr,
@@ -144,7 +149,9 @@ class _SignalFlag:
             signal.signal(sig, handler)
 
 
-def train(cfg: RLTuneConfig, run_dir: Path, *, config_yaml: str, config_dict: dict[str, Any]) -> Path:
+def train(
+    cfg: RLTuneConfig, run_dir: Path, *, config_yaml: str, config_dict: dict[str, Any]
+) -> Path:
     """Run the configured algorithm to the end; return the exported `final/` folder."""
     t = cfg.train
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -155,11 +162,19 @@ def train(cfg: RLTuneConfig, run_dir: Path, *, config_yaml: str, config_dict: di
     dtype = resolve_dtype(t.dtype, device)
     seed_everything(t.seed)
 
-    algo = build_algorithm(BuildContext(cfg=cfg, device=device, dtype=dtype, run_dir=run_dir, world_size=world_size))
+    algo = build_algorithm(
+        BuildContext(cfg=cfg, device=device, dtype=dtype, run_dir=run_dir, world_size=world_size)
+    )
     policy = algo.policy
     for role, model in algo.models().items():
         trainable, total = count_parameters(model)
-        log.info("%s: %s parameters, %s trainable (%.2f%%)", role, f"{total:,}", f"{trainable:,}", 100 * trainable / max(1, total))
+        log.info(
+            "%s: %s parameters, %s trainable (%.2f%%)",
+            role,
+            f"{total:,}",
+            f"{trainable:,}",
+            100 * trainable / max(1, total),
+        )
     lr = t.lr if t.lr is not None else algo.default_lr() * cfg.model.lr_scale
     examples = algo.examples_per_epoch()
     if t.max_steps > 0:
@@ -168,7 +183,14 @@ def train(cfg: RLTuneConfig, run_dir: Path, *, config_yaml: str, config_dict: di
         max_steps = max(1, math.ceil(t.epochs * examples / plan.batch_size))
     else:
         raise ConfigError("train.max_steps must be set for an algorithm that generates its batches")
-    log.info("batch: %s; %d steps at lr %.3g on %s (%s)", plan.describe(), max_steps, lr, device, str(dtype).replace("torch.", ""))
+    log.info(
+        "batch: %s; %d steps at lr %.3g on %s (%s)",
+        plan.describe(),
+        max_steps,
+        lr,
+        device,
+        str(dtype).replace("torch.", ""),
+    )
 
     optimizer = make_optimizer(policy, t, lr, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t, max_steps))
@@ -221,7 +243,9 @@ def train(cfg: RLTuneConfig, run_dir: Path, *, config_yaml: str, config_dict: di
 
             tokens = step_metrics.pop("num_tokens", 0.0)
             total_tokens += tokens
-            step_metrics.update(grad_norm=grad_norm, tokens_per_s=tokens / elapsed, step_time_s=elapsed)
+            step_metrics.update(
+                grad_norm=grad_norm, tokens_per_s=tokens / elapsed, step_time_s=elapsed
+            )
             # metrics are averaged over the steps since the last log, like the peers' `loss`
             for k, v in step_metrics.items():
                 pending[k] = pending.get(k, 0.0) + v
@@ -242,8 +266,14 @@ def train(cfg: RLTuneConfig, run_dir: Path, *, config_yaml: str, config_dict: di
                 logger.log({"step": step, **row})
             if (t.save_every and step % t.save_every == 0) or stop.signum is not None:
                 saved = save_checkpoint(
-                    ckpt_root, step, model=policy, optimizer=optimizer, scheduler=scheduler,
-                    trainer_state=snapshot(), config_yaml=config_yaml, keep=t.keep_checkpoints,
+                    ckpt_root,
+                    step,
+                    model=policy,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    trainer_state=snapshot(),
+                    config_yaml=config_yaml,
+                    keep=t.keep_checkpoints,
                 )
                 if stop.signum is not None:
                     logger.close()

@@ -14,7 +14,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
 
 
-def rltune_cli(*overrides: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+def rltune_cli(
+    *overrides: str, timeout: float = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """`python -m rltune *overrides` in a subprocess (for exit codes, signals and os._exit)."""
     return subprocess.run(
         [sys.executable, "-m", "rltune", *overrides],

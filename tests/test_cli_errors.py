@@ -44,7 +44,10 @@ def test_unknown_columns_are_listed(tmp_path, cli):
     path.write_text(json.dumps({"question": "q", "reply": "r"}) + "\n")
     proc = cli(f"data.path={path}", f"hydra.run.dir={tmp_path}/run", timeout=60)
     assert proc.returncode == 2
-    assert "['question', 'reply']" in proc.stderr and "prompt_completion (prompt, completion)" in proc.stderr
+    assert (
+        "['question', 'reply']" in proc.stderr
+        and "prompt_completion (prompt, completion)" in proc.stderr
+    )
 
 
 def test_null_field_names_file_row_and_column(tmp_path, cli):

@@ -1,14 +1,20 @@
 """Composition: every preset and recipe composes into the typed schema; bad keys and values
 fail before anything loads, naming the key."""
 
-from pathlib import Path
-
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from rltune.cli import check_schema, conf_dir
-from rltune.config import ConfigError, RLTuneConfig, field_docs, register_configs, ALGO_CONFIGS, GROUPS, TrainConfig
+from rltune.config import (
+    ALGO_CONFIGS,
+    GROUPS,
+    ConfigError,
+    RLTuneConfig,
+    TrainConfig,
+    field_docs,
+    register_configs,
+)
 
 CONF = conf_dir()
 RECIPES = sorted(p.stem for p in (CONF.parent / "recipes").glob("*.yaml"))
@@ -46,7 +52,7 @@ def test_every_recipe_composes(recipe):
 def test_recipe_overrides_groups_and_values():
     settings = check_schema(_compose(["+recipe=sft_tiny_arith"]))
     assert settings.model.path == "tiny_init"
-    assert settings.train.max_steps == 300
+    assert settings.train.max_steps == 1600 and settings.train.scheduler == "constant"
 
 
 def test_plus_key_is_rejected_with_suggestion():

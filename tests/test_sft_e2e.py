@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 
 from rltune.cli import run
 from rltune.logging import read_metrics
-
-from conftest import REPO
 
 pytestmark = pytest.mark.slow
 
@@ -28,12 +27,24 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def test_sft_from_scratch_loss_falls_and_final_generates(tmp_path):
-    run_dir = run(["algo=sft", "model=tiny_init", f"hydra.run.dir={tmp_path}", "train.max_steps=40", "train.log_every=1", *FAST])
+    run_dir = run(
+        [
+            "algo=sft",
+            "model=tiny_init",
+            f"hydra.run.dir={tmp_path}",
+            "train.max_steps=40",
+            "train.log_every=1",
+            *FAST,
+        ]
+    )
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert rows[0]["step"] == 0 and "eval/accuracy" in rows[0] and "eval/loss" in rows[0]
     by_step = losses(run_dir)
     assert sorted(by_step) == list(range(1, 41))
-    first, last = sum(by_step[s] for s in range(1, 6)) / 5, sum(by_step[s] for s in range(36, 41)) / 5
+    first, last = (
+        sum(by_step[s] for s in range(1, 6)) / 5,
+        sum(by_step[s] for s in range(36, 41)) / 5,
+    )
     assert last < first - 1.0, (first, last)
     for key in ("lr", "grad_norm", "tokens_per_s", "mean_token_accuracy"):
         assert key in rows[-1]
@@ -44,15 +55,24 @@ def test_sft_from_scratch_loss_falls_and_final_generates(tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(run_dir / "final")
     tok = AutoTokenizer.from_pretrained(run_dir / "final")
-    prompt = tok.apply_chat_template([{"role": "user", "content": "12+34="}], tokenize=False, add_generation_prompt=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "12+34="}], tokenize=False, add_generation_prompt=True
+    )
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
     out = model.generate(**ids, max_new_tokens=5, do_sample=False)
     assert out.shape[1] > ids["input_ids"].shape[1]
 
 
 def test_resume_after_crash_reproduces_the_uninterrupted_run(tmp_path, cli):
-    common = ["model=tiny_init", "train.max_steps=12", "train.save_every=4", "train.log_every=1", "train.lr=1e-3", *FAST]
-    straight = run([*common, f"hydra.run.dir={tmp_path / 'straight'}"])
+    common = [
+        "model=tiny_init",
+        "train.max_steps=12",
+        "train.save_every=4",
+        "train.log_every=1",
+        "train.lr=1e-3",
+        *FAST,
+    ]
+    run([*common, f"hydra.run.dir={tmp_path / 'straight'}"])
 
     crashed = tmp_path / "crashed"
     proc = cli(*common, f"hydra.run.dir={crashed}", "train.fail_at_step=6")
@@ -73,9 +93,19 @@ def test_resume_after_crash_reproduces_the_uninterrupted_run(tmp_path, cli):
 
 def test_sigint_saves_a_checkpoint_and_resume_finishes(tmp_path):
     run_dir = tmp_path / "run"
-    args = [sys.executable, "-m", "rltune", "model=tiny_init", f"hydra.run.dir={run_dir}",
-            "train.max_steps=400", "train.log_every=1", *FAST]
-    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = [
+        sys.executable,
+        "-m",
+        "rltune",
+        "model=tiny_init",
+        f"hydra.run.dir={run_dir}",
+        "train.max_steps=400",
+        "train.log_every=1",
+        *FAST,
+    ]
+    proc = subprocess.Popen(
+        args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 120
     while time.time() < deadline and max(losses(run_dir), default=0) < 2:
         time.sleep(0.2)
@@ -87,14 +117,28 @@ def test_sigint_saves_a_checkpoint_and_resume_finishes(tmp_path):
     stopped_at = int(saved[0].split("-")[1])
     assert max(losses(run_dir)) == stopped_at
 
-    run(["model=tiny_init", f"hydra.run.dir={run_dir}", "train.max_steps=" + str(stopped_at + 2),
-         "train.log_every=1", "train.resume=auto", *FAST])
+    run(
+        [
+            "model=tiny_init",
+            f"hydra.run.dir={run_dir}",
+            "train.max_steps=" + str(stopped_at + 2),
+            "train.log_every=1",
+            "train.resume=auto",
+            *FAST,
+        ]
+    )
     assert max(losses(run_dir)) == stopped_at + 2
 
 
 def test_multirun_gives_each_job_its_own_dir(tmp_path, cli):
-    proc = cli("-m", "train.lr=1e-4,3e-4", "train.max_steps=2", "train.log_every=1",
-               f"hydra.sweep.dir={tmp_path}", *FAST)
+    proc = cli(
+        "-m",
+        "train.lr=1e-4,3e-4",
+        "train.max_steps=2",
+        "train.log_every=1",
+        f"hydra.sweep.dir={tmp_path}",
+        *FAST,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lrs = []
     for job in ("0", "1"):
@@ -106,13 +150,26 @@ def test_multirun_gives_each_job_its_own_dir(tmp_path, cli):
 
 
 def test_lora_trains_only_adapters_and_exports_merged_model(tmp_path):
-    run_dir = run(["peft=lora", "model=tiny_init", f"hydra.run.dir={tmp_path}", "train.max_steps=5", "train.lr=1e-2", *FAST])
+    run_dir = run(
+        [
+            "peft=lora",
+            "model=tiny_init",
+            f"hydra.run.dir={tmp_path}",
+            "train.max_steps=5",
+            "train.lr=1e-2",
+            *FAST,
+        ]
+    )
     from transformers import AutoModelForCausalLM
 
     base_model = AutoModelForCausalLM.from_pretrained(REPO / "rltune" / "assets" / "tiny_init")
     base = base_model.state_dict()
     # rank-16 LoRA on every linear layer of the decoder (not lm_head): r * (in + out) each
-    linears = [m for name, m in base_model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in name]
+    linears = [
+        m
+        for name, m in base_model.named_modules()
+        if isinstance(m, torch.nn.Linear) and "lm_head" not in name
+    ]
     adapters = sum(16 * (m.in_features + m.out_features) for m in linears)
     total = sum(p.numel() for p in base_model.parameters()) + adapters
     log_text = (run_dir / "cli.log").read_text()
@@ -131,7 +188,15 @@ def test_wandb_logs_offline_without_a_key(tmp_path):
     env_key = os.environ.pop("WANDB_API_KEY", None)
     mode = os.environ.pop("WANDB_MODE", None)
     try:
-        run_dir = run(["logger=wandb", "model=tiny_init", f"hydra.run.dir={tmp_path}", "train.max_steps=2", *FAST])
+        run_dir = run(
+            [
+                "logger=wandb",
+                "model=tiny_init",
+                f"hydra.run.dir={tmp_path}",
+                "train.max_steps=2",
+                *FAST,
+            ]
+        )
     finally:
         if env_key is not None:
             os.environ["WANDB_API_KEY"] = env_key

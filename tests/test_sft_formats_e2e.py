@@ -4,12 +4,11 @@ entry point; raw documents too."""
 from __future__ import annotations
 
 import pytest
+from test_data_formats import CASES, FILE_TYPES, _minimal_pdf, suffix, write_rows
 
 from rltune.cli import run
 from rltune.data import SFT_FORMATS
 from rltune.logging import read_metrics
-
-from test_data_formats import CASES, FILE_TYPES, _minimal_pdf, suffix, write_rows
 
 pytestmark = pytest.mark.slow
 
@@ -23,10 +22,17 @@ RUNS = [
 
 
 def _two_steps(tmp_path, data_path):
-    run_dir = run([
-        f"data.path={data_path}", f"hydra.run.dir={tmp_path / 'run'}", "model=tiny_init",
-        "train.max_steps=2", "train.batch_size=1", "train.micro_batch_size=1", "train.log_every=1",
-    ])
+    run_dir = run(
+        [
+            f"data.path={data_path}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+            "model=tiny_init",
+            "train.max_steps=2",
+            "train.batch_size=1",
+            "train.micro_batch_size=1",
+            "train.log_every=1",
+        ]
+    )
     steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
     assert steps == [1, 2]
     assert (run_dir / "final" / "model.safetensors").exists()

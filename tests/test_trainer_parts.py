@@ -15,7 +15,9 @@ def test_batch_plan_derives_accumulation():
 
 
 def test_batch_plan_grad_accum_takes_precedence():
-    plan = BatchPlan.from_config(TrainConfig(batch_size=16, micro_batch_size=4, grad_accum=3), world_size=1)
+    plan = BatchPlan.from_config(
+        TrainConfig(batch_size=16, micro_batch_size=4, grad_accum=3), world_size=1
+    )
     assert (plan.batch_size, plan.grad_accum) == (12, 3)
 
 

@@ -64,7 +64,9 @@ class SFT:
         if data.path is None:
             get_task(data.task)  # fails fast on an unknown task name
             train = task_records(data.task, data.train_size, seed=data.seed, split="train")
-            evals = task_records(data.task, ctx.cfg.train.eval_samples, seed=data.seed, split="eval")
+            evals = task_records(
+                data.task, ctx.cfg.train.eval_samples, seed=data.seed, split="eval"
+            )
         else:
             train = load_records(data.path)
             evals = load_records(data.eval_path) if data.eval_path is not None else []
@@ -96,21 +98,35 @@ class SFT:
     def _encode(self, records: list[Record], fmt: str, split: str, *, packing: bool) -> list[dict]:
         max_length = self.ctx.cfg.data.max_length
         examples, stats = encode_sft_dataset(
-            records, fmt, self.tokenizer,
-            max_length=max_length, completion_only=self.cfg.completion_only, packing=packing,
+            records,
+            fmt,
+            self.tokenizer,
+            max_length=max_length,
+            completion_only=self.cfg.completion_only,
+            packing=packing,
         )
         log.info(
             "%s data: %d rows (%s) -> %d %s, %d tokens, %d with loss",
-            split, stats.records, fmt, stats.examples, "packed rows" if packing else "examples",
-            stats.tokens, stats.loss_tokens,
+            split,
+            stats.records,
+            fmt,
+            stats.examples,
+            "packed rows" if packing else "examples",
+            stats.tokens,
+            stats.loss_tokens,
         )
         if stats.truncated or stats.dropped_no_loss:
             log.warning(
                 "%s data: %d examples truncated at data.max_length=%d; %d dropped with no loss tokens left",
-                split, stats.truncated, max_length, stats.dropped_no_loss,
+                split,
+                stats.truncated,
+                max_length,
+                stats.dropped_no_loss,
             )
         if not examples:
-            raise DataError(f"{split} data: no usable examples (all {stats.dropped_no_loss} had no loss tokens)")
+            raise DataError(
+                f"{split} data: no usable examples (all {stats.dropped_no_loss} had no loss tokens)"
+            )
         return examples
 
     # --- the Algorithm protocol ---------------------------------------------------------
@@ -139,7 +155,9 @@ class SFT:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         return self.policy(**inputs, use_cache=False).logits  # [B, T, V]
 
-    def loss(self, batch: dict[str, torch.Tensor], normaliser: float) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(
+        self, batch: dict[str, torch.Tensor], normaliser: float
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         logits = self._forward(batch)  # [B, T, V]
         nll, _ = token_nll_sum(logits, batch["labels"])
         correct = token_accuracy_sum(logits.detach(), batch["labels"])
@@ -147,7 +165,9 @@ class SFT:
         metrics = {
             "loss": loss.item(),
             "mean_token_accuracy": correct.item() / normaliser,
-            "num_tokens": float(batch["attention_mask"].sum().item()) if "attention_mask" in batch else float(batch["input_ids"].numel()),
+            "num_tokens": float(batch["attention_mask"].sum().item())
+            if "attention_mask" in batch
+            else float(batch["input_ids"].numel()),
         }
         return loss, metrics
 
@@ -160,8 +180,12 @@ class SFT:
         if self.eval_examples:
             nll_total, tokens = 0.0, 0
             mb = self.ctx.cfg.train.micro_batch_size
-            for start in range(0, min(len(self.eval_examples), self.ctx.cfg.train.eval_samples), mb):
-                batch = collate_sft(self.eval_examples[start : start + mb], self.tokenizer.pad_token_id)
+            for start in range(
+                0, min(len(self.eval_examples), self.ctx.cfg.train.eval_samples), mb
+            ):
+                batch = collate_sft(
+                    self.eval_examples[start : start + mb], self.tokenizer.pad_token_id
+                )
                 batch = {k: v.to(self.ctx.device) for k, v in batch.items()}
                 nll, n = token_nll_sum(self._forward(batch), batch["labels"])
                 nll_total += nll.item()
@@ -170,8 +194,11 @@ class SFT:
         self.policy.train(was_training)
         if self.task is not None:
             acc, samples = task_accuracy(
-                self.policy, self.tokenizer, self.task,
-                n=self.ctx.cfg.train.eval_samples, seed=self.ctx.cfg.data.seed,
+                self.policy,
+                self.tokenizer,
+                self.task,
+                n=self.ctx.cfg.train.eval_samples,
+                seed=self.ctx.cfg.data.seed,
             )
             metrics["eval/accuracy"] = acc
         return metrics, samples

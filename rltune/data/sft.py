@@ -37,6 +37,7 @@ import torch
 
 from rltune.data.formats import DataError, conversation, to_messages
 from rltune.losses import IGNORE_INDEX
+
 SFT_FORMATS = frozenset({"text", "instruction", "prompt_completion", "chat", "sharegpt"})
 
 Example = dict[str, list[int]]

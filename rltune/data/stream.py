@@ -11,7 +11,9 @@ import torch
 
 
 class IndexStream:
-    def __init__(self, size: int, *, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self, size: int, *, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1
+    ):
         if size <= 0:
             raise ValueError("IndexStream needs at least one example")
         self.size = size

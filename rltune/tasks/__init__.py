@@ -1,0 +1,1 @@
+"""Synthetic tasks with verifiable answers, embedded so that runs and tests need no download."""
