@@ -41,11 +41,7 @@ def _fsync_tree(folder: Path) -> None:
         if path.is_file():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync_dir(folder)
 
 
 def rng_state() -> dict[str, Any]:
@@ -104,12 +100,12 @@ def save_checkpoint(
         shutil.rmtree(old)
     else:
         os.rename(tmp, final)
-    _fsync_tree_dir(root)
+    _fsync_dir(root)  # make the rename itself durable
     _rotate(root, keep)
     return final
 
 
-def _fsync_tree_dir(folder: Path) -> None:
+def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -20,6 +20,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from rltune.config import ConfigError, RLTuneConfig, register_configs, validate
 
@@ -71,7 +72,10 @@ def check_schema(cfg: DictConfig) -> RLTuneConfig:
         raise ConfigError(
             f"Unknown config key '{key}'.{hint} Valid keys here: {', '.join(allowed)}"
         )
-    settings = OmegaConf.to_object(cfg)
+    try:
+        settings = OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as err:
+        raise ConfigError(f"{err.full_key} must be set (e.g. {err.full_key}=...)") from None
     assert isinstance(settings, RLTuneConfig)
     validate(settings)
     return settings

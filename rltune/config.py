@@ -17,7 +17,7 @@ micro_batch_size * grad_accum * world_size. The resolved numbers are logged at s
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -118,8 +118,8 @@ class DataConfig:
     """Display name of the preset."""
     path: Any = None
     """A .jsonl/.json/.csv/.parquet/.txt/.md/.pdf/.docx file, a list of them, or a hub dataset id; null uses data.task."""
-    task: str = "arith"
-    """Built-in task used when path is null (also provides eval/accuracy)."""
+    task: str | None = "arith"
+    """Built-in task used when path is null (also provides eval/accuracy); null for none."""
     format: str = "auto"
     """auto (from the columns), text, instruction, prompt_completion, chat, sharegpt, preference or prompt_answer."""
     max_length: int = 512
@@ -223,10 +223,6 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def schema_keys(cls: type) -> list[str]:
-    return [f.name for f in fields(cls)]
-
-
 CHOICES: dict[str, tuple[str, ...]] = {
     "train.scheduler": ("cosine", "linear", "constant"),
     "train.dtype": ("auto", "fp32", "bf16"),
@@ -276,5 +272,7 @@ def validate(cfg: RLTuneConfig) -> None:
         raise ConfigError(f"train.warmup_ratio={t.warmup_ratio} must be in [0, 1)")
     if t.lr is not None and t.lr <= 0:
         raise ConfigError(f"train.lr={t.lr} must be > 0 (or null for the algorithm's default)")
+    if cfg.data.path is None and cfg.data.task is None:
+        raise ConfigError("data.path must be set: data.task is null, so there is no built-in data")
     if not 0.0 <= cfg.data.eval_ratio < 1.0:
         raise ConfigError(f"data.eval_ratio={cfg.data.eval_ratio} must be in [0, 1)")

@@ -214,7 +214,10 @@ def train(
             metrics, samples = algo.evaluate()
         if samples:
             logger.log_samples(at, list(samples[0]), [list(s.values()) for s in samples])
+        evals.append((at, metrics))
         return metrics
+
+    evals: list[tuple[int, dict[str, Any]]] = []
 
     if step == 0:
         logger.log({"step": 0, **evaluate(0)})
@@ -286,4 +289,13 @@ def train(
     # training is over: export in the compute dtype (bf16 on GPUs), as the peers do
     export_final(policy.to(dtype), algo.tokenizer, final)
     log.info("done: %d steps; model written to %s", step, final)
+    if evals:
+        (first_step, first), (last_step, last) = evals[0], evals[-1]
+        for key in last:
+            before = (
+                f"{first[key]:.4g} at step {first_step} -> "
+                if key in first and first_step != last_step
+                else ""
+            )
+            log.info("%s: %s%.4g at step %d", key, before, last[key], last_step)
     return final

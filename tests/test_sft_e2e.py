@@ -206,3 +206,49 @@ def test_wandb_logs_offline_without_a_key(tmp_path):
     assert len(offline) == 1
     assert "logging offline" in (run_dir / "cli.log").read_text()
     assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+
+
+def test_packing_fills_rows_and_trains(tmp_path):
+    common = ["train.max_steps=3", "train.log_every=1", "data.max_length=128", *FAST]
+    plain = run([*common, f"hydra.run.dir={tmp_path / 'plain'}"])
+    packed = run([*common, "data.packing=true", f"hydra.run.dir={tmp_path / 'packed'}"])
+    tokens = {
+        name: [r["num_tokens"] for r in read_metrics(d / "metrics.jsonl") if "loss" in r]
+        for name, d in (("plain", plain), ("packed", packed))
+    }
+    # an arith example is ~18 tokens: a packed row of 128 holds ~7 of them
+    assert tokens["packed"][-1] > 4 * tokens["plain"][-1]
+    assert (
+        "packing: " in (packed / "cli.log").read_text()
+        or "packed rows" in (packed / "cli.log").read_text()
+    )
+
+
+def test_eval_ratio_holds_out_rows_for_eval_loss(tmp_path):
+    path = tmp_path / "pc.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"prompt": f"{i}+1=", "completion": str(i + 1)}) + "\n" for i in range(40)
+        )
+    )
+    run_dir = run(
+        [
+            f"data.path={path}",
+            "data.eval_ratio=0.25",
+            f"hydra.run.dir={tmp_path / 'run'}",
+            "train.max_steps=2",
+            "train.batch_size=4",
+            "train.micro_batch_size=4",
+        ]
+    )
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert "eval/loss" in rows[0] and "eval/loss" in rows[-1]
+    assert "eval/accuracy" not in rows[0]  # only the built-in task has a checker
+    log_text = (run_dir / "cli.log").read_text()
+    assert "train data: 30 rows" in log_text and "eval data: 10 rows" in log_text
+
+
+def test_custom_data_without_path_names_the_key(tmp_path, cli):
+    proc = cli("data=custom", f"hydra.run.dir={tmp_path}", timeout=60)
+    assert proc.returncode == 2
+    assert "data.path must be set" in proc.stderr

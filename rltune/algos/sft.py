@@ -140,19 +140,27 @@ class SFT:
     def examples_per_epoch(self) -> int | None:
         return len(self.examples)
 
-    def next_batches(self, num_micro: int, micro_batch_size: int) -> list[dict[str, torch.Tensor]]:
+    def next_batches(self, num_micro: int, micro_batch_size: int) -> list[dict[str, Any]]:
         batches = []
         for _ in range(num_micro):
             rows = [self.examples[i] for i in self.stream.take(micro_batch_size)]
-            batch = collate_sft(rows, self.tokenizer.pad_token_id)
-            batches.append({k: v.to(self.ctx.device) for k, v in batch.items()})
+            batch: dict[str, Any] = {
+                k: v.to(self.ctx.device)
+                for k, v in collate_sft(rows, self.tokenizer.pad_token_id).items()
+            }
+            batch["num_tokens"] = sum(len(r["input_ids"]) for r in rows)  # real tokens, no padding
+            batches.append(batch)
         return batches
 
     def normaliser(self, batches: list[dict[str, torch.Tensor]]) -> float:
         return float(sum((shift_labels(b["labels"]) != IGNORE_INDEX).sum().item() for b in batches))
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        # no attention_mask for packed rows: transformers then builds block-diagonal attention from
+        # position_ids, but only with use_cache=False (see rltune/data/sft.py)
+        inputs = {
+            k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch
+        }
         return self.policy(**inputs, use_cache=False).logits  # [B, T, V]
 
     def loss(
@@ -165,9 +173,7 @@ class SFT:
         metrics = {
             "loss": loss.item(),
             "mean_token_accuracy": correct.item() / normaliser,
-            "num_tokens": float(batch["attention_mask"].sum().item())
-            if "attention_mask" in batch
-            else float(batch["input_ids"].numel()),
+            "num_tokens": float(batch["num_tokens"]),
         }
         return loss, metrics
 
