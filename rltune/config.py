@@ -31,7 +31,7 @@ class TrainConfig:
     epochs: float = 1.0
     """Passes over the training data when max_steps is -1."""
     lr: float | None = None
-    """Peak learning rate; null uses the algorithm's default times model.lr_scale."""
+    """Peak learning rate; null uses model.lrs for this algorithm, else the algorithm's default."""
     batch_size: int = 16
     """Examples per optimizer step, summed over all processes."""
     micro_batch_size: int = 8
@@ -94,8 +94,8 @@ class ModelConfig:
     """sdpa, eager or flash_attention_2; null lets transformers choose."""
     trust_remote_code: bool = False
     """Allow model code from the hub repository."""
-    lr_scale: float = 1.0
-    """Multiplies the algorithm's default learning rate (tiny models train at larger rates)."""
+    lrs: dict[str, float] = field(default_factory=dict)
+    """Learning rates tuned for this model by algorithm (sft, sft_lora, dpo, ...), used when train.lr is null."""
 
 
 @dataclass
@@ -163,6 +163,36 @@ class SFTConfig:
 
 
 @dataclass
+class DPOConfig:
+    name: str = "dpo"
+    """Algorithm name."""
+    lr: float = 1e-6
+    """Default learning rate (full fine-tuning); used when train.lr is null."""
+    lora_lr: float = 5e-6
+    """Default learning rate with peft=lora."""
+    beta: float = 0.1
+    """Strength of the KL regularisation toward the reference (IPO's tau for loss_type=ipo)."""
+    loss_type: str = "sigmoid"
+    """sigmoid (DPO), robust, ipo or hinge."""
+    label_smoothing: float = 0.0
+    """Assumed share of flipped labels: conservative DPO (sigmoid) or robust DPO (robust)."""
+    sft_weight: float = 0.0
+    """Weight of an NLL term on the chosen responses (RPO); 0 disables it."""
+    precompute_ref: bool = False
+    """Compute reference log-probs once before training (cached in the run dir); no reference model in memory."""
+
+
+@dataclass
+class RMConfig:
+    name: str = "rm"
+    """Algorithm name."""
+    lr: float = 1e-5
+    """Default learning rate (full fine-tuning); used when train.lr is null."""
+    lora_lr: float = 1e-4
+    """Default learning rate with peft=lora."""
+
+
+@dataclass
 class RLTuneConfig:
     algo: Any = MISSING
     """The algorithm and its hyperparameters (config group)."""
@@ -178,7 +208,7 @@ class RLTuneConfig:
     """The trainer loop."""
 
 
-ALGO_CONFIGS: dict[str, type] = {"sft": SFTConfig}
+ALGO_CONFIGS: dict[str, type] = {"sft": SFTConfig, "dpo": DPOConfig, "rm": RMConfig}
 """Algorithm name -> its config dataclass. Each algorithm registers here."""
 
 GROUPS: dict[str, type] = {
@@ -240,6 +270,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     ),
     "logger.backend": ("none", "wandb"),
     "logger.mode": ("auto", "online", "offline"),
+    "algo.loss_type": ("sigmoid", "robust", "ipo", "hinge"),
 }
 """Keys whose value must be one of a fixed set, checked before anything is loaded."""
 
@@ -248,6 +279,8 @@ def validate(cfg: RLTuneConfig) -> None:
     """Value checks that the schema's types cannot express. Raises ConfigError naming the key."""
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
+        if not hasattr(getattr(cfg, section), name):
+            continue  # e.g. algo.loss_type exists only for some algorithms
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of: {', '.join(allowed)}")

@@ -97,7 +97,7 @@ def load_causal_lm(cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device
     return model.to(device)
 
 
-def apply_lora(model: nn.Module, cfg: PeftConfig) -> nn.Module:
+def apply_lora(model: nn.Module, cfg: PeftConfig, *, task_type: str = "CAUSAL_LM") -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     target = cfg.target_modules
@@ -108,7 +108,7 @@ def apply_lora(model: nn.Module, cfg: PeftConfig) -> nn.Module:
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=target,
-        task_type="CAUSAL_LM",
+        task_type=task_type,  # SEQ_CLS also trains (and saves) the new score head in full
     )
     return get_peft_model(model, lora)
 
@@ -137,6 +137,42 @@ def load_policy(
             model.enable_input_require_grads()
     elif peft_cfg.method != "none":
         raise ConfigError(f"peft.method={peft_cfg.method!r} is not one of: none, lora")
+    return model
+
+
+def load_reward_model(
+    model_cfg: ModelConfig,
+    peft_cfg: PeftConfig,
+    *,
+    device: torch.device,
+    gradient_checkpointing: bool = False,
+) -> nn.Module:
+    """A trainable scalar-output `AutoModelForSequenceClassification` initialised from model.path
+    (a causal LM gets a new, randomly initialised score head). fp32 master weights, like the policy."""
+    from transformers import AutoModelForSequenceClassification
+
+    kwargs = (
+        {"attn_implementation": model_cfg.attn_implementation}
+        if model_cfg.attn_implementation
+        else {}
+    )
+    model = AutoModelForSequenceClassification.from_pretrained(
+        resolve_path(model_cfg.path),
+        num_labels=1,
+        revision=model_cfg.revision,
+        trust_remote_code=model_cfg.trust_remote_code,
+        dtype=torch.float32,
+        **kwargs,
+    ).to(device)
+    if model.config.pad_token_id is None:
+        raise ConfigError(
+            f"model.path={model_cfg.path}: the config has no pad_token_id, which a reward "
+            "model needs to find each sequence's last token"
+        )
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if peft_cfg.method == "lora":
+        model = apply_lora(model, peft_cfg, task_type="SEQ_CLS")
     return model
 
 

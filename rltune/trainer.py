@@ -165,7 +165,7 @@ def train(
     algo = build_algorithm(
         BuildContext(cfg=cfg, device=device, dtype=dtype, run_dir=run_dir, world_size=world_size)
     )
-    policy = algo.policy
+    trained = algo.trained  # the policy (or the reward model for algo=rm)
     for role, model in algo.models().items():
         trainable, total = count_parameters(model)
         log.info(
@@ -175,7 +175,8 @@ def train(
             f"{trainable:,}",
             100 * trainable / max(1, total),
         )
-    lr = t.lr if t.lr is not None else algo.default_lr() * cfg.model.lr_scale
+    lr_key = cfg.algo.name + ("_lora" if cfg.peft.method == "lora" else "")
+    lr = t.lr if t.lr is not None else cfg.model.lrs.get(lr_key, algo.default_lr())
     examples = algo.examples_per_epoch()
     if t.max_steps > 0:
         max_steps = t.max_steps
@@ -192,7 +193,7 @@ def train(
         str(dtype).replace("torch.", ""),
     )
 
-    optimizer = make_optimizer(policy, t, lr, device)
+    optimizer = make_optimizer(trained, t, lr, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t, max_steps))
     logger = MetricsLogger(run_dir, cfg.logger, config=config_dict, total_steps=max_steps)
     ckpt_root = run_dir / "checkpoints"
@@ -200,7 +201,9 @@ def train(
     step, pending, total_tokens = 0, {}, 0.0
     resume_from = find_resume(t.resume, ckpt_root)
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model=policy, optimizer=optimizer, scheduler=scheduler)
+        state = load_checkpoint(
+            resume_from, model=trained, optimizer=optimizer, scheduler=scheduler
+        )
         algo.load_state_dict(state["algo"])
         step, pending, total_tokens = state["step"], state["pending"], state["total_tokens"]
         log.info("resumed from %s at step %d", resume_from, step)
@@ -222,7 +225,7 @@ def train(
     if step == 0:
         logger.log({"step": 0, **evaluate(0)})
     logger.start_progress(step)
-    policy.train()
+    trained.train()
     with _SignalFlag() as stop:
         while step < max_steps:
             started = time.perf_counter()
@@ -236,7 +239,7 @@ def train(
                 for k, v in metrics.items():
                     step_metrics[k] = step_metrics.get(k, 0.0) + v
             clip = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), clip).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(trained.parameters(), clip).item()
             step_lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
@@ -271,7 +274,7 @@ def train(
                 saved = save_checkpoint(
                     ckpt_root,
                     step,
-                    model=policy,
+                    model=trained,
                     optimizer=optimizer,
                     scheduler=scheduler,
                     trainer_state=snapshot(),
@@ -287,7 +290,7 @@ def train(
     logger.close()
     final = run_dir / "final"
     # training is over: export in the compute dtype (bf16 on GPUs), as the peers do
-    export_final(policy.to(dtype), algo.tokenizer, final)
+    export_final(trained.to(dtype), algo.tokenizer, final)
     log.info("done: %d steps; model written to %s", step, final)
     if evals:
         (first_step, first), (last_step, last) = evals[0], evals[-1]

@@ -97,7 +97,6 @@ def main() -> None:
         run_dir = run(
             [
                 f"model.path={tmp / 'model'}",
-                "model.lr_scale=1",
                 f"data.path={tmp / 'docs.jsonl'}",
                 "data.max_length=1024",
                 f"train.max_steps={args.steps}",

@@ -40,13 +40,13 @@ class BuildContext:
 
 
 class Algorithm(Protocol):
-    policy: nn.Module
-    """The model the optimizer trains."""
+    trained: nn.Module
+    """The model the optimizer trains: the policy, or the reward model for algo=rm."""
     tokenizer: Any
-    """The policy's tokenizer (exported with final/)."""
+    """Its tokenizer (exported with final/)."""
 
     def default_lr(self) -> float:
-        """Learning rate used when train.lr is null (before model.lr_scale)."""
+        """Learning rate used when train.lr is null and model.lrs has none for this algorithm."""
 
     def models(self) -> dict[str, nn.Module]:
         """Every model the pipeline holds, by role (policy, reference, ...), for the start log."""
@@ -72,7 +72,11 @@ class Algorithm(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-ALGORITHMS = {"sft": "rltune.algos.sft:SFT"}
+ALGORITHMS = {
+    "sft": "rltune.algos.sft:SFT",
+    "dpo": "rltune.algos.dpo:DPO",
+    "rm": "rltune.algos.rm:RewardModelTraining",
+}
 """Algorithm name -> import path of its class; each class takes (algo_cfg, ctx)."""
 
 

@@ -22,17 +22,8 @@ import torch
 
 from rltune.algos import BuildContext
 from rltune.config import SFTConfig
-from rltune.data import (
-    SFT_FORMATS,
-    DataError,
-    Record,
-    check_records,
-    collate_sft,
-    encode_sft_dataset,
-    load_records,
-    require_kind,
-    resolve_format,
-)
+from rltune.data import SFT_FORMATS, DataError, Record, collate_sft, encode_sft_dataset
+from rltune.data.source import split_records
 from rltune.data.stream import IndexStream
 from rltune.evaluation import get_task, task_accuracy
 from rltune.losses import IGNORE_INDEX, shift_labels, token_accuracy_sum, token_nll_sum
@@ -41,43 +32,18 @@ from rltune.models import load_policy, load_tokenizer
 log = logging.getLogger(__name__)
 
 
-def task_records(task_name: str, n: int, *, seed: int, split: str) -> list[Record]:
-    rows = get_task(task_name).rows("prompt_completion", n, seed=seed, split=split)
-    source = f"<task {task_name}:{split}>"
-    return [Record(data=row, file=source, index=i) for i, row in enumerate(rows)]
-
-
-def checked(records: list[Record], forced: str) -> tuple[list[Record], str]:
-    """Records with their format (forced, or detected from the columns), every row validated
-    here, before any model is loaded."""
-    fmt = resolve_format(records, None if forced == "auto" else forced)
-    require_kind(fmt, SFT_FORMATS, "sft", records[0].file)
-    check_records(records, fmt)
-    return records, fmt
-
-
 class SFT:
     def __init__(self, cfg: SFTConfig, ctx: BuildContext):
         self.cfg = cfg
         self.ctx = ctx
         data = ctx.cfg.data
-        if data.path is None:
-            get_task(data.task)  # fails fast on an unknown task name
-            train = task_records(data.task, data.train_size, seed=data.seed, split="train")
-            evals = task_records(
-                data.task, ctx.cfg.train.eval_samples, seed=data.seed, split="eval"
-            )
-        else:
-            train = load_records(data.path)
-            evals = load_records(data.eval_path) if data.eval_path is not None else []
-            if not evals and data.eval_ratio > 0:
-                n_eval = max(1, int(len(train) * data.eval_ratio))
-                g = torch.Generator().manual_seed(data.seed)
-                order = torch.randperm(len(train), generator=g).tolist()
-                evals = [train[i] for i in order[:n_eval]]
-                train = [train[i] for i in sorted(order[n_eval:])]
-        train_data = checked(train, data.format)
-        eval_data = checked(evals, data.format) if evals else None
+        train_data, eval_data = split_records(
+            data,
+            eval_n=ctx.cfg.train.eval_samples,
+            task_kind="prompt_completion",
+            allowed=SFT_FORMATS,
+            algo="sft",
+        )
 
         self.tokenizer = load_tokenizer(ctx.cfg.model)
         self.examples = self._encode(*train_data, "train", packing=data.packing)
@@ -130,6 +96,10 @@ class SFT:
         return examples
 
     # --- the Algorithm protocol ---------------------------------------------------------
+
+    @property
+    def trained(self) -> torch.nn.Module:
+        return self.policy
 
     def default_lr(self) -> float:
         return self.cfg.lora_lr if self.ctx.cfg.peft.method == "lora" else self.cfg.lr

@@ -1,0 +1,296 @@
+"""DPO (and IPO, hinge/SLiC, robust and conservative DPO, RPO's NLL term) on preference pairs.
+
+The reference is chosen automatically and logged at start:
+    full fine-tuning       a frozen copy of the starting model (eval mode, no gradients)
+    peft=lora              the policy itself with its adapters disabled: no second model
+    algo.precompute_ref    one pass before training stores the reference log-probs in
+                           <run dir>/ref_logps.pt (reused on resume); no reference in memory
+
+Policy log-probs of the chosen and rejected responses come from one forward pass over the 2B
+concatenated rows.
+
+Logged metrics (means over the step's pairs):
+    loss                 the DPO-family loss (+ sft_weight x chosen NLL per token)
+    rewards/chosen       beta (log pi(y_c|x) - log ref(y_c|x))
+    rewards/rejected     beta (log pi(y_r|x) - log ref(y_r|x))
+    rewards/accuracies   share of pairs with rewards/chosen > rewards/rejected
+    rewards/margins      rewards/chosen - rewards/rejected
+    logps/chosen         summed log-prob of the chosen response under the policy
+    logps/rejected       the same for the rejected response
+    eval/loss, eval/rewards/accuracies, eval/rewards/margins   on held-out pairs
+    eval/accuracy        greedy exact match on the built-in task (data.task only)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rltune.algos import BuildContext
+from rltune.config import DPOConfig
+from rltune.data import DataError
+from rltune.data.preference import collate_pairs, encode_pairs
+from rltune.data.source import split_records
+from rltune.data.stream import IndexStream
+from rltune.evaluation import get_task, task_accuracy
+from rltune.losses import dpo_loss, sequence_logps
+from rltune.models import autocast, count_parameters, load_causal_lm, load_policy, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+REF_CACHE = "ref_logps.pt"
+
+
+class DPO:
+    def __init__(self, cfg: DPOConfig, ctx: BuildContext):
+        self.cfg = cfg
+        self.ctx = ctx
+        data = ctx.cfg.data
+        (train, _), eval_part = split_records(
+            data,
+            eval_n=ctx.cfg.train.eval_samples,
+            task_kind="preference",
+            allowed={"preference"},
+            algo="dpo",
+        )
+        self.tokenizer = load_tokenizer(ctx.cfg.model)
+        self.pairs = self._encode(train, "train")
+        self.eval_pairs = self._encode(eval_part[0], "eval") if eval_part else []
+        self.task = get_task(data.task) if data.path is None else None
+
+        self.policy = load_policy(
+            ctx.cfg.model,
+            ctx.cfg.peft,
+            dtype=ctx.dtype,
+            device=ctx.device,
+            gradient_checkpointing=ctx.cfg.train.gradient_checkpointing,
+        )
+        self.lora = ctx.cfg.peft.method == "lora"
+        self.reference: torch.nn.Module | None = None
+        self.ref_cache: dict[str, torch.Tensor] | None = None
+        if cfg.precompute_ref:
+            self.ref_cache = self._precomputed_reference(ctx.run_dir / REF_CACHE)
+            log.info(
+                "reference: log-probs precomputed in %s; no reference model in memory",
+                ctx.run_dir / REF_CACHE,
+            )
+        elif self.lora:
+            log.info("reference: the policy with its LoRA adapters disabled (no second model)")
+        else:
+            # frozen, so it needs no fp32 master copy: load it in the compute dtype
+            self.reference = load_causal_lm(ctx.cfg.model, dtype=ctx.dtype, device=ctx.device)
+            self.reference.eval().requires_grad_(False)
+            log.info(
+                "reference: a frozen copy of %s (%s parameters)",
+                ctx.cfg.model.path,
+                f"{count_parameters(self.reference)[1]:,}",
+            )
+        self.stream = IndexStream(
+            len(self.pairs), seed=ctx.cfg.train.seed, rank=ctx.rank, world_size=ctx.world_size
+        )
+
+    def _encode(self, records, split: str) -> list[dict]:
+        max_length = self.ctx.cfg.data.max_length
+        pairs, truncated, dropped = encode_pairs(records, self.tokenizer, max_length=max_length)
+        log.info("%s data: %d preference pairs", split, len(pairs))
+        if truncated or dropped:
+            log.warning(
+                "%s data: %d prompts truncated from the left to fit data.max_length=%d; "
+                "%d pairs dropped because their responses alone do not fit",
+                split,
+                truncated,
+                max_length,
+                dropped,
+            )
+        if not pairs:
+            raise DataError(f"{split} data: no preference pair fits data.max_length={max_length}")
+        return pairs
+
+    # --- the reference ------------------------------------------------------------------
+
+    def _reference_context(self):
+        return self.policy.disable_adapter() if self.lora else contextlib.nullcontext()
+
+    @torch.no_grad()
+    def _reference_logps(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Summed response log-probs [2B] under the reference: the frozen copy, or the policy
+        itself (adapters disabled with LoRA; untrained yet when precomputing)."""
+        model = self.reference if self.reference is not None else self.policy
+        was_training = model.training
+        model.eval()
+        with self._reference_context():
+            logps, _ = sequence_logps(self._logits(model, batch), batch["labels"])
+        model.train(was_training)
+        return logps
+
+    def _precomputed_reference(self, path: Path) -> dict[str, torch.Tensor]:
+        """Reference log-probs of every train and eval pair, [N, 2] (chosen, rejected) each."""
+        key = {
+            "model": self.ctx.cfg.model.path,
+            "pairs": len(self.pairs),
+            "eval_pairs": len(self.eval_pairs),
+            "max_length": self.ctx.cfg.data.max_length,
+        }
+        if path.exists():
+            cached = torch.load(path, weights_only=False)
+            if cached["key"] == key:
+                log.info("reference: reusing %s", path)
+                return cached
+            log.warning("reference: %s was made for other data or model, recomputing", path)
+        cache: dict[str, Any] = {"key": key}
+        mb = self.ctx.cfg.train.micro_batch_size
+        for split, pairs in (("train", self.pairs), ("eval", self.eval_pairs)):
+            out = []
+            for start in range(0, len(pairs), mb):
+                batch = self._collate(pairs[start : start + mb])
+                with autocast(self.ctx.device, self.ctx.dtype):
+                    logps = self._reference_logps(batch)  # [2b]
+                out.append(torch.stack(logps.float().cpu().chunk(2), dim=1))  # [b, 2]
+            cache[split] = torch.cat(out) if out else torch.zeros(0, 2)
+        tmp = path.with_suffix(".tmp")
+        torch.save(cache, tmp)
+        tmp.replace(path)  # atomic: a crash never leaves a half-written cache to be reused
+        return cache
+
+    # --- forward and loss ---------------------------------------------------------------
+
+    def _collate(self, pairs: list[dict]) -> dict[str, Any]:
+        batch = {
+            k: v.to(self.ctx.device)
+            for k, v in collate_pairs(pairs, self.tokenizer.pad_token_id).items()
+        }
+        batch["num_tokens"] = sum(
+            len(p[s]["input_ids"]) for p in pairs for s in ("chosen", "rejected")
+        )
+        return batch
+
+    @staticmethod
+    def _logits(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        inputs = {
+            k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch
+        }
+        return model(**inputs, use_cache=False).logits  # [2B, T, V]
+
+    def _pair_terms(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-pair losses [B] and the per-pair quantities the metrics average."""
+        logps, counts = sequence_logps(self._logits(self.policy, batch), batch["labels"])  # [2B]
+        if "ref" in batch:
+            ref = batch["ref"]  # [B, 2]
+            ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
+        else:
+            ref_chosen, ref_rejected = self._reference_logps(batch).chunk(2)  # [B] each
+        chosen, rejected = logps.chunk(2)  # [B] each
+        n_chosen, n_rejected = counts.chunk(2)
+        if self.cfg.loss_type == "ipo":  # IPO compares per-token averages
+            args = (
+                chosen / n_chosen,
+                rejected / n_rejected,
+                ref_chosen / n_chosen,
+                ref_rejected / n_rejected,
+            )
+        else:
+            args = (chosen, rejected, ref_chosen, ref_rejected)
+        losses, r_chosen, r_rejected = dpo_loss(
+            *args,
+            beta=self.cfg.beta,
+            loss_type=self.cfg.loss_type,
+            label_smoothing=self.cfg.label_smoothing,
+        )
+        if self.cfg.sft_weight:
+            losses = losses + self.cfg.sft_weight * (
+                -chosen / n_chosen
+            )  # RPO: chosen NLL per token
+        terms = {
+            "rewards/chosen": r_chosen,
+            "rewards/rejected": r_rejected,
+            "rewards/accuracies": (r_chosen > r_rejected).float(),
+            "rewards/margins": r_chosen - r_rejected,
+            "logps/chosen": chosen.detach(),
+            "logps/rejected": rejected.detach(),
+        }
+        return losses, terms
+
+    # --- the Algorithm protocol ---------------------------------------------------------
+
+    @property
+    def trained(self) -> torch.nn.Module:
+        return self.policy
+
+    def default_lr(self) -> float:
+        return self.cfg.lora_lr if self.lora else self.cfg.lr
+
+    def models(self) -> dict[str, torch.nn.Module]:
+        return {"policy": self.policy} | (
+            {"reference": self.reference} if self.reference is not None else {}
+        )
+
+    def examples_per_epoch(self) -> int:
+        return len(self.pairs)
+
+    def next_batches(self, num_micro: int, micro_batch_size: int) -> list[dict[str, Any]]:
+        batches = []
+        for _ in range(num_micro):
+            idx = self.stream.take(micro_batch_size)
+            batch = self._collate([self.pairs[i] for i in idx])
+            if self.ref_cache is not None:
+                batch["ref"] = self.ref_cache["train"][idx].to(self.ctx.device)  # [B, 2]
+            batches.append(batch)
+        return batches
+
+    def normaliser(self, batches: list[dict[str, Any]]) -> float:
+        return float(sum(b["input_ids"].shape[0] // 2 for b in batches))  # pairs in the step
+
+    def loss(
+        self, batch: dict[str, Any], normaliser: float
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        losses, terms = self._pair_terms(batch)
+        loss = losses.sum() / normaliser
+        metrics = {k: v.sum().item() / normaliser for k, v in terms.items()}
+        metrics.update(loss=loss.item(), num_tokens=float(batch["num_tokens"]))
+        return loss, metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        metrics: dict[str, float] = {}
+        samples: list[dict[str, Any]] = []
+        was_training = self.policy.training
+        self.policy.eval()
+        n = min(len(self.eval_pairs), self.ctx.cfg.train.eval_samples)
+        if n:
+            totals: dict[str, float] = {}
+            mb = self.ctx.cfg.train.micro_batch_size
+            for start in range(0, n, mb):
+                batch = self._collate(self.eval_pairs[start : min(n, start + mb)])
+                if self.ref_cache is not None:
+                    batch["ref"] = self.ref_cache["eval"][start : min(n, start + mb)].to(
+                        self.ctx.device
+                    )
+                losses, terms = self._pair_terms(batch)
+                for k, v in [("loss", losses), *terms.items()]:
+                    totals[k] = totals.get(k, 0.0) + v.sum().item()
+            metrics = {
+                f"eval/{k}": v / n
+                for k, v in totals.items()
+                if k in ("loss", "rewards/accuracies", "rewards/margins")
+            }
+        self.policy.train(was_training)
+        if self.task is not None:
+            acc, samples = task_accuracy(
+                self.policy,
+                self.tokenizer,
+                self.task,
+                n=self.ctx.cfg.train.eval_samples,
+                seed=self.ctx.cfg.data.seed,
+            )
+            metrics["eval/accuracy"] = acc
+        return metrics, samples
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stream": self.stream.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state["stream"])

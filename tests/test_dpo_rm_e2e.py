@@ -1,0 +1,125 @@
+"""DPO and reward-model training end to end on the shipped tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rltune.cli import run
+from rltune.logging import read_metrics
+
+pytestmark = pytest.mark.slow
+
+STEP0 = [
+    "algo=dpo",
+    "train.max_steps=1",
+    "train.log_every=1",
+    "train.eval_samples=16",
+    "train.batch_size=8",
+    "train.micro_batch_size=8",
+]
+
+
+def _train_rows(run_dir):
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+def test_dpo_learns_the_preferences(tmp_path):
+    run_dir = run(
+        ["algo=dpo", f"hydra.run.dir={tmp_path}", "train.log_every=1", "train.eval_samples=100"]
+    )
+    rows = _train_rows(run_dir)
+    tail = rows[-max(1, len(rows) // 10) :]
+    assert sum(r["rewards/accuracies"] for r in tail) / len(tail) >= 0.9
+    k = len(rows) // 5
+    early = sum(r["rewards/margins"] for r in rows[:k]) / k
+    late = sum(r["rewards/margins"] for r in rows[-k:]) / k
+    assert late > early + 0.1, (early, late)
+    for key in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
+        assert key in rows[-1]
+    evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if "eval/accuracy" in r]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == rows[-1]["step"]
+    assert evals[-1]["eval/rewards/accuracies"] > 0.8
+
+
+def test_reference_modes_agree_at_step_zero(tmp_path):
+    """A frozen copy, the LoRA base with adapters disabled, and precomputed log-probs are the same
+    reference at the start: same first-step loss and policy log-probs on the same batch."""
+    copy = run([*STEP0, f"hydra.run.dir={tmp_path / 'copy'}"])
+    lora = run([*STEP0, "peft=lora", f"hydra.run.dir={tmp_path / 'lora'}"])
+    pre = run([*STEP0, "algo.precompute_ref=true", f"hydra.run.dir={tmp_path / 'pre'}"])
+    rows = {name: _train_rows(d)[0] for name, d in (("copy", copy), ("lora", lora), ("pre", pre))}
+    for name in ("lora", "pre"):
+        for key in ("loss", "logps/chosen", "logps/rejected", "rewards/margins"):
+            assert rows[name][key] == pytest.approx(rows["copy"][key], abs=1e-5), (name, key)
+    assert rows["copy"]["loss"] == pytest.approx(0.693147, abs=1e-5)  # policy == reference: log 2
+    copy_log, lora_log, pre_log = ((d / "cli.log").read_text() for d in (copy, lora, pre))
+    assert "reference: 854,144 parameters, 0 trainable" in copy_log
+    assert "reference:" in lora_log and "adapters disabled (no second model)" in lora_log
+    assert "reference: 854,144 parameters" not in lora_log + pre_log  # no second model built
+    assert (pre / "ref_logps.pt").exists()
+
+
+def test_precomputed_reference_is_reused_on_resume(tmp_path):
+    args = [
+        *STEP0,
+        "algo.precompute_ref=true",
+        "train.max_steps=2",
+        "train.save_every=1",
+        f"hydra.run.dir={tmp_path}",
+    ]
+    run(args)
+    stamp = (tmp_path / "ref_logps.pt").stat().st_mtime_ns
+    run([*args[:-2], "train.max_steps=3", "train.resume=auto", f"hydra.run.dir={tmp_path}"])
+    assert (tmp_path / "ref_logps.pt").stat().st_mtime_ns == stamp
+    assert "reference: reusing" in (tmp_path / "cli.log").read_text()
+
+
+def test_preference_row_without_rejected_fails_naming_file_and_row(tmp_path, cli):
+    path = tmp_path / "prefs.jsonl"
+    rows = [{"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": str(i + 2)} for i in range(4)]
+    rows[2]["rejected"] = ""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = cli("algo=dpo", f"data.path={path}", f"hydra.run.dir={tmp_path / 'run'}", timeout=60)
+    assert proc.returncode == 2
+    assert str(path) in proc.stderr and "row 2" in proc.stderr and "rejected" in proc.stderr
+    del rows[2]["rejected"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = cli("algo=rm", f"data.path={path}", f"hydra.run.dir={tmp_path / 'run2'}", timeout=60)
+    assert proc.returncode == 2
+    assert str(path) in proc.stderr and "row 2" in proc.stderr
+
+
+def test_reward_model_trains_and_final_loads_and_scores(tmp_path):
+    run_dir = run(
+        [
+            "algo=rm",
+            f"hydra.run.dir={tmp_path}",
+            "train.max_steps=60",
+            "train.log_every=10",
+            "train.eval_samples=100",
+        ]
+    )
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert rows[-1]["eval/loss"] < rows[0]["eval/loss"]
+    assert {"loss", "accuracy", "margin"} <= set(_train_rows(run_dir)[-1])
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(run_dir / "final")
+    tok = AutoTokenizer.from_pretrained(run_dir / "final")
+    texts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": "2+2="}, {"role": "assistant", "content": a}],
+            tokenize=False,
+        )
+        for a in ("4", "5")
+    ]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(map(len, ids))
+    batch = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in ids])
+    with torch.no_grad():
+        scores = model(input_ids=batch, attention_mask=(batch != tok.pad_token_id).long()).logits
+    assert scores.shape == (2, 1) and torch.isfinite(scores).all()

@@ -1,0 +1,85 @@
+"""DPO-family and Bradley-Terry losses against values worked out by hand."""
+
+import math
+
+import pytest
+import torch
+
+from rltune.losses import IGNORE_INDEX, bradley_terry_loss, dpo_loss, sequence_logps
+
+
+def _sig(x):
+    return 1 / (1 + math.exp(-x))
+
+
+# One pair: policy log-probs chosen -1.0, rejected -3.0; reference chosen -2.0, rejected -2.5.
+# h = (-1 - -2) - (-3 - -2.5) = 1 + 0.5 = 1.5; beta = 0.5 -> beta*h = 0.75.
+PAIR = [torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.5])]
+
+
+def test_sigmoid_by_hand():
+    """-log σ(0.75) = log(1 + e^-0.75) = 0.3868; rewards 0.5*1 = 0.5 and 0.5*(-0.5) = -0.25."""
+    losses, rc, rr = dpo_loss(*PAIR, beta=0.5, loss_type="sigmoid")
+    assert losses.item() == pytest.approx(math.log(1 + math.exp(-0.75)), abs=1e-6)
+    assert losses.item() == pytest.approx(0.386871, abs=1e-5)
+    assert (rc.item(), rr.item()) == pytest.approx((0.5, -0.25))
+
+
+def test_conservative_sigmoid_by_hand():
+    """ε = 0.1: 0.9 * -log σ(0.75) + 0.1 * -log σ(-0.75) = 0.9*0.386871 + 0.1*1.136871 = 0.461871."""
+    losses, _, _ = dpo_loss(*PAIR, beta=0.5, loss_type="sigmoid", label_smoothing=0.1)
+    assert losses.item() == pytest.approx(0.9 * 0.386871 + 0.1 * 1.136871, abs=1e-5)
+
+
+def test_robust_by_hand():
+    """ε = 0.1: (0.9 * 0.386871 - 0.1 * 1.136871) / 0.8 = (0.348184 - 0.113687) / 0.8 = 0.293121."""
+    losses, _, _ = dpo_loss(*PAIR, beta=0.5, loss_type="robust", label_smoothing=0.1)
+    assert losses.item() == pytest.approx((0.9 * 0.386871 - 0.1 * 1.136871) / 0.8, abs=1e-5)
+    no_noise, _, _ = dpo_loss(*PAIR, beta=0.5, loss_type="robust", label_smoothing=0.0)
+    assert no_noise.item() == pytest.approx(0.386871, abs=1e-5)  # ε = 0 is plain DPO
+
+
+def test_ipo_by_hand():
+    """(h - 1/(2β))² = (1.5 - 1)² = 0.25."""
+    losses, _, _ = dpo_loss(*PAIR, beta=0.5, loss_type="ipo")
+    assert losses.item() == pytest.approx(0.25)
+
+
+def test_hinge_by_hand():
+    """max(0, 1 - β h) = max(0, 1 - 0.75) = 0.25; with β = 1: max(0, 1 - 1.5) = 0."""
+    assert dpo_loss(*PAIR, beta=0.5, loss_type="hinge")[0].item() == pytest.approx(0.25)
+    assert dpo_loss(*PAIR, beta=1.0, loss_type="hinge")[0].item() == 0.0
+
+
+def test_policy_equal_to_reference_gives_log_two():
+    """At step 0 the policy is the reference: h = 0 and the sigmoid loss is log 2."""
+    x = torch.tensor([-4.0, -7.0])
+    losses, rc, rr = dpo_loss(x, x - 1, x, x - 1, beta=0.1)
+    assert torch.allclose(losses, torch.full((2,), math.log(2.0)))
+    assert torch.equal(rc, torch.zeros(2)) and torch.equal(rr, torch.zeros(2))
+
+
+def test_unknown_loss_type_is_named():
+    with pytest.raises(ValueError, match="'sigmod'"):
+        dpo_loss(*PAIR, beta=0.1, loss_type="sigmod")
+
+
+def test_bradley_terry_by_hand():
+    """-log σ(2 - 1) = 0.313262; with margin 0.5: -log σ(0.5) = 0.474077."""
+    c, r = torch.tensor([2.0, 2.0]), torch.tensor([1.0, 1.0])
+    assert bradley_terry_loss(c, r)[0].item() == pytest.approx(-math.log(_sig(1.0)), abs=1e-6)
+    assert bradley_terry_loss(c, r, torch.tensor([0.0, 0.5]))[1].item() == pytest.approx(
+        -math.log(_sig(0.5)), abs=1e-6
+    )
+
+
+def test_sequence_logps_by_hand():
+    """Vocabulary 2, logits [0, 0] everywhere: every token has log-prob -ln 2. Row 0 labels two
+    response tokens, row 1 one: sums -2 ln 2 and -ln 2."""
+    logits = torch.zeros(2, 4, 2)
+    labels = torch.tensor(
+        [[IGNORE_INDEX, IGNORE_INDEX, 1, 0], [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 1]]
+    )
+    logps, counts = sequence_logps(logits, labels)
+    assert counts.tolist() == [2, 1]
+    assert logps.tolist() == pytest.approx([-2 * math.log(2), -math.log(2)])
