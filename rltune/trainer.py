@@ -223,7 +223,9 @@ def train(
     evals: list[tuple[int, dict[str, Any]]] = []
 
     if step == 0:
-        logger.log({"step": 0, **evaluate(0)})
+        initial = evaluate(0)
+        if initial:  # nothing to evaluate (no eval data, eval_samples=0): no empty row
+            logger.log({"step": 0, **initial})
     logger.start_progress(step)
     trained.train()
     with _SignalFlag() as stop:
@@ -241,7 +243,13 @@ def train(
             clip = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(trained.parameters(), clip).item()
             step_lr = scheduler.get_last_lr()[0]
-            optimizer.step()
+            if math.isfinite(grad_norm):
+                optimizer.step()
+            else:
+                # a NaN/inf gradient would poison every weight and AdamW moment: skip the update
+                # (the schedule still advances, so the run's length is unchanged) and say so
+                log.warning("step %d: gradient norm is %s, update skipped", step + 1, grad_norm)
+                step_metrics["skipped_updates"] = 1.0
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1

@@ -22,13 +22,13 @@ from rltune.data import (
     Record,
     check_records,
     detect_format,
-    load_and_check,
     load_records,
     preference_parts,
     require_kind,
     resolve_format,
     to_messages,
 )
+from rltune.data.source import checked
 
 U = {"role": "user", "content": "what is 2+2?"}
 A = {"role": "assistant", "content": "4"}
@@ -289,7 +289,7 @@ def test_null_in_row_3_names_file_row_and_column(tmp_path):
     rows[3]["output"] = None
     path = write_rows(tmp_path / "inst.jsonl", rows, "jsonl")
     with pytest.raises(DataError, match=rf"{path}, row 3, column 'output': null"):
-        load_and_check(str(path))
+        checked(load_records(str(path)), "auto", set(FORMATS), "any")
 
 
 @pytest.mark.parametrize(
@@ -315,7 +315,7 @@ def test_missing_column_in_one_row_and_csv_short_line(tmp_path):
     path = tmp_path / "short.csv"
     path.write_text("prompt,completion\na,b\nc\n")
     with pytest.raises(DataError, match=r"short\.csv, row 1, column 'completion': null"):
-        load_and_check(str(path))
+        checked(load_records(str(path)), "auto", set(FORMATS), "any")
 
 
 @pytest.mark.parametrize(
@@ -400,12 +400,12 @@ def test_forced_format_and_mixed_files(tmp_path):
         resolve_format(mixed)
 
 
-def test_load_and_check_rejects_wrong_kind(tmp_path):
+def test_checked_rejects_wrong_kind(tmp_path):
     path = write_rows(tmp_path / "prefs.jsonl", CASES[6][2], "jsonl")
+    records = load_records(str(path))
     with pytest.raises(DataError, match=r"prefs\.jsonl has format 'preference' but algo=sft"):
-        load_and_check(str(path), allowed={"text", "chat"}, algo="sft")
-    records, fmt = load_and_check(str(path), allowed={"preference"}, algo="dpo")
-    assert fmt == "preference" and len(records) == 1
+        checked(records, "auto", {"text", "chat"}, "sft")
+    assert checked(records, "auto", {"preference"}, "dpo") == "preference"
 
 
 def test_preference_parts_splits_an_implicit_prompt():

@@ -218,10 +218,7 @@ def test_packing_fills_rows_and_trains(tmp_path):
     }
     # an arith example is ~18 tokens: a packed row of 128 holds ~7 of them
     assert tokens["packed"][-1] > 4 * tokens["plain"][-1]
-    assert (
-        "packing: " in (packed / "cli.log").read_text()
-        or "packed rows" in (packed / "cli.log").read_text()
-    )
+    assert "packed rows" in (packed / "cli.log").read_text()
 
 
 def test_eval_ratio_holds_out_rows_for_eval_loss(tmp_path):
@@ -252,3 +249,36 @@ def test_custom_data_without_path_names_the_key(tmp_path, cli):
     proc = cli("data=custom", f"hydra.run.dir={tmp_path}", timeout=60)
     assert proc.returncode == 2
     assert "data.path must be set" in proc.stderr
+
+
+def test_eval_samples_zero_logs_no_eval_metrics(tmp_path):
+    run_dir = run(
+        [
+            f"hydra.run.dir={tmp_path}",
+            "train.max_steps=2",
+            "train.log_every=1",
+            "train.eval_samples=0",
+        ]
+    )
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert not any(k.startswith("eval/") for r in rows for k in r)
+
+
+def test_non_finite_gradients_skip_the_update_instead_of_poisoning_weights(tmp_path):
+    """lr=1e30 turns the weights to inf after the first update; later gradients are NaN, and
+    those updates are skipped, logged and counted instead of silently applied."""
+    run_dir = run(
+        [
+            f"hydra.run.dir={tmp_path}",
+            "train.max_steps=4",
+            "train.log_every=1",
+            "train.eval_samples=0",
+            "train.lr=1e30",
+            "train.max_grad_norm=0",
+        ]
+    )
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert rows[0].get("skipped_updates", 0) == 0
+    assert sum(r.get("skipped_updates", 0) for r in rows) >= 1
+    assert "update skipped" in (run_dir / "cli.log").read_text()

@@ -281,7 +281,9 @@ class DPO:
                 if k in ("loss", "rewards/accuracies", "rewards/margins")
             }
         self.policy.train(was_training)
-        if self.task is not None:
+        if (
+            self.task is not None and self.ctx.cfg.train.eval_samples > 0
+        ):  # n=0 would log a fake 0.0
             acc, samples = task_accuracy(
                 self.policy,
                 self.tokenizer,

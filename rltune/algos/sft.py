@@ -168,7 +168,9 @@ class SFT:
                 tokens += int(n.item())
             metrics["eval/loss"] = nll_total / max(1, tokens)
         self.policy.train(was_training)
-        if self.task is not None:
+        if (
+            self.task is not None and self.ctx.cfg.train.eval_samples > 0
+        ):  # n=0 would log a fake 0.0
             acc, samples = task_accuracy(
                 self.policy,
                 self.tokenizer,

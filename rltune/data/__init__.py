@@ -12,7 +12,7 @@ from rltune.data.formats import (
     resolve_format,
     to_messages,
 )
-from rltune.data.loading import Record, load_and_check, load_records
+from rltune.data.loading import Record, load_records
 from rltune.data.sft import (
     IGNORE_INDEX,
     SFT_FORMATS,
@@ -39,7 +39,6 @@ __all__ = [
     "encode_sft",
     "encode_sft_dataset",
     "has_loss_tokens",
-    "load_and_check",
     "load_records",
     "pack",
     "preference_parts",

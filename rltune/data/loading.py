@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rltune.data.formats import DataError, check_records, require_kind, resolve_format
+from rltune.data.formats import DataError
 
 TABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 DOCUMENT_SUFFIXES = (".txt", ".md", ".pdf", ".docx")
@@ -70,22 +70,6 @@ def load_records(path: str | os.PathLike[str] | list[str]) -> list[Record]:
     if _HUB_ID.match(name) and Path(name).suffix.lower() not in _FILE_LIKE_SUFFIXES:
         return _load_hub(name)
     raise DataError(f"data.path: file not found: {name}")
-
-
-def load_and_check(
-    path: str | list[str],
-    fmt: str | None = None,
-    *,
-    allowed: set[str] | None = None,
-    algo: str = "",
-) -> tuple[list[Record], str]:
-    """Load, find the format (or check the forced one), check it suits ``algo``, validate all rows."""
-    records = load_records(path)
-    fmt = resolve_format(records, fmt)
-    if allowed is not None:
-        require_kind(fmt, allowed, algo, str(path))
-    check_records(records, fmt)
-    return records, fmt
 
 
 def _load_file(p: Path) -> list[Record]:
