@@ -61,18 +61,30 @@ def resolve_path(path: str) -> str:
                 "rebuild it with `python scripts/make_tiny_model.py`"
             )
         return str(folder)
-    if (os.path.sep in path or path.startswith(".")) and not Path(path).exists():
+    # "org/name" is a hub id; only an explicit filesystem path that is missing is an error here
+    # (a missing hub id fails in from_pretrained, with the hub's own message)
+    if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().exists():
         raise ConfigError(f"model.path={path}: no such folder")
-    return path
+    return str(Path(path).expanduser()) if path.startswith("~") else path
 
 
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     path = resolve_path(cfg.tokenizer_path or cfg.path)
-    tokenizer = AutoTokenizer.from_pretrained(
-        path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
-    )
+    key = "model.tokenizer_path" if cfg.tokenizer_path else "model.path"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    except OSError as err:  # not on the hub, no network, gated, or not a model folder
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        offline = (
+            " (HF_HUB_OFFLINE is set: only local files and the cache are used)"
+            if os.environ.get("HF_HUB_OFFLINE")
+            else ""
+        )
+        raise ConfigError(f"{key}={path}: cannot load the tokenizer{offline}: {first}") from None
     if tokenizer.pad_token is None:
         # Llama-style tokenizers have no pad token; padding is always masked, so reusing EOS is safe.
         tokenizer.pad_token = tokenizer.eos_token

@@ -66,3 +66,12 @@ def test_preference_data_is_the_wrong_kind_for_sft(tmp_path, cli):
     proc = cli(f"data.path={path}", f"hydra.run.dir={tmp_path}/run", timeout=60)
     assert proc.returncode == 2
     assert "'preference'" in proc.stderr and "algo=sft needs one of" in proc.stderr
+
+
+def test_unreachable_hub_model_names_model_path(tmp_path, cli):
+    """Real presets point at hub ids; with no hub the run stops at the tokenizer, naming the key."""
+    proc = cli(
+        "model=qwen2.5-0.5b", f"hydra.run.dir={tmp_path}", timeout=120, env={"HF_HUB_OFFLINE": "1"}
+    )
+    assert proc.returncode == 2
+    assert "model.path=Qwen/Qwen2.5-0.5B-Instruct: cannot load the tokenizer" in proc.stderr

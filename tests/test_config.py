@@ -91,3 +91,13 @@ def test_every_field_has_a_docstring():
         docs = field_docs(cls)
         missing = [f for f in cls.__dataclass_fields__ if f not in docs]
         assert not missing, f"{cls.__name__} fields without a docstring: {missing}"
+
+
+def test_model_path_resolution(tmp_path):
+    from rltune.models import resolve_path
+
+    assert resolve_path("Qwen/Qwen2.5-7B-Instruct") == "Qwen/Qwen2.5-7B-Instruct"  # a hub id
+    assert resolve_path(str(tmp_path)) == str(tmp_path)
+    assert resolve_path("tiny").endswith("assets/tiny")
+    with pytest.raises(ConfigError, match=r"model.path=/no/such/dir: no such folder"):
+        resolve_path("/no/such/dir")
