@@ -132,6 +132,8 @@ class DataConfig:
     """Fraction of data.path held out for eval/loss when eval_path is null."""
     train_size: int = 5000
     """Examples generated from the built-in task for training."""
+    max_new_tokens: int = 256
+    """Most tokens generated per completion (RL rollouts and eval); the arith preset uses 16."""
     seed: int = 0
     """Seed of the built-in task generator."""
 
@@ -193,6 +195,91 @@ class RMConfig:
 
 
 @dataclass
+class GRPOConfig:
+    name: str = "grpo"
+    """Algorithm name."""
+    lr: float = 1e-6
+    """Default learning rate (full fine-tuning); used when train.lr is null."""
+    lora_lr: float = 1e-5
+    """Default learning rate with peft=lora."""
+    group_size: int = 8
+    """Completions sampled per prompt; train.batch_size counts completions and must be a multiple."""
+    scale_rewards: str = "group"
+    """Advantage = (reward - group mean) / std of the group (group), of the batch (batch), or not divided (none: Dr. GRPO)."""
+    loss_agg: str = "token_mean"
+    """token_mean (DAPO: over the step's completion tokens), seq_mean_token_mean (GRPO) or seq_mean_token_sum_norm (Dr. GRPO)."""
+    epsilon: float = 0.2
+    """Clip range below 1 of the importance ratio (and above, unless epsilon_high is set)."""
+    epsilon_high: float | None = None
+    """Clip range above 1 (DAPO's clip-higher, e.g. 0.28); null uses epsilon."""
+    kl_coef: float = 0.0
+    """Weight of the k3 KL to the reference in the loss; 0 builds no reference model."""
+    importance_level: str = "token"
+    """token (one ratio per token) or sequence (GSPO: one length-normalised ratio per completion)."""
+    filter_zero_std: bool = False
+    """Drop groups whose rewards are all equal before the update (DAPO's dynamic sampling)."""
+    num_iterations: int = 1
+    """Optimizer steps per rollout batch (mu); above 1 the rollout's log-probs are stored as old log-probs."""
+    mask_truncated: bool = False
+    """Leave completions that hit data.max_new_tokens out of the loss."""
+    logprob_chunk_size: int = 1024
+    """Positions whose fp32 log-softmax is computed at once (bounds memory for large vocabularies)."""
+    sample_every: int = 50
+    """Write a few prompts, completions and rewards to samples.jsonl every N steps; 0 never."""
+
+    def check(self) -> None:
+        """Value checks run before anything is loaded; ConfigError names the key."""
+        if self.group_size < 2:
+            raise ConfigError(
+                f"algo.group_size={self.group_size} must be >= 2 (advantages compare samples of a prompt)"
+            )
+        if self.num_iterations < 1:
+            raise ConfigError(f"algo.num_iterations={self.num_iterations} must be >= 1")
+        if not self.epsilon > 0 or (self.epsilon_high is not None and not self.epsilon_high > 0):
+            raise ConfigError("algo.epsilon and algo.epsilon_high must be > 0")
+        if self.kl_coef < 0:
+            raise ConfigError(f"algo.kl_coef={self.kl_coef} must be >= 0")
+        if self.logprob_chunk_size < 1:
+            raise ConfigError(f"algo.logprob_chunk_size={self.logprob_chunk_size} must be >= 1")
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"
+    """Generation engine: hf (transformers generate)."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs for the loss are computed at the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens with this much probability; 1 disables."""
+    top_k: int = 0
+    """Keep the k most likely tokens; 0 disables."""
+    min_p: float = 0.0
+    """Drop tokens less likely than min_p x the top token's probability; 0 disables."""
+    stop: list[str] = field(default_factory=list)
+    """Strings that end a completion (kept in it), besides the EOS token."""
+    batch_size: int = 256
+    """Completions generated per generate call (bounds the KV cache's memory)."""
+
+
+@dataclass
+class RewardConfig:
+    funcs: list[str] = field(default_factory=lambda: ["arith"])
+    """Reward functions: built-ins (arith, math_answer, format, length) or module:function / file.py:function."""
+    weights: list[float] | None = None
+    """One weight per function (reward.funcs, then the reward model); null weighs all 1."""
+    model_path: str | None = None
+    """A sequence-classification reward model (e.g. an algo=rm final/), scored as reward_model."""
+    model_batch_size: int = 32
+    """Completions the reward model scores per forward pass."""
+    timeout_s: float = 10.0
+    """Seconds a reward call may take; a failing or slow sample gets no reward (and counts as an error)."""
+    format_pattern: str = "^<think>.*?</think>.+$"
+    """Regex the format function searches for (DOTALL)."""
+    overlong_ratio: float = 0.25
+    """length function: the last ratio x data.max_new_tokens tokens are penalised linearly, to -1 at the limit."""
+
+
+@dataclass
 class RLTuneConfig:
     algo: Any = MISSING
     """The algorithm and its hyperparameters (config group)."""
@@ -204,11 +291,20 @@ class RLTuneConfig:
     """Training data (config group)."""
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     """Experiment logging (config group)."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """Reward functions and reward model of the online algorithms (config group)."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Sampling of completions in the online algorithms."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """The trainer loop."""
 
 
-ALGO_CONFIGS: dict[str, type] = {"sft": SFTConfig, "dpo": DPOConfig, "rm": RMConfig}
+ALGO_CONFIGS: dict[str, type] = {
+    "sft": SFTConfig,
+    "dpo": DPOConfig,
+    "rm": RMConfig,
+    "grpo": GRPOConfig,
+}
 """Algorithm name -> its config dataclass. Each algorithm registers here."""
 
 GROUPS: dict[str, type] = {
@@ -216,6 +312,7 @@ GROUPS: dict[str, type] = {
     "peft": PeftConfig,
     "data": DataConfig,
     "logger": LoggerConfig,
+    "reward": RewardConfig,
 }
 
 
@@ -231,6 +328,38 @@ def register_configs() -> None:
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """The resolved batch arithmetic (see rltune/config.py for the semantics)."""
+
+    batch_size: int
+    micro_batch_size: int
+    grad_accum: int
+    world_size: int
+
+    @classmethod
+    def from_config(cls, t: TrainConfig, world_size: int) -> BatchPlan:
+        if t.micro_batch_size < 1:
+            raise ConfigError(f"train.micro_batch_size={t.micro_batch_size} must be >= 1")
+        per_pass = t.micro_batch_size * world_size
+        if t.grad_accum is not None:
+            if t.grad_accum < 1:
+                raise ConfigError(f"train.grad_accum={t.grad_accum} must be >= 1")
+            return cls(per_pass * t.grad_accum, t.micro_batch_size, t.grad_accum, world_size)
+        if t.batch_size < 1 or t.batch_size % per_pass:
+            raise ConfigError(
+                f"train.batch_size={t.batch_size} must be a positive multiple of "
+                f"train.micro_batch_size ({t.micro_batch_size}) x processes ({world_size}) = {per_pass}"
+            )
+        return cls(t.batch_size, t.micro_batch_size, t.batch_size // per_pass, world_size)
+
+    def describe(self) -> str:
+        return (
+            f"{self.batch_size} examples per optimizer step = {self.micro_batch_size} per micro-batch"
+            f" x {self.grad_accum} accumulated x {self.world_size} process(es)"
+        )
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -271,6 +400,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "logger.backend": ("none", "wandb"),
     "logger.mode": ("auto", "online", "offline"),
     "algo.loss_type": ("sigmoid", "robust", "ipo", "hinge"),
+    "algo.scale_rewards": ("group", "batch", "none"),
+    "algo.loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),
+    "algo.importance_level": ("token", "sequence"),
+    "rollout.engine": ("hf",),
 }
 """Keys whose value must be one of a fixed set, checked before anything is loaded."""
 
@@ -309,3 +442,17 @@ def validate(cfg: RLTuneConfig) -> None:
         raise ConfigError("data.path must be set: data.task is null, so there is no built-in data")
     if not 0.0 <= cfg.data.eval_ratio < 1.0:
         raise ConfigError(f"data.eval_ratio={cfg.data.eval_ratio} must be in [0, 1)")
+    if cfg.data.max_new_tokens < 1:
+        raise ConfigError(f"data.max_new_tokens={cfg.data.max_new_tokens} must be >= 1")
+    r = cfg.rollout
+    if not r.temperature > 0:
+        raise ConfigError(f"rollout.temperature={r.temperature} must be > 0")
+    if not 0.0 < r.top_p <= 1.0:
+        raise ConfigError(f"rollout.top_p={r.top_p} must be in (0, 1]")
+    if r.top_k < 0 or not 0.0 <= r.min_p < 1.0 or r.batch_size < 1:
+        raise ConfigError(
+            "rollout.top_k must be >= 0, rollout.min_p in [0, 1), rollout.batch_size >= 1"
+        )
+    check = getattr(cfg.algo, "check", None)
+    if check is not None:
+        check()

@@ -32,7 +32,7 @@ def task_accuracy(
     *,
     n: int,
     seed: int,
-    max_new_tokens: int = 12,
+    max_new_tokens: int = 16,
     num_samples: int = 4,
 ) -> tuple[float, list[dict[str, Any]]]:
     """Exact-match accuracy of greedy completions on `n` eval prompts, and a few samples."""

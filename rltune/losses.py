@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 IGNORE_INDEX = -100
 
@@ -115,3 +116,138 @@ def bradley_terry_loss(
     if margin is not None:
         diff = diff - margin
     return -F.logsigmoid(diff)  # [B]
+
+
+# ----------------------------------------------------------------------------- policy gradient
+
+
+def _chunk_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    x = logits.float() / temperature  # [n, V]
+    return x.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - x.logsumexp(-1)  # [n]
+
+
+def token_logps(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """log p(target) per position under softmax(logits / temperature); logits [B, T, V] (any
+    dtype), targets [B, T] -> [B, T] fp32.
+
+    The fp32 softmax exists `chunk_size` positions at a time. With gradients each chunk is
+    recomputed in backward (activation checkpointing), so the autograd graph keeps only the
+    logits themselves, never a [B, T, V] fp32 copy.
+    """
+    flat_logits, flat_targets = logits.flatten(0, 1), targets.flatten()  # [B*T, V], [B*T]
+    out = []
+    for start in range(0, flat_logits.shape[0], chunk_size):
+        part = (flat_logits[start : start + chunk_size], flat_targets[start : start + chunk_size])
+        if torch.is_grad_enabled() and logits.requires_grad:
+            out.append(
+                torch.utils.checkpoint.checkpoint(
+                    _chunk_logps, *part, temperature, use_reentrant=False
+                )
+            )
+        else:
+            out.append(_chunk_logps(*part, temperature))
+    return torch.cat(out).view_as(targets)
+
+
+@torch.no_grad()
+def token_entropy(
+    logits: torch.Tensor, *, temperature: float = 1.0, chunk_size: int = 1024
+) -> torch.Tensor:
+    """Entropy of softmax(logits / temperature) per position, [B, T, V] -> [B, T] (a metric:
+    no gradient), computed `chunk_size` positions at a time."""
+    flat = logits.flatten(0, 1)  # [B*T, V]
+    out = []
+    for start in range(0, flat.shape[0], chunk_size):
+        x = flat[start : start + chunk_size].float() / temperature  # [n, V]
+        logp = x.log_softmax(-1)
+        out.append(-(logp.exp() * logp).sum(-1))  # [n]
+    return torch.cat(out).view(logits.shape[:-1])
+
+
+def kl_k3(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(policy || reference) estimate k3 = exp(ref - logp) - (ref - logp) - 1
+    (Schulman's unbiased, always non-negative estimator), [B, T] -> [B, T]."""
+    delta = ref_logps - logps
+    return torch.exp(delta) - delta - 1
+
+
+def clipped_surrogate(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    epsilon_low: float,
+    epsilon_high: float,
+    importance_level: str = "token",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped objective as a per-token loss, and where clipping was active.
+
+    logps, old_logps, mask [B, T]; advantages [B] (one per completion). The importance ratio is
+
+        token     r_t = exp(logp_t - old_t)                          (PPO, GRPO)
+        sequence  r   = exp(mean_t (logp_t - old_t)), one per row    (GSPO)
+
+    loss_t = -min(r A, clip(r, 1 - epsilon_low, 1 + epsilon_high) A); epsilon_high > epsilon_low
+    is DAPO's clip-higher. Returned flags [B, T] (bool): `low` where the ratio is below 1 - ε_low
+    with A < 0, `high` where it is above 1 + ε_high with A > 0 (the tokens whose gradient the
+    clip removes).
+    """
+    log_ratio = logps - old_logps  # [B, T]
+    if importance_level == "sequence":
+        log_ratio = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(
+            min=1
+        )  # [B, 1]
+        log_ratio = log_ratio.expand_as(logps)  # [B, T]
+    elif importance_level != "token":
+        raise ValueError(f"importance_level must be token or sequence, got {importance_level!r}")
+    ratio = torch.exp(log_ratio)  # [B, T]
+    adv = advantages.unsqueeze(-1)  # [B, 1]
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    loss = -torch.min(ratio * adv, clipped * adv)  # [B, T]
+    flags = {
+        "low": (ratio < 1 - epsilon_low) & (adv < 0) & mask.bool(),
+        "high": (ratio > 1 + epsilon_high) & (adv > 0) & mask.bool(),
+    }
+    return loss, flags
+
+
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+def loss_denominator(masks: list[torch.Tensor], mode: str, *, max_tokens: int) -> float:
+    """The step-level denominator of `aggregate_loss`, from every micro-batch's mask [b, T]:
+
+    token_mean               completion tokens in the step              (DAPO)
+    seq_mean_token_mean      completions in the step                    (GRPO)
+    seq_mean_token_sum_norm  completions in the step x max_tokens       (Dr. GRPO)
+    """
+    if mode == "token_mean":
+        total = sum(float(m.sum()) for m in masks)
+    elif mode == "seq_mean_token_mean":
+        total = float(sum(m.shape[0] for m in masks))
+    elif mode == "seq_mean_token_sum_norm":
+        total = float(sum(m.shape[0] for m in masks) * max_tokens)
+    else:
+        raise ValueError(f"unknown loss_agg {mode!r}; expected one of {LOSS_AGGREGATIONS}")
+    return max(total, 1.0)
+
+
+def aggregate_loss(
+    per_token: torch.Tensor, mask: torch.Tensor, mode: str, denominator: float
+) -> torch.Tensor:
+    """This micro-batch's share of the step loss; per_token and mask [b, T], `denominator` from
+    `loss_denominator` over the whole step, so splitting a step into micro-batches never changes
+    its gradient. seq_mean_token_mean averages each completion over its own tokens first."""
+    masked = per_token * mask  # [b, T]
+    if mode == "seq_mean_token_mean":
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / denominator
+    if mode in ("token_mean", "seq_mean_token_sum_norm"):
+        return masked.sum() / denominator
+    raise ValueError(f"unknown loss_agg {mode!r}; expected one of {LOSS_AGGREGATIONS}")

@@ -6,6 +6,7 @@ Later algorithms add the reference, value and reward models here; this file owns
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -213,3 +214,48 @@ def export_final(model: nn.Module, tokenizer, out_dir: Path) -> None:
     else:
         model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+
+
+class Reference:
+    """The frozen reference policy that DPO, GRPO and PPO measure the policy against.
+
+    Full fine-tuning: a frozen fp32 copy of the starting weights (fp32 like the policy's master
+    weights, so at step 0 both compute the very same log-probs under autocast). peft=lora: no
+    second model; the reference is the policy with its adapters disabled.
+    """
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        model_cfg: ModelConfig,
+        *,
+        device: torch.device,
+        untrained_policy: bool = False,
+    ):
+        """`untrained_policy=True`: the policy itself serves as the reference (valid only before
+        its first update; DPO's precompute_ref pass)."""
+        self.policy = policy
+        self.copy: nn.Module | None = None
+        if untrained_policy:
+            self.description = "the policy itself, before training"
+        elif is_peft(policy):
+            self.description = "the policy with its LoRA adapters disabled (no second model)"
+        else:
+            self.copy = load_causal_lm(model_cfg, dtype=torch.float32, device=device)
+            self.copy.eval().requires_grad_(False)
+            self.description = (
+                f"a frozen copy of {model_cfg.path} ({count_parameters(self.copy)[1]:,} parameters)"
+            )
+
+    @contextlib.contextmanager
+    def active(self):
+        """The reference as a module, in eval mode, for the duration of the block."""
+        model = self.copy if self.copy is not None else self.policy
+        was_training = model.training
+        model.eval()
+        try:
+            adapters_off = self.copy is None and is_peft(self.policy)
+            with self.policy.disable_adapter() if adapters_off else contextlib.nullcontext():
+                yield model
+        finally:
+            model.train(was_training)

@@ -1,26 +1,197 @@
-"""Generation with the policy.
+"""Generation with the policy: sampled rollouts for RL, greedy completions for evaluation.
 
-For now: batched greedy decoding through `generate`, used by evaluation. Sampling with groups,
-stop strings and faster engines arrive with the RL algorithms behind the same narrow interface:
-prompts (token ids) in, completions (token ids and text) out.
+The interface is narrow on purpose: token ids of already-templated prompts in, a `Rollout` out
+(token ids, masks, whether each completion was truncated, and its text). The algorithms never call
+`generate` themselves, so a faster engine can later sit behind `sample` without touching them.
+
+Layout of a rollout of N = prompts x group_size rows (the samples of one prompt are adjacent):
+
+    prompt_ids      [N, P]  left-padded (pad, pad, p0, p1, ...)
+    completion_ids  [N, C]  right-padded; a completion ends with its EOS (or stop string) token
+    completion_mask [N, C]  1 on the completion's own tokens, EOS included; 0 on padding
+
+so `torch.cat([prompt_ids, completion_ids], 1)` is the sequence the policy is trained on, and
+position ids come from the attention mask (`position_ids`), as `generate` assigned them.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 disables top-k."""
+    min_p: float = 0.0
+    """0 disables min-p."""
+    stop: tuple[str, ...] = ()
+    """Strings that end a completion (kept in it), besides the EOS token(s)."""
+
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor  # [N, P]
+    prompt_mask: torch.Tensor  # [N, P]
+    completion_ids: torch.Tensor  # [N, C]
+    completion_mask: torch.Tensor  # [N, C]
+    truncated: torch.Tensor  # [N] bool: hit max_new_tokens before EOS or a stop string
+    completions: list[str]  # [N] text of each completion, special tokens removed
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)  # [N, P + C]
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)  # [N, P + C]
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, as `generate` numbers left-padded rows."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, T]
+
+
+def left_pad(rows: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(ids [B, W], mask [B, W]) with each row right-aligned."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask
+
+
+def eos_ids(model: nn.Module, tokenizer) -> list[int]:
+    """Every token that ends a completion: the tokenizer's EOS and the model's generation EOS
+    (chat models often have both, e.g. <|im_end|> and <|endoftext|>)."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if configured is not None:
+        ids.update(configured if isinstance(configured, list) else [configured])
+    ids.discard(None)
+    return sorted(ids)
+
+
+def completion_lengths(
+    ids: torch.Tensor, tokenizer, ends: list[int], stop: tuple[str, ...]
+) -> tuple[list[int], list[bool]]:
+    """Per row of generated `ids` [N, C]: tokens that belong to the completion (through the first
+    EOS, or through the token that completes a stop string), and whether it was truncated."""
+    lengths, truncated = [], []
+    is_end = torch.isin(ids, torch.tensor(ends, device=ids.device))  # [N, C]
+    for row, row_end in zip(ids.tolist(), is_end.tolist(), strict=True):
+        if any(row_end):
+            lengths.append(row_end.index(True) + 1)
+            truncated.append(False)
+            continue
+        cut = _stop_cut(row, tokenizer, stop) if stop else None
+        lengths.append(cut if cut is not None else len(row))
+        truncated.append(cut is None)
+    return lengths, truncated
+
+
+def _stop_cut(row: list[int], tokenizer, stop: tuple[str, ...]) -> int | None:
+    """The shortest prefix of `row` whose text contains a stop string (binary search on decodes:
+    containing a stop string is monotone in the prefix length), or None."""
+
+    def contains(k: int) -> bool:
+        text = tokenizer.decode(row[:k], skip_special_tokens=True)
+        return any(s in text for s in stop)
+
+    if not contains(len(row)):
+        return None
+    lo, hi = 1, len(row)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if contains(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+@torch.no_grad()
+def sample(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    *,
+    group_size: int = 1,
+    batch_size: int = 256,
+) -> Rollout:
+    """`group_size` sampled completions of each prompt (token ids, already templated), generated
+    `batch_size` rows at a time with `generate` (KV cache, left padding, early exit when every
+    row has finished)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    ends = eos_ids(model, tokenizer)
+    rows = [p for p in prompts for _ in range(group_size)]
+    prompt_ids, prompt_mask = left_pad(rows, pad, device)  # [N, P]
+    generated: list[torch.Tensor] = []
+    try:
+        for start in range(0, len(rows), batch_size):
+            ids = prompt_ids[start : start + batch_size]
+            mask = prompt_mask[start : start + batch_size]
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=True,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                top_k=params.top_k,
+                min_p=params.min_p or None,
+                repetition_penalty=1.0,
+                max_new_tokens=params.max_new_tokens,
+                stop_strings=list(params.stop) or None,
+                tokenizer=tokenizer if params.stop else None,
+                eos_token_id=ends,
+                pad_token_id=pad,
+                use_cache=True,
+            )  # [b, P + c]
+            generated.append(out[:, ids.shape[1] :])
+    finally:
+        model.train(was_training)
+    width = max(g.shape[1] for g in generated)
+    completion_ids = torch.cat(
+        [torch.nn.functional.pad(g, (0, width - g.shape[1]), value=pad) for g in generated]
+    )  # [N, C]
+    lengths, truncated = completion_lengths(completion_ids, tokenizer, ends, params.stop)
+    arange = torch.arange(width, device=device)
+    completion_mask = (arange < torch.tensor(lengths, device=device).unsqueeze(1)).long()
+    completion_ids = completion_ids.masked_fill(completion_mask == 0, pad)
+    texts = tokenizer.batch_decode(
+        [row[:n] for row, n in zip(completion_ids.tolist(), lengths, strict=True)],
+        skip_special_tokens=True,
+    )
+    return Rollout(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        truncated=torch.tensor(truncated, device=device),
+        completions=texts,
+    )
 
 
 @torch.no_grad()
 def generate_greedy(
     model: nn.Module,
     tokenizer,
-    prompts: list[str],
+    prompts: list[str] | list[list[int]],
     *,
     max_new_tokens: int,
     batch_size: int = 64,
 ) -> list[str]:
-    """Greedy completions (text, special tokens removed) of already-templated prompts."""
+    """Greedy completions (text, special tokens removed) of already-templated prompts, given as
+    text or as token ids."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -28,18 +199,15 @@ def generate_greedy(
     completions: list[str] = []
     try:
         for start in range(0, len(prompts), batch_size):
-            ids = tokenizer(prompts[start : start + batch_size], add_special_tokens=False)[
-                "input_ids"
-            ]
-            # Left padding, done here rather than by the tokenizer: a padded tokenizer call leaves
-            # padding switched on in its backend, and save_pretrained would persist it.
-            width = max(len(x) for x in ids)
-            input_ids = torch.tensor(
-                [[pad] * (width - len(x)) + x for x in ids], device=device
-            )  # [b, width]
-            attention_mask = torch.tensor(
-                [[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device
+            # Tokenised without padding, padded here: a padded tokenizer call leaves padding
+            # switched on in its backend, and save_pretrained would persist it.
+            chunk = prompts[start : start + batch_size]
+            ids = (
+                chunk
+                if isinstance(chunk[0], list)
+                else tokenizer(chunk, add_special_tokens=False)["input_ids"]
             )
+            input_ids, attention_mask = left_pad(ids, pad, device)  # [b, width]
             out = model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -47,9 +215,11 @@ def generate_greedy(
                 do_sample=False,
                 use_cache=True,
                 pad_token_id=pad,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=eos_ids(model, tokenizer),
             )  # [b, width + new]
-            completions.extend(tokenizer.batch_decode(out[:, width:], skip_special_tokens=True))
+            completions.extend(
+                tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
+            )
     finally:
         model.train(was_training)
     return completions

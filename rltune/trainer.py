@@ -17,7 +17,6 @@ import os
 import random
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ import torch
 
 from rltune.algos import BuildContext, build_algorithm
 from rltune.checkpoint import find_resume, load_checkpoint, save_checkpoint
-from rltune.config import ConfigError, RLTuneConfig, TrainConfig
+from rltune.config import BatchPlan, ConfigError, RLTuneConfig, TrainConfig
 from rltune.logging import MetricsLogger
 from rltune.models import autocast, count_parameters, export_final, resolve_device, resolve_dtype
 
@@ -42,38 +41,6 @@ class Interrupted(Exception):
         super().__init__(f"interrupted by signal {signum}; checkpoint saved at {checkpoint}")
         self.signum = signum
         self.checkpoint = checkpoint
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    """The resolved batch arithmetic (see rltune/config.py for the semantics)."""
-
-    batch_size: int
-    micro_batch_size: int
-    grad_accum: int
-    world_size: int
-
-    @classmethod
-    def from_config(cls, t: TrainConfig, world_size: int) -> BatchPlan:
-        if t.micro_batch_size < 1:
-            raise ConfigError(f"train.micro_batch_size={t.micro_batch_size} must be >= 1")
-        per_pass = t.micro_batch_size * world_size
-        if t.grad_accum is not None:
-            if t.grad_accum < 1:
-                raise ConfigError(f"train.grad_accum={t.grad_accum} must be >= 1")
-            return cls(per_pass * t.grad_accum, t.micro_batch_size, t.grad_accum, world_size)
-        if t.batch_size < 1 or t.batch_size % per_pass:
-            raise ConfigError(
-                f"train.batch_size={t.batch_size} must be a positive multiple of "
-                f"train.micro_batch_size ({t.micro_batch_size}) x processes ({world_size}) = {per_pass}"
-            )
-        return cls(t.batch_size, t.micro_batch_size, t.batch_size // per_pass, world_size)
-
-    def describe(self) -> str:
-        return (
-            f"{self.batch_size} examples per optimizer step = {self.micro_batch_size} per micro-batch"
-            f" x {self.grad_accum} accumulated x {self.world_size} process(es)"
-        )
 
 
 def lr_lambda(t: TrainConfig, max_steps: int):
@@ -163,7 +130,9 @@ def train(
     seed_everything(t.seed)
 
     algo = build_algorithm(
-        BuildContext(cfg=cfg, device=device, dtype=dtype, run_dir=run_dir, world_size=world_size)
+        BuildContext(
+            cfg=cfg, device=device, dtype=dtype, run_dir=run_dir, plan=plan, world_size=world_size
+        )
     )
     trained = algo.trained  # the policy (or the reward model for algo=rm)
     for role, model in algo.models().items():
@@ -232,8 +201,12 @@ def train(
         while step < max_steps:
             started = time.perf_counter()
             batches = algo.next_batches(plan.grad_accum, plan.micro_batch_size)
+            # what preparing the batches measured (rollout rewards, generation time, ...)
+            step_metrics, samples = algo.report()
+            if samples:
+                logger.log_samples(step + 1, list(samples[0]), [list(s.values()) for s in samples])
             norm = algo.normaliser(batches)
-            step_metrics: dict[str, float] = {}
+            train_started = time.perf_counter()
             for batch in batches:
                 with autocast(device, dtype):
                     loss, metrics = algo.loss(batch, norm)
@@ -253,23 +226,25 @@ def train(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            elapsed = time.perf_counter() - started
+            now = time.perf_counter()
+            elapsed = now - started
+            step_metrics["time/train"] = now - train_started
 
             tokens = step_metrics.pop("num_tokens", 0.0)
             total_tokens += tokens
             step_metrics.update(
                 grad_norm=grad_norm, tokens_per_s=tokens / elapsed, step_time_s=elapsed
             )
-            # metrics are averaged over the steps since the last log, like the peers' `loss`
+            # metrics are averaged over the steps since the last log that reported them, like the
+            # peers' `loss` (with algo.num_iterations > 1 rollout metrics come every few steps)
             for k, v in step_metrics.items():
-                pending[k] = pending.get(k, 0.0) + v
-            pending["_n"] = pending.get("_n", 0) + 1
+                total, count = pending.get(k, (0.0, 0))
+                pending[k] = (total + v, count + 1)
             logger.advance({"loss": step_metrics.get("loss", float("nan")), "lr": step_lr})
 
             row: dict[str, Any] = {}
             if step % t.log_every == 0 or step == max_steps:
-                n = pending.pop("_n")
-                row.update({k: v / n for k, v in pending.items()})
+                row.update({k: total / count for k, (total, count) in pending.items()})
                 row.update(lr=step_lr, num_tokens=total_tokens)
                 if examples:
                     row["epoch"] = step * plan.batch_size / examples

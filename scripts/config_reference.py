@@ -13,7 +13,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from rltune.config import ALGO_CONFIGS, GROUPS, TrainConfig, field_docs
+from rltune.config import ALGO_CONFIGS, GROUPS, RolloutConfig, TrainConfig, field_docs
 
 
 def _default(f: dataclasses.Field) -> str:
@@ -36,7 +36,7 @@ def section(prefix: str, cls: type) -> str:
 
 
 def reference() -> str:
-    parts = [section("train", TrainConfig)]
+    parts = [section("train", TrainConfig), section("rollout", RolloutConfig)]
     parts += [section(group, cls) for group, cls in GROUPS.items()]
     parts += [section(f"algo ({name})", cls) for name, cls in ALGO_CONFIGS.items()]
     return "\n\n".join(parts).replace("`algo (sft).", "`algo.")

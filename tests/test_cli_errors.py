@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ("algo.lrr=1", "Key 'lrr' not in 'SFTConfig'"),
+        ("algo.lrr=1", "Key 'lrr' not in 'GRPOConfig'"),
         ("+algo.lrr=1", "Unknown config key 'algo.lrr'"),
         ("+train.max_stepz=3", "Did you mean 'train.max_steps'"),
         ("model=no_such_model", "Could not find 'model/no_such_model'"),
@@ -63,7 +63,7 @@ def test_null_field_names_file_row_and_column(tmp_path, cli):
 def test_preference_data_is_the_wrong_kind_for_sft(tmp_path, cli):
     path = tmp_path / "prefs.jsonl"
     path.write_text(json.dumps({"prompt": "1+1=", "chosen": "2", "rejected": "3"}) + "\n")
-    proc = cli(f"data.path={path}", f"hydra.run.dir={tmp_path}/run", timeout=60)
+    proc = cli("algo=sft", f"data.path={path}", f"hydra.run.dir={tmp_path}/run", timeout=60)
     assert proc.returncode == 2
     assert "'preference'" in proc.stderr and "algo=sft needs one of" in proc.stderr
 

@@ -19,7 +19,7 @@ from rltune.logging import read_metrics
 
 pytestmark = pytest.mark.slow
 
-FAST = ["train.eval_samples=32", "train.micro_batch_size=8", "train.batch_size=16"]
+FAST = ["algo=sft", "train.eval_samples=32", "train.micro_batch_size=8", "train.batch_size=16"]
 
 
 def losses(run_dir: Path) -> dict[int, float]:

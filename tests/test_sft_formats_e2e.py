@@ -24,6 +24,7 @@ RUNS = [
 def _two_steps(tmp_path, data_path):
     run_dir = run(
         [
+            "algo=sft",
             f"data.path={data_path}",
             f"hydra.run.dir={tmp_path / 'run'}",
             "model=tiny_init",

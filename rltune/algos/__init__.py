@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from rltune.config import RLTuneConfig
+from rltune.config import BatchPlan, RLTuneConfig
 
 
 @dataclass
@@ -35,6 +35,8 @@ class BuildContext:
     device: torch.device
     dtype: torch.dtype
     run_dir: Path
+    plan: BatchPlan
+    """The resolved batch arithmetic (examples per step, micro-batch, accumulation)."""
     rank: int = 0
     world_size: int = 1
 
@@ -57,6 +59,10 @@ class Algorithm(Protocol):
     def next_batches(self, num_micro: int, micro_batch_size: int) -> list[Any]:
         """The micro-batches of the next optimizer step (advances the data position)."""
 
+    def report(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """Metrics measured while preparing the last `next_batches` (rewards, generation time)
+        and samples for the logger's table; ({}, []) for algorithms that read fixed data."""
+
     def normaliser(self, batches: list[Any]) -> float:
         """The step-level denominator handed to `loss` for each micro-batch of `batches`."""
 
@@ -76,6 +82,7 @@ ALGORITHMS = {
     "sft": "rltune.algos.sft:SFT",
     "dpo": "rltune.algos.dpo:DPO",
     "rm": "rltune.algos.rm:RewardModelTraining",
+    "grpo": "rltune.algos.grpo:GRPO",
 }
 """Algorithm name -> import path of its class; each class takes (algo_cfg, ctx)."""
 

@@ -23,7 +23,6 @@ Logged metrics (means over the step's pairs):
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from rltune.data.source import split_records
 from rltune.data.stream import IndexStream
 from rltune.evaluation import get_task, task_accuracy
 from rltune.losses import dpo_loss, sequence_logps
-from rltune.models import autocast, count_parameters, load_causal_lm, load_policy, load_tokenizer
+from rltune.models import Reference, autocast, load_policy, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -70,28 +69,20 @@ class DPO:
             gradient_checkpointing=ctx.cfg.train.gradient_checkpointing,
         )
         self.lora = ctx.cfg.peft.method == "lora"
-        self.reference: torch.nn.Module | None = None
         self.ref_cache: dict[str, torch.Tensor] | None = None
         if cfg.precompute_ref:
+            self.reference = Reference(
+                self.policy, ctx.cfg.model, device=ctx.device, untrained_policy=True
+            )
             self.ref_cache = self._precomputed_reference(ctx.run_dir / REF_CACHE)
+            self.reference = None
             log.info(
                 "reference: log-probs precomputed in %s; no reference model in memory",
                 ctx.run_dir / REF_CACHE,
             )
-        elif self.lora:
-            log.info("reference: the policy with its LoRA adapters disabled (no second model)")
         else:
-            # Same weights dtype as the policy (fp32 under autocast), so that at step 0 the two
-            # compute the very same log-probs: a bf16 copy keeps a bf16 residual stream and
-            # measured 0.6918 instead of log 2 = 0.6931 on an H200. For large models prefer
-            # peft=lora or algo.precompute_ref=true, which hold no second copy at all.
-            self.reference = load_causal_lm(ctx.cfg.model, dtype=torch.float32, device=ctx.device)
-            self.reference.eval().requires_grad_(False)
-            log.info(
-                "reference: a frozen copy of %s (%s parameters)",
-                ctx.cfg.model.path,
-                f"{count_parameters(self.reference)[1]:,}",
-            )
+            self.reference = Reference(self.policy, ctx.cfg.model, device=ctx.device)
+            log.info("reference: %s", self.reference.description)
         self.stream = IndexStream(
             len(self.pairs), seed=ctx.cfg.train.seed, rank=ctx.rank, world_size=ctx.world_size
         )
@@ -115,19 +106,12 @@ class DPO:
 
     # --- the reference ------------------------------------------------------------------
 
-    def _reference_context(self):
-        return self.policy.disable_adapter() if self.lora else contextlib.nullcontext()
-
     @torch.no_grad()
     def _reference_logps(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Summed response log-probs [2B] under the reference: the frozen copy, or the policy
-        itself (adapters disabled with LoRA; untrained yet when precomputing)."""
-        model = self.reference if self.reference is not None else self.policy
-        was_training = model.training
-        model.eval()
-        with self._reference_context():
+        """Summed response log-probs [2B] under the reference."""
+        assert self.reference is not None
+        with self.reference.active() as model:
             logps, _ = sequence_logps(self._logits(model, batch), batch["labels"])
-        model.train(was_training)
         return logps
 
     def _precomputed_reference(self, path: Path) -> dict[str, torch.Tensor]:
@@ -227,9 +211,8 @@ class DPO:
         return self.cfg.lora_lr if self.lora else self.cfg.lr
 
     def models(self) -> dict[str, torch.nn.Module]:
-        return {"policy": self.policy} | (
-            {"reference": self.reference} if self.reference is not None else {}
-        )
+        copy = self.reference.copy if self.reference is not None else None
+        return {"policy": self.policy} | ({"reference": copy} if copy is not None else {})
 
     def examples_per_epoch(self) -> int:
         return len(self.pairs)
@@ -243,6 +226,9 @@ class DPO:
                 batch["ref"] = self.ref_cache["train"][idx].to(self.ctx.device)  # [B, 2]
             batches.append(batch)
         return batches
+
+    def report(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        return {}, []
 
     def normaliser(self, batches: list[dict[str, Any]]) -> float:
         return float(sum(b["input_ids"].shape[0] // 2 for b in batches))  # pairs in the step
@@ -290,6 +276,7 @@ class DPO:
                 self.task,
                 n=self.ctx.cfg.train.eval_samples,
                 seed=self.ctx.cfg.data.seed,
+                max_new_tokens=self.ctx.cfg.data.max_new_tokens,
             )
             metrics["eval/accuracy"] = acc
         return metrics, samples

@@ -118,6 +118,9 @@ class RewardModelTraining:
             for _ in range(num_micro)
         ]
 
+    def report(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        return {}, []
+
     def normaliser(self, batches: list[dict[str, Any]]) -> float:
         return float(sum(len(b["margin"]) for b in batches))
 

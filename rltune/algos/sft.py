@@ -122,6 +122,9 @@ class SFT:
             batches.append(batch)
         return batches
 
+    def report(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        return {}, []
+
     def normaliser(self, batches: list[dict[str, torch.Tensor]]) -> float:
         return float(sum((shift_labels(b["labels"]) != IGNORE_INDEX).sum().item() for b in batches))
 
@@ -177,6 +180,7 @@ class SFT:
                 self.task,
                 n=self.ctx.cfg.train.eval_samples,
                 seed=self.ctx.cfg.data.seed,
+                max_new_tokens=self.ctx.cfg.data.max_new_tokens,
             )
             metrics["eval/accuracy"] = acc
         return metrics, samples

@@ -1,0 +1,264 @@
+"""Reward functions for the online algorithms (GRPO, and PPO's function rewards).
+
+A reward function has the signature
+
+    fn(prompts, completions, **columns) -> list[float | None]
+
+and is selected by name in `reward.funcs`: a built-in (`BUILTINS`, plus one per built-in task,
+e.g. `arith`), or a user function as `module:function` or `path/to/file.py:function`.
+`reward.model_path` adds a trained reward model as one more function, named `reward_model`.
+
+Names and imports are resolved by `resolve` before any model loads, so a typo fails in seconds.
+`score` calls every function with a timeout (`reward.timeout_s`). A call that raises, times out
+or returns something other than one number-or-None per completion is retried one sample at a
+time, so only the samples that fail lose their reward; each failure counts in
+`rewards/<name>/errors`, and the run goes on.
+
+A sample's reward is the weighted sum of the values its functions returned (None values are
+skipped); it is None (NaN in tensors) when any function failed on it or none returned a value.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import math
+import os
+import re
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rltune.config import ConfigError, RewardConfig
+from rltune.rewards.builtin import RewardFn, format_reward, length_penalty, math_answer, task_reward
+
+log = logging.getLogger(__name__)
+
+BUILTINS = ("math_answer", "format", "length")
+"""Built-in functions besides the tasks' own checkers (`arith`, ...)."""
+
+MODEL_REWARD = "reward_model"
+"""The name under which reward.model_path scores (rewards/reward_model/mean)."""
+
+
+@dataclass
+class RewardFunction:
+    name: str
+    fn: RewardFn
+    weight: float
+
+
+@dataclass
+class RewardScores:
+    total: torch.Tensor
+    """[N] float32 weighted sum per sample; NaN where the sample has no reward."""
+    values: dict[str, list[float | None]]
+    """Per function, its value per sample (None: not applicable or failed)."""
+    errors: dict[str, int]
+    """Per function, how many samples failed (exception, timeout or a bad return value)."""
+
+
+def builtin_names() -> list[str]:
+    from rltune.evaluation import TASKS
+
+    return [*TASKS, *BUILTINS]
+
+
+def resolve(cfg: RewardConfig, *, max_new_tokens: int) -> list[RewardFunction]:
+    """The configured functions (reward.model_path not loaded yet: see `load_model_reward`).
+    Raises ConfigError naming the bad entry: an unknown name, a failed import, a missing
+    function, a bad regex or a weights list of the wrong length."""
+    names = list(cfg.funcs)
+    count = len(names) + (cfg.model_path is not None)
+    if count == 0:
+        raise ConfigError("reward.funcs is empty and reward.model_path is null: nothing to score")
+    weights = list(cfg.weights) if cfg.weights is not None else [1.0] * count
+    if len(weights) != count:
+        raise ConfigError(
+            f"reward.weights has {len(weights)} entries but there are {count} reward functions "
+            f"({', '.join(names + ([MODEL_REWARD] if cfg.model_path else []))})"
+        )
+    if len(set(names)) != len(names):
+        raise ConfigError(f"reward.funcs={names} names a function twice")
+    if not cfg.timeout_s > 0:
+        raise ConfigError(f"reward.timeout_s={cfg.timeout_s} must be > 0")
+    # metrics name a user function by its function name (rewards/my_reward/mean), like TRL,
+    # unless two share one
+    short = [n.rpartition(":")[2] for n in names]
+    labels = [s if short.count(s) == 1 else n for s, n in zip(short, names, strict=True)]
+    return [
+        RewardFunction(label, _make(name, cfg, max_new_tokens), weight)
+        for name, label, weight in zip(names, labels, weights, strict=False)
+    ]
+
+
+def load_model_reward(
+    cfg: RewardConfig, weight: float, *, device: torch.device, dtype: torch.dtype
+) -> RewardFunction:
+    from rltune.rewards.model import RewardModelScorer
+
+    scorer = RewardModelScorer(
+        cfg.model_path, device=device, dtype=dtype, batch_size=cfg.model_batch_size
+    )
+    return RewardFunction(MODEL_REWARD, scorer, weight)
+
+
+def _make(name: str, cfg: RewardConfig, max_new_tokens: int) -> RewardFn:
+    from rltune.evaluation import TASKS, get_task
+
+    if name in TASKS:
+        return task_reward(get_task(name).is_correct)
+    if name == "math_answer":
+        return math_answer
+    if name == "format":
+        try:
+            return format_reward(cfg.format_pattern)
+        except re.error as err:
+            raise ConfigError(f"reward.format_pattern={cfg.format_pattern!r}: {err}") from None
+    if name == "length":
+        if not 0.0 < cfg.overlong_ratio <= 1.0:
+            raise ConfigError(f"reward.overlong_ratio={cfg.overlong_ratio} must be in (0, 1]")
+        return length_penalty(max_new_tokens, max(1, round(cfg.overlong_ratio * max_new_tokens)))
+    if ":" not in name:
+        raise ConfigError(
+            f"reward.funcs: unknown reward function {name!r}. Built-ins: "
+            f"{', '.join(builtin_names())}; or give a user function as module:function "
+            "or path/to/file.py:function"
+        )
+    return import_function(name)
+
+
+def import_function(spec: str) -> RewardFn:
+    """`module:function` or `file.py:function` (relative to the working directory)."""
+    target, _, attr = spec.rpartition(":")
+    try:
+        if target.endswith(".py"):
+            path = Path(target).expanduser().resolve()
+            if not path.is_file():
+                raise ConfigError(f"reward.funcs: {spec!r}: no such file {path}")
+            module_spec = importlib.util.spec_from_file_location(path.stem, path)
+            assert module_spec is not None and module_spec.loader is not None
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path:  # the console script does not put the cwd on the path
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(target)
+    except ConfigError:
+        raise
+    except Exception as err:  # ImportError, or whatever the module raises while importing
+        raise ConfigError(
+            f"reward.funcs: cannot import {target!r} (from {spec!r}): {type(err).__name__}: {err}"
+        ) from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ConfigError(f"reward.funcs: {target!r} has no function {attr!r} (from {spec!r})")
+    return fn
+
+
+class _Timeout(Exception):
+    pass
+
+
+def call_with_timeout(fn, timeout_s: float, *args: Any, **kwargs: Any) -> Any:
+    """fn(*args, **kwargs) in a daemon thread; _Timeout when it has not returned in timeout_s
+    (the thread is abandoned: Python cannot kill it, but it never blocks the run or its exit)."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as err:  # noqa: BLE001 - reported to the caller
+            box["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True, name="reward")
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise _Timeout(f"no result within reward.timeout_s={timeout_s}")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _checked(values: Any, n: int) -> list[float | None]:
+    if not isinstance(values, list | tuple) or len(values) != n:
+        size = len(values) if hasattr(values, "__len__") else "no"
+        raise TypeError(f"returned {type(values).__name__} of {size} items for {n} completions")
+    out: list[float | None] = []
+    for v in values:
+        if v is None:
+            out.append(None)
+            continue
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise TypeError(f"returned {v!r}; expected a finite number or None")
+        out.append(float(v))
+    return out
+
+
+def _call(
+    f: RewardFunction,
+    prompts: list[Any],
+    completions: list[str],
+    columns: dict[str, list[Any]],
+    timeout_s: float,
+) -> tuple[list[float | None], list[bool]]:
+    """(values, failed) for one function over the batch, falling back to one sample at a time."""
+    n = len(completions)
+    try:
+        values = call_with_timeout(f.fn, timeout_s, prompts, completions, **columns)
+        return _checked(values, n), [False] * n
+    except Exception as err:  # noqa: BLE001 - a reward function must never stop the run
+        log.warning(
+            "reward %s failed on the batch (%s: %s); retrying per sample",
+            f.name,
+            type(err).__name__,
+            err,
+        )
+    values, failed = [], []
+    for i in range(n):
+        try:
+            one = call_with_timeout(
+                f.fn,
+                timeout_s,
+                prompts[i : i + 1],
+                completions[i : i + 1],
+                **{k: v[i : i + 1] for k, v in columns.items()},
+            )
+            values.append(_checked(one, 1)[0])
+            failed.append(False)
+        except Exception:  # noqa: BLE001
+            values.append(None)
+            failed.append(True)
+    return values, failed
+
+
+def score(
+    functions: list[RewardFunction],
+    prompts: list[Any],
+    completions: list[str],
+    columns: dict[str, list[Any]],
+    *,
+    timeout_s: float,
+) -> RewardScores:
+    """Every function on every sample; never raises for a function's fault."""
+    n = len(completions)
+    total = torch.zeros(n)
+    has_value = torch.zeros(n, dtype=torch.bool)
+    broken = torch.zeros(n, dtype=torch.bool)
+    values, errors = {}, {}
+    for f in functions:
+        vals, failed = _call(f, prompts, completions, columns, timeout_s)
+        values[f.name], errors[f.name] = vals, sum(failed)
+        for i, v in enumerate(vals):
+            if v is not None:
+                total[i] += f.weight * v
+                has_value[i] = True
+        broken |= torch.tensor(failed, dtype=torch.bool)
+    total[~has_value | broken] = float("nan")
+    return RewardScores(total=total, values=values, errors=errors)

@@ -1,0 +1,193 @@
+"""GRPO end to end on the shipped tiny model and the built-in arithmetic task."""
+
+from __future__ import annotations
+
+import pytest
+
+from rltune.cli import run
+from rltune.logging import read_metrics
+
+pytestmark = pytest.mark.slow
+
+# 4 prompts x 4 completions per step: seconds per run
+SMALL = [
+    "algo=grpo",
+    "algo.group_size=4",
+    "train.batch_size=16",
+    "train.micro_batch_size=8",
+    "train.log_every=1",
+    "train.eval_samples=16",
+]
+
+
+def _rows(run_dir, key="loss"):
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if key in r]
+
+
+def test_default_run_is_grpo_and_raises_task_accuracy(tmp_path):
+    """`rltune` with no arguments: GRPO from the shipped tiny model (about a minute here)."""
+    run_dir = run([f"hydra.run.dir={tmp_path}"])
+    log = (run_dir / "cli.log").read_text()
+    assert "grpo batch: 32 prompts x 8 completions = 256 completions per step" in log
+    assert "reference: none (algo.kl_coef=0)" in log
+    evals = _rows(run_dir, "eval/accuracy")
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 150
+    assert evals[-1]["eval/accuracy"] >= evals[0]["eval/accuracy"] + 0.10, evals
+    last = _rows(run_dir)[-1]
+    expected = {
+        "reward", "reward_std", "rewards/arith/mean", "rewards/arith/errors",
+        "frac_reward_zero_std", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean",
+        "clip_ratio/region_mean", "completions/mean_length", "completions/clipped_ratio",
+        "loss", "grad_norm", "time/generate", "time/train",
+    }  # fmt: skip
+    assert expected <= set(last), expected - set(last)
+    assert "kl" not in last  # no reference, no KL
+    assert (run_dir / "samples.jsonl").read_text().count('"completion"') >= 4
+
+
+def test_kl_builds_a_reference_and_logs_kl(tmp_path):
+    run_dir = run(
+        [
+            *SMALL,
+            "train.max_steps=3",
+            "algo.kl_coef=0.04",
+            "train.lr=1e-3",
+            f"hydra.run.dir={tmp_path}",
+        ]
+    )
+    log = (run_dir / "cli.log").read_text()
+    assert "reference: a frozen copy of tiny" in log
+    assert "reference: 854,144 parameters, 0 trainable" in log
+    rows = _rows(run_dir)
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy starts as the reference
+    assert rows[-1]["kl"] > 0  # and moves away from it
+
+
+def test_lora_reference_is_the_adapter_disabled_policy(tmp_path):
+    run_dir = run(
+        [*SMALL, "train.max_steps=2", "algo.kl_coef=0.04", "peft=lora", f"hydra.run.dir={tmp_path}"]
+    )
+    log = (run_dir / "cli.log").read_text()
+    assert "reference: the policy with its LoRA adapters disabled (no second model)" in log
+    assert "reference: 854,144" not in log
+    assert _rows(run_dir)[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_raising_user_reward_is_counted_and_the_run_goes_on(tmp_path):
+    (tmp_path / "user_rewards.py").write_text(
+        "def picky(prompts, completions, **columns):\n"
+        "    if any('1' in c for c in completions):\n"
+        "        raise ValueError('I do not like ones')\n"
+        "    return [1.0 for _ in completions]\n"
+    )
+    run_dir = run(
+        [
+            *SMALL,
+            "train.max_steps=3",
+            f"reward.funcs=[arith,{tmp_path / 'user_rewards.py'}:picky]",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ]
+    )
+    rows = _rows(run_dir)
+    assert len(rows) == 3 and (run_dir / "final" / "config.json").exists()
+    assert sum(r["rewards/picky/errors"] for r in rows) > 0
+    assert all(r["rewards/arith/errors"] == 0 for r in rows)
+
+
+def test_unknown_reward_module_fails_fast_naming_it(tmp_path, cli):
+    proc = cli(
+        "algo=grpo", "reward.funcs=[no_such_module:fn]", f"hydra.run.dir={tmp_path}", timeout=60
+    )
+    assert proc.returncode == 2
+    assert "cannot import 'no_such_module' (from 'no_such_module:fn')" in proc.stderr
+    assert "Loading weights" not in proc.stderr  # failed before any model loaded
+
+
+def test_batch_must_hold_whole_groups(tmp_path, cli):
+    proc = cli(
+        "algo=grpo",
+        "train.batch_size=12",
+        "train.micro_batch_size=4",
+        f"hydra.run.dir={tmp_path}",
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert (
+        "train.batch_size=12 counts completions: it must be a multiple of algo.group_size=8"
+        in proc.stderr
+    )
+
+
+def test_reward_model_from_algo_rm_scores_rollouts(tmp_path):
+    rm_dir = run(
+        ["algo=rm", "train.max_steps=2", "train.eval_samples=8", f"hydra.run.dir={tmp_path / 'rm'}"]
+    )
+    run_dir = run(
+        [
+            *SMALL,
+            "train.max_steps=2",
+            "reward.funcs=[]",
+            f"reward.model_path={rm_dir / 'final'}",
+            f"hydra.run.dir={tmp_path / 'grpo'}",
+        ]
+    )
+    assert "rewards: reward_model (weight 1)" in (run_dir / "cli.log").read_text()
+    rows = _rows(run_dir)
+    assert all(r["rewards/reward_model/errors"] == 0 for r in rows)
+    assert rows[-1]["reward"] == pytest.approx(rows[-1]["rewards/reward_model/mean"])
+    assert "eval/reward" in _rows(run_dir, "eval/reward")[-1]
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        ["algo.num_iterations=2", "algo.epsilon_high=0.28"],
+        [
+            "algo.importance_level=sequence",
+            "algo.num_iterations=2",
+            "algo.loss_agg=seq_mean_token_mean",
+        ],
+        [
+            "algo.filter_zero_std=true",
+            "algo.scale_rewards=none",
+            "algo.loss_agg=seq_mean_token_sum_norm",
+        ],
+        ["algo.scale_rewards=batch", "algo.mask_truncated=true", "data.max_new_tokens=3"],
+    ],
+)
+def test_variants_run_and_report(tmp_path, variant):
+    run_dir = run(
+        [*SMALL, "train.max_steps=4", "train.lr=1e-3", *variant, f"hydra.run.dir={tmp_path}"]
+    )
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    train_rows = [r for r in rows if r["step"] > 0]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
+    if "algo.num_iterations=2" in variant:
+        # a new rollout every other step: reward metrics only on steps 1 and 3; the reused
+        # rollout is trained on by a policy that has moved, so its ratio leaves 1
+        assert ["reward" in r for r in train_rows] == [True, False, True, False]
+        assert train_rows[0]["clip_ratio/region_mean"] == 0.0
+    if "algo.filter_zero_std=true" in variant:
+        assert all("filtered_groups" in r for r in train_rows)
+    if "data.max_new_tokens=3" in variant:
+        assert any(r["completions/clipped_ratio"] > 0 for r in train_rows)
+
+
+def test_resume_after_crash_reproduces_the_uninterrupted_run(tmp_path, cli):
+    common = [
+        *SMALL,
+        "train.max_steps=6",
+        "train.save_every=3",
+        "train.lr=1e-3",
+        "train.eval_samples=0",
+    ]
+    run([*common, f"hydra.run.dir={tmp_path / 'straight'}"])
+    crashed = tmp_path / "crashed"
+    proc = cli(*common, f"hydra.run.dir={crashed}", "train.fail_at_step=4")
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    run([*common, f"hydra.run.dir={crashed}", "train.resume=auto"])
+    a = {r["step"]: r for r in _rows(tmp_path / "straight")}
+    b = {r["step"]: r for r in _rows(crashed)}
+    for step in (4, 5, 6):  # sampled with the restored RNG from the restored policy
+        assert b[step]["reward"] == a[step]["reward"]
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], abs=1e-6)

@@ -1,0 +1,122 @@
+"""Reward functions: built-ins by hand, resolution errors before any model loads, and scoring that
+survives functions that raise, hang or return garbage."""
+
+import math
+import time
+
+import pytest
+
+from rltune import rewards
+from rltune.config import ConfigError, RewardConfig
+from rltune.rewards.builtin import extract_answer, length_penalty, math_answer, task_reward
+from rltune.tasks.arith import is_correct
+
+
+def test_task_reward_uses_the_answer_column():
+    fn = task_reward(is_correct)
+    assert fn(["p"] * 3, ["95", " 96", "95"], answer=["95", "95", None]) == [1.0, 0.0, None]
+
+
+def test_math_answer_prefers_boxed_then_last_number():
+    assert extract_answer(r"so \boxed{\frac{1}{2}} and 7") == r"\frac{1}{2}"
+    assert extract_answer("first 3, then 1,234.") == "1,234"
+    assert extract_answer("no digits") is None
+    got = math_answer(
+        ["p"] * 4,
+        [r"answer \boxed{42}", "it is 1,000", "maybe 3.50", "none"],
+        answer=["42", "1000", "3.5", "1"],
+    )
+    assert got == [1.0, 1.0, 1.0, 0.0]
+
+
+def test_length_penalty_is_dapos_soft_overlong_ramp():
+    """max 16 tokens, buffer 4: lengths <= 12 get 0; 14 gets -(14 - 12) / 4 = -0.5; 16 gets -1."""
+    fn = length_penalty(16, 4)
+    got = fn(["p"] * 3, ["a"] * 3, completion_ids=[[0] * 12, [0] * 14, [0] * 16])
+    assert got == [0.0, -0.5, -1.0]
+
+
+def test_format_reward_and_resolution_of_builtins():
+    cfg = RewardConfig(funcs=["format", "length", "arith"], format_pattern=r"^\d+$")
+    fns = rewards.resolve(cfg, max_new_tokens=8)
+    assert [f.name for f in fns] == ["format", "length", "arith"]
+    assert fns[0].fn(["p", "p"], ["123", "12a"]) == [1.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("cfg", "message"),
+    [
+        (RewardConfig(funcs=["arithh"]), "unknown reward function 'arithh'"),
+        (RewardConfig(funcs=["no_such_module:fn"]), "cannot import 'no_such_module'"),
+        (RewardConfig(funcs=["math:no_such_fn"]), "'math' has no function 'no_such_fn'"),
+        (RewardConfig(funcs=["missing_file.py:fn"]), "no such file"),
+        (RewardConfig(funcs=["arith"], weights=[1.0, 2.0]), "reward.weights has 2 entries"),
+        (RewardConfig(funcs=[]), "nothing to score"),
+        (RewardConfig(funcs=["format"], format_pattern="(unclosed"), "reward.format_pattern"),
+    ],
+)
+def test_resolution_errors_name_the_entry(cfg, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        rewards.resolve(cfg, max_new_tokens=8)
+
+
+def test_user_function_from_a_file(tmp_path):
+    (tmp_path / "myrewards.py").write_text(
+        "def brevity(prompts, completions, **kw):\n    return [-len(c) for c in completions]\n"
+    )
+    cfg = RewardConfig(funcs=[f"{tmp_path / 'myrewards.py'}:brevity"])
+    (fn,) = rewards.resolve(cfg, max_new_tokens=8)
+    assert fn.name == "brevity"
+    assert fn.fn(["p"], ["abc"]) == [-3]
+
+
+def _flaky(prompts, completions, **columns):
+    """Raises on any batch holding 'boom'; so only those samples lose their reward."""
+    if any("boom" in c for c in completions):
+        raise RuntimeError("boom")
+    return [1.0] * len(completions)
+
+
+def _slow(prompts, completions, **columns):
+    if any("slow" in c for c in completions):
+        time.sleep(5)
+    return [0.5] * len(completions)
+
+
+def _garbage(prompts, completions, **columns):
+    return ["x"] * len(completions)
+
+
+def _sometimes_none(prompts, completions, **columns):
+    return [None if c == "skip" else 2.0 for c in completions]
+
+
+def test_score_survives_raising_hanging_and_bad_functions():
+    fns = [
+        rewards.RewardFunction("flaky", _flaky, 1.0),
+        rewards.RewardFunction("slow", _slow, 2.0),
+    ]
+    started = time.perf_counter()
+    out = rewards.score(fns, ["p"] * 3, ["ok", "boom", "slow"], {}, timeout_s=0.3)
+    assert time.perf_counter() - started < 3  # the 5 s sleeps were abandoned, not awaited
+    assert out.values["flaky"] == [1.0, None, 1.0]
+    assert out.values["slow"] == [0.5, 0.5, None]
+    assert out.errors == {"flaky": 1, "slow": 1}
+    # total = 1 x flaky + 2 x slow; a sample any function failed on has no reward
+    assert out.total[0].item() == pytest.approx(2.0)
+    assert math.isnan(out.total[1]) and math.isnan(out.total[2])
+
+    bad = rewards.score(
+        [rewards.RewardFunction("garbage", _garbage, 1.0)], ["p"] * 2, ["a", "b"], {}, timeout_s=1
+    )
+    assert bad.errors == {"garbage": 2} and bad.total.isnan().all()
+
+
+def test_none_is_not_applicable_not_an_error():
+    fns = [
+        rewards.RewardFunction("some", _sometimes_none, 1.0),
+        rewards.RewardFunction("flaky", _flaky, 1.0),
+    ]
+    out = rewards.score(fns, ["p"] * 2, ["skip", "ok"], {}, timeout_s=1)
+    assert out.errors == {"some": 0, "flaky": 0}
+    assert out.total.tolist() == [1.0, 3.0]  # "skip": only flaky's 1.0 counts
