@@ -58,3 +58,92 @@ def zero_std_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """[G] bool: groups whose existing rewards are all equal (they carry no learning signal)."""
     _, std = group_stats(rewards, group_size)
     return std < 1e-6
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO: each completion's baseline is the mean reward of the *other* completions of its
+    prompt: A_i = r_i - (sum_group - r_i) / (k - 1), which equals k / (k - 1) (r_i - mean).
+    NaN rewards are left out of the baselines and get advantage 0."""
+    grouped = rewards.view(-1, group_size)  # [G, k]
+    valid = ~grouped.isnan()
+    values = grouped.nan_to_num(0.0)
+    others = (values.sum(-1, keepdim=True) - values) / (valid.sum(-1, keepdim=True) - 1).clamp(
+        min=1
+    )  # [G, k]
+    adv = torch.where(valid & (valid.sum(-1, keepdim=True) > 1), values - others, 0.0)
+    return adv.view(-1)
+
+
+def reinforce_advantages(
+    rewards: torch.Tensor, baseline: float, *, normalize: bool = False
+) -> torch.Tensor:
+    """REINFORCE with a baseline: A_i = r_i - baseline (a running mean of past rewards, or the
+    batch mean). `normalize` divides by the batch std of the advantages (REINFORCE++'s global
+    normalisation). NaN rewards get 0."""
+    adv = rewards - baseline
+    if normalize:
+        present = adv[~adv.isnan()]
+        if present.numel() > 1:
+            adv = (adv - present.mean()) / (present.std() + STD_EPS)
+    return adv.nan_to_num(0.0)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / std over the positions where mask is 1 (population variance); padding stays
+    0. With shift_mean=False the mean is added back (only the scale changes)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def kl_shaped_rewards(
+    scores: torch.Tensor,
+    logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+) -> torch.Tensor:
+    """PPO's per-token rewards [B, T]: -kl_coef (logp - ref_logp) on every completion token, plus
+    the sequence score [B] on each completion's last real token (InstructGPT's shaping)."""
+    rewards = -kl_coef * (logps - ref_logps) * mask  # [B, T]
+    last = (mask.sum(-1) - 1).clamp(min=0).long()  # [B] index of the last real token
+    return rewards.scatter_add(1, last.unsqueeze(-1), scores.unsqueeze(-1).to(rewards.dtype))
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over completion tokens, [B, T] each -> (advantages,
+    returns = advantages + values). mask marks real tokens (a prefix of each row); past a
+    completion's last token the value and the advantage are 0, so a completion that ends early
+    bootstraps from nothing:
+
+        delta_t = r_t + gamma V_{t+1} - V_t
+        A_t     = delta_t + gamma lam A_{t+1}
+    """
+    values = values * mask
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[:, 0])
+    next_adv = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv = (delta + gamma * lam * next_adv) * mask[:, t]
+        advantages[:, t] = adv
+        next_value, next_adv = values[:, t], adv
+    return advantages, advantages + values
+
+
+def explained_variance(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(target - predicted) / Var(target) over masked positions: 1 is a perfect critic,
+    0 no better than a constant, negative worse."""
+    var = masked_mean((target - masked_mean(target, mask)) ** 2, mask)
+    diff = target - predicted
+    var_diff = masked_mean((diff - masked_mean(diff, mask)) ** 2, mask)
+    return float(1 - var_diff / var) if var > 0 else float("nan")

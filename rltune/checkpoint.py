@@ -77,14 +77,18 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     config_yaml: str,
     keep: int,
+    extra_models: dict[str, nn.Module] | None = None,
 ) -> Path:
-    """Write `root/step-<step>` atomically, then delete all but the newest `keep` checkpoints."""
+    """Write `root/step-<step>` atomically, then delete all but the newest `keep` checkpoints.
+    `extra_models` (e.g. PPO's value model) go to `<role>/` beside `model/`."""
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-step-*"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-step-{step}"
     tmp.mkdir()
     model.save_pretrained(tmp / "model")
+    for role, extra in (extra_models or {}).items():
+        extra.save_pretrained(tmp / role)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
@@ -149,10 +153,17 @@ def find_resume(resume: str | None, root: Path) -> Path | None:
 
 
 def load_checkpoint(
-    path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+    path: Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    extra_models: dict[str, nn.Module] | None = None,
 ) -> dict[str, Any]:
-    """Restore model, optimizer, schedule and RNG from `path`; return the trainer state."""
+    """Restore model(s), optimizer, schedule and RNG from `path`; return the trainer state."""
     load_model_weights(model, path / "model")
+    for role, extra in (extra_models or {}).items():
+        load_model_weights(extra, path / role)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     set_rng_state(torch.load(path / "rng.pt", weights_only=False))

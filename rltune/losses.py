@@ -189,7 +189,8 @@ def clipped_surrogate(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped objective as a per-token loss, and where clipping was active.
 
-    logps, old_logps, mask [B, T]; advantages [B] (one per completion). The importance ratio is
+    logps, old_logps, mask [B, T]; advantages [B] (one per completion, GRPO) or [B, T] (one per
+    token, PPO). The importance ratio is
 
         token     r_t = exp(logp_t - old_t)                          (PPO, GRPO)
         sequence  r   = exp(mean_t (logp_t - old_t)), one per row    (GSPO)
@@ -208,7 +209,7 @@ def clipped_surrogate(
     elif importance_level != "token":
         raise ValueError(f"importance_level must be token or sequence, got {importance_level!r}")
     ratio = torch.exp(log_ratio)  # [B, T]
-    adv = advantages.unsqueeze(-1)  # [B, 1]
+    adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages  # [B, 1] or [B, T]
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     loss = -torch.min(ratio * adv, clipped * adv)  # [B, T]
     flags = {
@@ -251,3 +252,17 @@ def aggregate_loss(
     if mode in ("token_mean", "seq_mean_token_sum_norm"):
         return masked.sum() / denominator
     raise ValueError(f"unknown loss_agg {mode!r}; expected one of {LOSS_AGGREGATIONS}")
+
+
+def clipped_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    *,
+    cliprange: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's value loss per token [B, T] and where the clipped branch was taken:
+    0.5 max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)."""
+    clipped = old_values + torch.clamp(values - old_values, -cliprange, cliprange)
+    plain_sq, clipped_sq = (values - returns) ** 2, (clipped - returns) ** 2
+    return 0.5 * torch.max(plain_sq, clipped_sq), clipped_sq > plain_sq

@@ -67,18 +67,24 @@ def lr_lambda(t: TrainConfig, max_steps: int):
     return factor
 
 
-def make_optimizer(model: torch.nn.Module, t: TrainConfig, lr: float, device: torch.device):
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)  # no decay on biases and norm scales
-    groups = [
-        {"params": decay, "weight_decay": t.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+def make_optimizer(
+    models: list[tuple[torch.nn.Module, float]], t: TrainConfig, device: torch.device
+) -> torch.optim.AdamW:
+    """One AdamW over every trained model, each at its own learning rate (PPO's critic has its
+    own); no weight decay on biases and norm scales."""
+    groups = []
+    for model, lr in models:
+        decay, no_decay = [], []
+        for p in model.parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        groups += [
+            {"params": decay, "weight_decay": t.weight_decay, "lr": lr},
+            {"params": no_decay, "weight_decay": 0.0, "lr": lr},
+        ]
     return torch.optim.AdamW(
         groups,
-        lr=lr,
+        lr=models[0][1],
         betas=(t.adam_beta1, t.adam_beta2),
         eps=t.adam_eps,
         fused=device.type == "cuda",
@@ -162,7 +168,14 @@ def train(
         str(dtype).replace("torch.", ""),
     )
 
-    optimizer = make_optimizer(trained, t, lr, device)
+    # models trained beside the main one (PPO's value model), by role, with their own lr
+    extra = algo.extra_trained()
+    for role, (_, extra_lr) in extra.items():
+        log.info("%s: trained beside the policy at lr %.3g", role, extra_lr)
+    optimizer = make_optimizer(
+        [(trained, lr), *((m, extra_lr) for m, extra_lr in extra.values())], t, device
+    )
+    extra_models = {role: m for role, (m, _) in extra.items()}
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t, max_steps))
     logger = MetricsLogger(run_dir, cfg.logger, config=config_dict, total_steps=max_steps)
     ckpt_root = run_dir / "checkpoints"
@@ -171,7 +184,11 @@ def train(
     resume_from = find_resume(t.resume, ckpt_root)
     if resume_from is not None:
         state = load_checkpoint(
-            resume_from, model=trained, optimizer=optimizer, scheduler=scheduler
+            resume_from,
+            model=trained,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            extra_models=extra_models,
         )
         algo.load_state_dict(state["algo"])
         step, pending, total_tokens = state["step"], state["pending"], state["total_tokens"]
@@ -196,7 +213,8 @@ def train(
         if initial:  # nothing to evaluate (no eval data, eval_samples=0): no empty row
             logger.log({"step": 0, **initial})
     logger.start_progress(step)
-    trained.train()
+    for model in (trained, *extra_models.values()):
+        model.train()
     with _SignalFlag() as stop:
         while step < max_steps:
             started = time.perf_counter()
@@ -215,8 +233,13 @@ def train(
                     step_metrics[k] = step_metrics.get(k, 0.0) + v
             clip = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(trained.parameters(), clip).item()
+            finite = math.isfinite(grad_norm)
+            for role, model in extra_models.items():  # each model clipped on its own
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+                step_metrics[f"grad_norm/{role}"] = norm
+                finite = finite and math.isfinite(norm)
             step_lr = scheduler.get_last_lr()[0]
-            if math.isfinite(grad_norm):
+            if finite:
                 optimizer.step()
             else:
                 # a NaN/inf gradient would poison every weight and AdamW moment: skip the update
@@ -260,6 +283,7 @@ def train(
                     model=trained,
                     optimizer=optimizer,
                     scheduler=scheduler,
+                    extra_models=extra_models,
                     trainer_state=snapshot(),
                     config_yaml=config_yaml,
                     keep=t.keep_checkpoints,
@@ -274,6 +298,8 @@ def train(
     final = run_dir / "final"
     # training is over: export in the compute dtype (bf16 on GPUs), as the peers do
     export_final(trained.to(dtype), algo.tokenizer, final)
+    for role, model in extra_models.items():  # e.g. final/value/
+        export_final(model.to(dtype), algo.tokenizer, final / role)
     log.info("done: %d steps; model written to %s", step, final)
     if evals:
         (first_step, first), (last_step, last) = evals[0], evals[-1]

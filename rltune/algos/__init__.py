@@ -50,6 +50,10 @@ class Algorithm(Protocol):
     def default_lr(self) -> float:
         """Learning rate used when train.lr is null and model.lrs has none for this algorithm."""
 
+    def extra_trained(self) -> dict[str, tuple[nn.Module, float]]:
+        """Models trained beside `trained`, by role, with their learning rate (PPO's value
+        model); the trainer optimises, clips, checkpoints and exports them too."""
+
     def models(self) -> dict[str, nn.Module]:
         """Every model the pipeline holds, by role (policy, reference, ...), for the start log."""
 

@@ -210,6 +210,9 @@ class DPO:
     def default_lr(self) -> float:
         return self.cfg.lora_lr if self.lora else self.cfg.lr
 
+    def extra_trained(self) -> dict[str, tuple[torch.nn.Module, float]]:
+        return {}
+
     def models(self) -> dict[str, torch.nn.Module]:
         copy = self.reference.copy if self.reference is not None else None
         return {"policy": self.policy} | ({"reference": copy} if copy is not None else {})

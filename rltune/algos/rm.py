@@ -106,6 +106,9 @@ class RewardModelTraining:
     def default_lr(self) -> float:
         return self.cfg.lora_lr if self.ctx.cfg.peft.method == "lora" else self.cfg.lr
 
+    def extra_trained(self) -> dict[str, tuple[torch.nn.Module, float]]:
+        return {}
+
     def models(self) -> dict[str, torch.nn.Module]:
         return {"reward_model": self.reward_model}
 

@@ -1,0 +1,345 @@
+"""What the online algorithms (GRPO, RLOO, REINFORCE, PPO, rejection sampling) share: prompts
+from the data, the policy, an optional reference, reward functions, sampling, log-probs of
+completions, and evaluation by greedy decoding. Each algorithm subclasses `OnlineAlgorithm` and
+adds its own batches and loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rltune import rewards
+from rltune.algos import BuildContext
+from rltune.config import ConfigError
+from rltune.data import DataError
+from rltune.data.source import split_records
+from rltune.data.stream import IndexStream
+from rltune.evaluation import get_task, render_prompt
+from rltune.losses import token_logps
+from rltune.models import Reference, autocast, load_policy, load_tokenizer
+from rltune.rollout import Rollout, SamplingParams, generate_greedy, sample
+
+log = logging.getLogger(__name__)
+
+PROMPT_FORMATS = {"prompt_answer", "prompt_completion"}
+NUM_SAMPLES = 4
+"""Prompts whose completions go to samples.jsonl each time samples are logged."""
+
+
+@dataclass
+class Prompt:
+    prompt: Any
+    """As in the data: a string or a message list (handed to reward functions as is)."""
+    ids: list[int]
+    """Token ids after the chat template (message lists) or plain tokenisation (strings)."""
+    columns: dict[str, Any]
+    """The row's other columns (answer, ...), for reward functions."""
+
+
+class OnlineAlgorithm:
+    """Subclasses set `cfg.group_size` (completions per prompt) and may set `cfg.kl_coef`
+    (a reference model is built when it is above 0), and implement the Algorithm protocol's
+    `next_batches`, `normaliser` and `loss`."""
+
+    logprob_chunk_size = 1024
+
+    def __init__(self, cfg: Any, ctx: BuildContext):
+        self.cfg = cfg
+        self.ctx = ctx
+        c = ctx.cfg
+        self.max_new_tokens = c.data.max_new_tokens
+        self.params = SamplingParams(
+            max_new_tokens=c.data.max_new_tokens,
+            temperature=c.rollout.temperature,
+            top_p=c.rollout.top_p,
+            top_k=c.rollout.top_k,
+            min_p=c.rollout.min_p,
+            stop=tuple(c.rollout.stop),
+        )
+        # Everything checkable is checked before any model loads.
+        self.reward_fns = rewards.resolve(c.reward, max_new_tokens=c.data.max_new_tokens)
+        self.check_batch()
+        (train, _), eval_part = split_records(
+            c.data,
+            eval_n=c.train.eval_samples,
+            task_kind="prompt_answer",
+            allowed=PROMPT_FORMATS,
+            algo=cfg.name,
+        )
+        self.task = get_task(c.data.task) if c.data.path is None else None
+
+        self.tokenizer = load_tokenizer(c.model)
+        self.prompts = self._encode(train, "train")
+        self.eval_prompts = self._encode(eval_part[0], "eval") if eval_part else []
+        self.policy = load_policy(
+            c.model,
+            c.peft,
+            dtype=ctx.dtype,
+            device=ctx.device,
+            gradient_checkpointing=c.train.gradient_checkpointing,
+        )
+        self.reference: Reference | None = None
+        if getattr(cfg, "kl_coef", 0) > 0:
+            self.reference = Reference(self.policy, c.model, device=ctx.device)
+            log.info("reference: %s", self.reference.description)
+        else:
+            log.info("reference: none (algo.kl_coef=0)")
+        if c.reward.model_path is not None:
+            weight = c.reward.weights[-1] if c.reward.weights is not None else 1.0
+            self.reward_fns.append(
+                rewards.load_model_reward(c.reward, weight, device=ctx.device, dtype=ctx.dtype)
+            )
+        log.info(
+            "rewards: %s",
+            ", ".join(f"{f.name} (weight {f.weight:g})" for f in self.reward_fns),
+        )
+        self.stream = IndexStream(
+            len(self.prompts), seed=c.train.seed, rank=ctx.rank, world_size=ctx.world_size
+        )
+        self.steps = 0
+        self._report: tuple[dict[str, float], list[dict[str, Any]]] = ({}, [])
+
+    # --- setup ----------------------------------------------------------------------------
+
+    def check_batch(self) -> None:
+        """train.batch_size counts completions and must hold whole groups."""
+        plan, g = self.ctx.plan, self.cfg.group_size
+        per_process = plan.micro_batch_size * plan.grad_accum
+        if plan.batch_size % g or per_process % g:
+            raise ConfigError(
+                f"train.batch_size={plan.batch_size} counts completions: it must be a multiple of "
+                f"algo.group_size={g}, and so must each process's share ({per_process} = "
+                f"micro_batch_size {plan.micro_batch_size} x grad_accum {plan.grad_accum}); e.g. "
+                f"train.batch_size={g * max(1, plan.batch_size // g)}"
+            )
+        log.info(
+            "%s batch: %d prompts x %d completions = %d completions per step",
+            self.cfg.name,
+            plan.batch_size // g,
+            g,
+            plan.batch_size,
+        )
+
+    def _encode(self, records, split: str) -> list[Prompt]:
+        budget = self.ctx.cfg.data.max_length - self.max_new_tokens
+        if budget < 1:
+            raise ConfigError(
+                f"data.max_length={self.ctx.cfg.data.max_length} leaves no room for a prompt "
+                f"beside data.max_new_tokens={self.max_new_tokens}"
+            )
+        prompts, truncated = [], 0
+        for record in records:
+            prompt = record.data["prompt"]
+            try:
+                if isinstance(prompt, list):
+                    text = render_prompt(self.tokenizer, prompt)
+                    ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+                else:
+                    ids = self.tokenizer(prompt)["input_ids"]
+            except Exception as err:  # a template that rejects the messages, ...
+                raise DataError(f"{record.file}, row {record.index}: {err}") from err
+            if len(ids) > budget:
+                ids, truncated = ids[-budget:], truncated + 1
+            columns = {k: v for k, v in record.data.items() if k != "prompt"}
+            prompts.append(Prompt(prompt, list(ids), columns))
+        log.info("%s data: %d prompts", split, len(prompts))
+        if truncated:
+            log.warning(
+                "%s data: %d prompts cut from the left to data.max_length - data.max_new_tokens "
+                "= %d tokens",
+                split,
+                truncated,
+                budget,
+            )
+        if not prompts:
+            raise DataError(f"{split} data: no prompts")
+        return prompts
+
+    # --- rollouts -------------------------------------------------------------------------
+
+    def sample_prompts(
+        self, num_prompts: int
+    ) -> tuple[list[Prompt], Rollout, Any, dict[str, float]]:
+        """(prompts, rollout of group_size completions each, reward scores, timing metrics)."""
+        g = self.cfg.group_size
+        prompts = [self.prompts[i] for i in self.stream.take(num_prompts)]
+        started = time.perf_counter()
+        with autocast(self.ctx.device, self.ctx.dtype):
+            rollout = sample(
+                self.policy,
+                self.tokenizer,
+                [p.ids for p in prompts],
+                self.params,
+                group_size=g,
+                batch_size=self.ctx.cfg.rollout.batch_size,
+            )
+        generated = time.perf_counter()
+        scores = self._score(prompts, rollout, g)
+        timing = {
+            "time/generate": generated - started,
+            "time/reward": time.perf_counter() - generated,
+        }
+        return prompts, rollout, scores, timing
+
+    def _score(self, prompts: list[Prompt], rollout: Rollout, group_size: int):
+        names = sorted({k for p in prompts for k in p.columns})
+        columns: dict[str, list[Any]] = {
+            k: [p.columns.get(k) for p in prompts for _ in range(group_size)] for k in names
+        }
+        lengths = rollout.completion_mask.sum(-1).tolist()
+        columns["completion_ids"] = [
+            ids[:n] for ids, n in zip(rollout.completion_ids.tolist(), lengths, strict=True)
+        ]
+        columns["truncated"] = rollout.truncated.tolist()
+        return rewards.score(
+            self.reward_fns,
+            [p.prompt for p in prompts for _ in range(group_size)],
+            rollout.completions,
+            columns,
+            timeout_s=self.ctx.cfg.reward.timeout_s,
+        )
+
+    def forward_logits(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """Logits [b, C, V] that predict the completion tokens (only those are computed)."""
+        width = batch["completion_ids"].shape[1]
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            use_cache=False,
+            logits_to_keep=width + 1,
+        )
+        return out.logits[:, :-1]  # position P-1+t predicts completion token t
+
+    @torch.no_grad()
+    def logps(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """Completion-token log-probs [b, C] at the sampling temperature, without gradients."""
+        with autocast(self.ctx.device, self.ctx.dtype):
+            logits = self.forward_logits(model, batch)
+            return token_logps(
+                logits,
+                batch["completion_ids"],
+                temperature=self.params.temperature,
+                chunk_size=self.logprob_chunk_size,
+            )
+
+    @torch.no_grad()
+    def reference_logps(self, batch: dict[str, Any]) -> torch.Tensor:
+        assert self.reference is not None
+        with self.reference.active() as ref:
+            return self.logps(ref, batch)
+
+    def rollout_metrics(self, rollout: Rollout, scores: Any) -> dict[str, float]:
+        r = scores.total
+        present = r[~r.isnan()]
+        lengths = rollout.completion_mask.sum(-1).float()
+        metrics = {
+            "reward": present.mean().item() if present.numel() else float("nan"),
+            "completions/mean_length": lengths.mean().item(),
+            "completions/min_length": lengths.min().item(),
+            "completions/max_length": lengths.max().item(),
+            "completions/clipped_ratio": rollout.truncated.float().mean().item(),
+        }
+        for name, values in scores.values.items():
+            got = [v for v in values if v is not None]
+            if got:
+                metrics[f"rewards/{name}/mean"] = sum(got) / len(got)
+            metrics[f"rewards/{name}/errors"] = float(scores.errors[name])
+        return metrics
+
+    def samples(self, prompts, rollout, rewards_t, advantages, g: int) -> list[dict[str, Any]]:
+        every = self.cfg.sample_every
+        if not every or self.steps % every:
+            return []
+        out = []
+        for i in range(min(NUM_SAMPLES, len(prompts))):
+            p = prompts[i].prompt
+            out.append(
+                {
+                    "prompt": p if isinstance(p, str) else p[-1]["content"],
+                    "completion": rollout.completions[i * g],
+                    "reward": float(rewards_t[i * g]),
+                    "advantage": float(advantages[i * g]),
+                }
+            )
+        return out
+
+    # --- the Algorithm protocol (shared part) ------------------------------------------------
+
+    @property
+    def trained(self) -> torch.nn.Module:
+        return self.policy
+
+    def default_lr(self) -> float:
+        return self.cfg.lora_lr if self.ctx.cfg.peft.method == "lora" else self.cfg.lr
+
+    def extra_trained(self) -> dict[str, tuple[torch.nn.Module, float]]:
+        return {}
+
+    def models(self) -> dict[str, torch.nn.Module]:
+        copy = self.reference.copy if self.reference is not None else None
+        roles = {"policy": self.policy} | ({"reference": copy} if copy is not None else {})
+        for f in self.reward_fns:
+            if f.name == rewards.MODEL_REWARD:
+                roles["reward_model"] = f.fn.model
+        return roles
+
+    def examples_per_epoch(self) -> int:
+        return len(self.prompts) * self.cfg.group_size  # completions
+
+    def report(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        return self._report
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        n = min(len(self.eval_prompts), self.ctx.cfg.train.eval_samples)
+        if not n:
+            return {}, []
+        prompts = self.eval_prompts[:n]
+        completions = generate_greedy(
+            self.policy,
+            self.tokenizer,
+            [p.ids for p in prompts],
+            max_new_tokens=self.max_new_tokens,
+        )
+        ids = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
+        names = sorted({k for p in prompts for k in p.columns})
+        columns = {k: [p.columns.get(k) for p in prompts] for k in names}
+        columns.update(completion_ids=ids, truncated=[len(i) >= self.max_new_tokens for i in ids])
+        scores = rewards.score(
+            self.reward_fns,
+            [p.prompt for p in prompts],
+            completions,
+            columns,
+            timeout_s=self.ctx.cfg.reward.timeout_s,
+        )
+        present = scores.total[~scores.total.isnan()]
+        metrics = {"eval/reward": present.mean().item() if present.numel() else float("nan")}
+        if self.task is not None:
+            answers = columns.get("answer", [None] * n)
+            correct = [
+                a is not None and self.task.is_correct(c, str(a))
+                for c, a in zip(completions, answers, strict=True)
+            ]
+            metrics["eval/accuracy"] = sum(correct) / n
+        samples = [
+            {
+                "prompt": p.prompt if isinstance(p.prompt, str) else p.prompt[-1]["content"],
+                "completion": c,
+                "reward": float(r),
+            }
+            for p, c, r in list(zip(prompts, completions, scores.total, strict=True))[:NUM_SAMPLES]
+        ]
+        return metrics, samples
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stream": self.stream.state_dict(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state["stream"])
+        self.steps = state["steps"]

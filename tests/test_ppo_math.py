@@ -1,0 +1,109 @@
+"""PPO, RLOO and REINFORCE pure functions against values worked out by hand."""
+
+import math
+
+import pytest
+import torch
+
+from rltune.advantages import (
+    explained_variance,
+    gae,
+    kl_shaped_rewards,
+    masked_whiten,
+    reinforce_advantages,
+    rloo_advantages,
+)
+from rltune.losses import clipped_value_loss
+
+
+def test_gae_with_an_early_ending_completion_and_padding():
+    """gamma = 0.9, lam = 0.5. Row 0 has 3 real tokens, row 1 ends after 1 (then padding, whose
+    rewards and values are garbage and must not leak in).
+
+    Row 0: r = [0, 0, 1], V = [0.5, 0.6, 0.7]
+        t=2: delta = 1 + 0.9*0 - 0.7 = 0.3                      A = 0.3
+        t=1: delta = 0 + 0.9*0.7 - 0.6 = 0.03                   A = 0.03 + 0.45*0.3 = 0.165
+        t=0: delta = 0 + 0.9*0.6 - 0.5 = 0.04                   A = 0.04 + 0.45*0.165 = 0.11425
+        returns = A + V = [0.61425, 0.765, 1.0]
+    Row 1: r = [2], V = [0.5]: A = 2 - 0.5 = 1.5 (no bootstrap past the end), returns [2.0]
+    """
+    rewards = torch.tensor([[0.0, 0, 1], [2, 9, 9]])
+    values = torch.tensor([[0.5, 0.6, 0.7], [0.5, 7, 7]])
+    mask = torch.tensor([[1.0, 1, 1], [1, 0, 0]])
+    adv, ret = gae(rewards * mask, values, mask, gamma=0.9, lam=0.5)
+    torch.testing.assert_close(adv, torch.tensor([[0.11425, 0.165, 0.3], [1.5, 0, 0]]))
+    torch.testing.assert_close(ret, torch.tensor([[0.61425, 0.765, 1.0], [2.0, 0, 0]]))
+
+
+def test_gae_with_gamma_and_lambda_one_is_reward_to_go_minus_value():
+    rewards = torch.tensor([[0.1, 0.2, 0.3]])
+    values = torch.tensor([[1.0, 2.0, 3.0]])
+    adv, ret = gae(rewards, values, torch.ones(1, 3), gamma=1.0, lam=1.0)
+    torch.testing.assert_close(ret, torch.tensor([[0.6, 0.5, 0.3]]))
+    torch.testing.assert_close(adv, ret - values)
+
+
+def test_kl_shaped_rewards_put_the_score_on_the_last_real_token():
+    """kl_coef 0.1; logp - ref = [0.5, -0.2, 0.3 | 1.0, (pad)]; scores [1, -1].
+    Row 0: [-0.05, 0.02, -0.03 + 1] ; row 1 (one real token): [-0.1 - 1, 0, 0]."""
+    logps = torch.tensor([[0.5, -0.2, 0.3], [1.0, 4.0, 4.0]])
+    ref = torch.zeros(2, 3)
+    mask = torch.tensor([[1.0, 1, 1], [1, 0, 0]])
+    got = kl_shaped_rewards(torch.tensor([1.0, -1.0]), logps, ref, mask, kl_coef=0.1)
+    torch.testing.assert_close(got, torch.tensor([[-0.05, 0.02, 0.97], [-1.1, 0, 0]]))
+
+
+def test_masked_whiten_ignores_padding():
+    """Real values [1, 2, 3, 4] (mean 2.5, population var 1.25); the pad value 100 is ignored
+    and stays 0."""
+    x = torch.tensor([[1.0, 2, 100], [3, 4, 100]])
+    mask = torch.tensor([[1.0, 1, 0], [1, 1, 0]])
+    s = math.sqrt(1.25 + 1e-8)
+    expected = torch.tensor([[-1.5 / s, -0.5 / s, 0], [0.5 / s, 1.5 / s, 0]])
+    torch.testing.assert_close(masked_whiten(x, mask), expected)
+    torch.testing.assert_close(masked_whiten(x, mask, shift_mean=False), (expected + 2.5) * mask)
+
+
+def test_clipped_value_loss_by_hand():
+    """cliprange 0.2, returns R = 1.
+    V = 0.9, V_old = 0.5: clipped V = 0.7; max((0.9-1)^2, (0.7-1)^2) = 0.09 -> 0.045, clipped
+    V = 1.1, V_old = 1.0: clipped V = 1.1 (inside); max(0.01, 0.01) -> 0.005, not clipped."""
+    loss, clipped = clipped_value_loss(
+        torch.tensor([0.9, 1.1]), torch.tensor([0.5, 1.0]), torch.tensor([1.0, 1.0]), cliprange=0.2
+    )
+    torch.testing.assert_close(loss, torch.tensor([0.045, 0.005]))
+    assert clipped.tolist() == [True, False]
+
+
+def test_rloo_baseline_is_the_mean_of_the_others():
+    """Group [1, 0, 0, 1]: baselines are the others' mean: r0: (0+0+1)/3 = 1/3 -> A = 2/3;
+    r1: (1+0+1)/3 = 2/3 -> A = -2/3. With a NaN: [1, NaN, 0, 0] -> r0: A = 1 - 0 = 1,
+    r2: A = 0 - 0.5 = -0.5, the NaN sample 0."""
+    torch.testing.assert_close(
+        rloo_advantages(torch.tensor([1.0, 0, 0, 1]), 4),
+        torch.tensor([2 / 3, -2 / 3, -2 / 3, 2 / 3]),
+    )
+    torch.testing.assert_close(
+        rloo_advantages(torch.tensor([1.0, float("nan"), 0, 0]), 4),
+        torch.tensor([1.0, 0.0, -0.5, -0.5]),
+    )
+
+
+def test_reinforce_baseline_and_normalisation():
+    """Rewards [1, 0, 1, NaN], baseline 0.25: A = [0.75, -0.25, 0.75, 0]. Normalised over the
+    three real ones: mean 5/12, std (unbiased) of [0.75, -0.25, 0.75] = sqrt(1/3)."""
+    r = torch.tensor([1.0, 0, 1, float("nan")])
+    torch.testing.assert_close(reinforce_advantages(r, 0.25), torch.tensor([0.75, -0.25, 0.75, 0]))
+    s = math.sqrt(1 / 3) + 1e-4
+    m = 5 / 12
+    torch.testing.assert_close(
+        reinforce_advantages(r, 0.25, normalize=True),
+        torch.tensor([(0.75 - m) / s, (-0.25 - m) / s, (0.75 - m) / s, 0.0]),
+    )
+
+
+def test_explained_variance():
+    target = torch.tensor([[1.0, 2, 3, 4]])
+    mask = torch.ones(1, 4)
+    assert explained_variance(target, target, mask) == pytest.approx(1.0)
+    assert explained_variance(torch.full((1, 4), 2.5), target, mask) == pytest.approx(0.0)
