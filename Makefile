@@ -18,7 +18,8 @@ run: install
 	$(BIN)/rltune
 
 test: install
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline $(BIN)/pytest -q
+	# two workers, one thread each: the tests are many small CPU-bound runs
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline $(BIN)/pytest -q -n 2 --durations=10
 
 lint: install
 	$(BIN)/ruff check rltune tests scripts

@@ -78,14 +78,18 @@ def reinforce_advantages(
     rewards: torch.Tensor, baseline: float, *, normalize: bool = False
 ) -> torch.Tensor:
     """REINFORCE with a baseline: A_i = r_i - baseline (a running mean of past rewards, or the
-    batch mean). `normalize` divides by the batch std of the advantages (REINFORCE++'s global
+    batch mean). `normalize` then whitens them over the batch (REINFORCE++'s global
     normalisation). NaN rewards get 0."""
     adv = rewards - baseline
-    if normalize:
-        present = adv[~adv.isnan()]
-        if present.numel() > 1:
-            adv = (adv - present.mean()) / (present.std() + STD_EPS)
-    return adv.nan_to_num(0.0)
+    return batch_whiten(adv) if normalize else adv.nan_to_num(0.0)
+
+
+def batch_whiten(advantages: torch.Tensor) -> torch.Tensor:
+    """(A - batch mean) / batch std over the advantages that exist (NaN -> 0)."""
+    present = advantages[~advantages.isnan()]
+    if present.numel() > 1:
+        advantages = (advantages - present.mean()) / (present.std() + STD_EPS)
+    return advantages.nan_to_num(0.0)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -204,8 +204,12 @@ class GRPOConfig:
     """Default learning rate with peft=lora."""
     group_size: int = 8
     """Completions sampled per prompt; train.batch_size counts completions and must be a multiple."""
+    estimator: str = "grpo"
+    """Baseline subtracted from each reward: grpo (group mean), rloo (mean of the group's other samples), reinforce (running mean of past rewards)."""
     scale_rewards: str = "group"
-    """Advantage = (reward - group mean) / std of the group (group), of the batch (batch), or not divided (none: Dr. GRPO)."""
+    """Divide the centred rewards by the std of the group (group, grpo only), of the batch (batch; REINFORCE++), or not (none: Dr. GRPO, RLOO)."""
+    baseline_momentum: float = 0.9
+    """reinforce: weight of the old running mean when a batch's mean reward is folded in."""
     loss_agg: str = "token_mean"
     """token_mean (DAPO: over the step's completion tokens), seq_mean_token_mean (GRPO) or seq_mean_token_sum_norm (Dr. GRPO)."""
     epsilon: float = 0.2
@@ -229,10 +233,20 @@ class GRPOConfig:
 
     def check(self) -> None:
         """Value checks run before anything is loaded; ConfigError names the key."""
-        if self.group_size < 2:
+        if self.group_size < (1 if self.estimator == "reinforce" else 2):
             raise ConfigError(
-                f"algo.group_size={self.group_size} must be >= 2 (advantages compare samples of a prompt)"
+                f"algo.group_size={self.group_size} must be >= 2: algo.estimator={self.estimator} "
+                "compares the samples of a prompt"
             )
+        if self.scale_rewards == "group" and self.estimator != "grpo":
+            raise ConfigError(
+                f"algo.scale_rewards=group needs algo.estimator=grpo; use batch or none with "
+                f"{self.estimator}"
+            )
+        if self.filter_zero_std and self.group_size < 2:
+            raise ConfigError("algo.filter_zero_std=true needs algo.group_size >= 2")
+        if not 0.0 <= self.baseline_momentum < 1.0:
+            raise ConfigError(f"algo.baseline_momentum={self.baseline_momentum} must be in [0, 1)")
         if self.num_iterations < 1:
             raise ConfigError(f"algo.num_iterations={self.num_iterations} must be >= 1")
         if not self.epsilon > 0 or (self.epsilon_high is not None and not self.epsilon_high > 0):
@@ -241,6 +255,93 @@ class GRPOConfig:
             raise ConfigError(f"algo.kl_coef={self.kl_coef} must be >= 0")
         if self.logprob_chunk_size < 1:
             raise ConfigError(f"algo.logprob_chunk_size={self.logprob_chunk_size} must be >= 1")
+
+
+@dataclass
+class PPOConfig:
+    name: str = "ppo"
+    """Algorithm name."""
+    lr: float = 1e-6
+    """Default learning rate of the policy (full fine-tuning); used when train.lr is null."""
+    lora_lr: float = 1e-5
+    """Default learning rate of the policy with peft=lora."""
+    critic_lr: float | None = None
+    """Learning rate of the value model; null uses the policy's."""
+    critic_init: str = "auto"
+    """Value model's starting weights: reward (reward.model_path), policy (model.path with a new head), or auto (reward when reward.model_path is set)."""
+    group_size: int = 1
+    """Completions sampled per prompt."""
+    num_minibatches: int = 1
+    """Minibatches (optimizer steps) per epoch over a rollout; a rollout holds train.batch_size x num_minibatches completions."""
+    ppo_epochs: int = 4
+    """Passes over each rollout, reshuffled into minibatches each time."""
+    epsilon: float = 0.2
+    """Clip range of the policy's importance ratio."""
+    cliprange_value: float = 0.2
+    """Clip range of the value update around the rollout's values."""
+    vf_coef: float = 0.1
+    """Weight of the value loss in the total loss."""
+    gamma: float = 1.0
+    """Discount per token in GAE."""
+    lam: float = 0.95
+    """GAE's lambda (bias-variance trade-off of the advantages)."""
+    kl_coef: float = 0.05
+    """Per-token KL penalty to the reference in the reward; 0 builds no reference model."""
+    adaptive_kl: bool = False
+    """Adapt kl_coef toward target_kl (Ziegler et al.'s proportional controller)."""
+    target_kl: float = 6.0
+    """adaptive_kl: the KL per completion (summed over its tokens) the controller steers toward."""
+    kl_horizon: int = 10000
+    """adaptive_kl: completions over which the controller closes the gap."""
+    whiten_advantages: bool = True
+    """Normalise advantages to mean 0, std 1 over each rollout's completion tokens."""
+    max_approx_kl: float | None = None
+    """Stop a rollout's remaining minibatches once a step's approximate KL to the rollout policy exceeds this; null never."""
+    entropy_coef: float = 0.0
+    """Weight of an entropy bonus in the loss (entropy is always logged)."""
+    logprob_chunk_size: int = 1024
+    """Positions whose fp32 log-softmax is computed at once."""
+    sample_every: int = 50
+    """Write a few prompts, completions and rewards to samples.jsonl every N steps; 0 never."""
+
+    def check(self) -> None:
+        """Value checks run before anything is loaded; ConfigError names the key."""
+        positive = {
+            "algo.group_size": self.group_size,
+            "algo.num_minibatches": self.num_minibatches,
+            "algo.ppo_epochs": self.ppo_epochs,
+            "algo.kl_horizon": self.kl_horizon,
+        }
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{key}={value} must be >= 1")
+        if self.kl_coef < 0 or not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
+            raise ConfigError("algo.kl_coef must be >= 0 and algo.gamma, algo.lam in [0, 1]")
+        if self.adaptive_kl and self.kl_coef == 0:
+            raise ConfigError("algo.adaptive_kl=true needs algo.kl_coef > 0 to adapt")
+
+
+@dataclass
+class RSConfig:
+    name: str = "rs"
+    """Algorithm name."""
+    lr: float = 2e-5
+    """Default learning rate (full fine-tuning); used when train.lr is null."""
+    lora_lr: float = 2e-4
+    """Default learning rate with peft=lora."""
+    group_size: int = 8
+    """Completions sampled per prompt; the best one is kept."""
+    threshold: float = 0.5
+    """Keep a prompt's best completion only when its reward is at least this."""
+    prompts_per_round: int = 256
+    """Prompts sampled in one round; the accepted completions feed the next SFT steps."""
+    sample_every: int = 50
+    """Write a few prompts, completions and rewards to samples.jsonl every N steps; 0 never."""
+
+    def check(self) -> None:
+        """Value checks run before anything is loaded; ConfigError names the key."""
+        if self.group_size < 1 or self.prompts_per_round < 1:
+            raise ConfigError("algo.group_size and algo.prompts_per_round must be >= 1")
 
 
 @dataclass
@@ -304,6 +405,8 @@ ALGO_CONFIGS: dict[str, type] = {
     "dpo": DPOConfig,
     "rm": RMConfig,
     "grpo": GRPOConfig,
+    "ppo": PPOConfig,
+    "rs": RSConfig,
 }
 """Algorithm name -> its config dataclass. Each algorithm registers here."""
 
@@ -401,6 +504,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "logger.mode": ("auto", "online", "offline"),
     "algo.loss_type": ("sigmoid", "robust", "ipo", "hinge"),
     "algo.scale_rewards": ("group", "batch", "none"),
+    "algo.estimator": ("grpo", "rloo", "reinforce"),
+    "algo.critic_init": ("auto", "reward", "policy"),
     "algo.loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),
     "algo.importance_level": ("token", "sequence"),
     "rollout.engine": ("hf",),

@@ -153,15 +153,9 @@ def load_policy(
     return model
 
 
-def load_reward_model(
-    model_cfg: ModelConfig,
-    peft_cfg: PeftConfig,
-    *,
-    device: torch.device,
-    gradient_checkpointing: bool = False,
-) -> nn.Module:
-    """A trainable scalar-output `AutoModelForSequenceClassification` initialised from model.path
-    (a causal LM gets a new, randomly initialised score head). fp32 master weights, like the policy."""
+def load_scalar_model(path: str, model_cfg: ModelConfig, *, device: torch.device) -> nn.Module:
+    """`AutoModelForSequenceClassification` with one output from `path` (a causal LM gets a new,
+    randomly initialised score head), fp32 weights: a reward model or PPO's value model."""
     from transformers import AutoModelForSequenceClassification
 
     kwargs = (
@@ -170,7 +164,7 @@ def load_reward_model(
         else {}
     )
     model = AutoModelForSequenceClassification.from_pretrained(
-        resolve_path(model_cfg.path),
+        resolve_path(path),
         num_labels=1,
         revision=model_cfg.revision,
         trust_remote_code=model_cfg.trust_remote_code,
@@ -179,14 +173,31 @@ def load_reward_model(
     ).to(device)
     if model.config.pad_token_id is None:
         raise ConfigError(
-            f"model.path={model_cfg.path}: the config has no pad_token_id, which a reward "
-            "model needs to find each sequence's last token"
+            f"{path}: the config has no pad_token_id, which a scalar-head model needs to find "
+            "each sequence's last token"
         )
+    return model
+
+
+def load_reward_model(
+    model_cfg: ModelConfig,
+    peft_cfg: PeftConfig,
+    *,
+    device: torch.device,
+    gradient_checkpointing: bool = False,
+) -> nn.Module:
+    """A trainable reward model initialised from model.path (see `load_scalar_model`)."""
+    model = load_scalar_model(model_cfg.path, model_cfg, device=device)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if peft_cfg.method == "lora":
         model = apply_lora(model, peft_cfg, task_type="SEQ_CLS")
     return model
+
+
+def load_value_model(path: str, model_cfg: ModelConfig, *, device: torch.device) -> nn.Module:
+    """PPO's critic: a scalar-head model from a reward model or the policy's base, fully trained."""
+    return load_scalar_model(path, model_cfg, device=device)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

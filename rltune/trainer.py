@@ -169,7 +169,7 @@ def train(
     )
 
     # models trained beside the main one (PPO's value model), by role, with their own lr
-    extra = algo.extra_trained()
+    extra = algo.extra_trained(lr)
     for role, (_, extra_lr) in extra.items():
         log.info("%s: trained beside the policy at lr %.3g", role, extra_lr)
     optimizer = make_optimizer(

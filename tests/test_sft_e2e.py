@@ -230,6 +230,7 @@ def test_eval_ratio_holds_out_rows_for_eval_loss(tmp_path):
     )
     run_dir = run(
         [
+            "algo=sft",
             f"data.path={path}",
             "data.eval_ratio=0.25",
             f"hydra.run.dir={tmp_path / 'run'}",
@@ -270,6 +271,7 @@ def test_non_finite_gradients_skip_the_update_instead_of_poisoning_weights(tmp_p
     those updates are skipped, logged and counted instead of silently applied."""
     run_dir = run(
         [
+            "algo=sft",
             f"hydra.run.dir={tmp_path}",
             "train.max_steps=4",
             "train.log_every=1",

@@ -50,9 +50,10 @@ class Algorithm(Protocol):
     def default_lr(self) -> float:
         """Learning rate used when train.lr is null and model.lrs has none for this algorithm."""
 
-    def extra_trained(self) -> dict[str, tuple[nn.Module, float]]:
+    def extra_trained(self, lr: float) -> dict[str, tuple[nn.Module, float]]:
         """Models trained beside `trained`, by role, with their learning rate (PPO's value
-        model); the trainer optimises, clips, checkpoints and exports them too."""
+        model; `lr` is the main model's); the trainer optimises, clips, checkpoints and exports
+        them too."""
 
     def models(self) -> dict[str, nn.Module]:
         """Every model the pipeline holds, by role (policy, reference, ...), for the start log."""
@@ -87,6 +88,10 @@ ALGORITHMS = {
     "dpo": "rltune.algos.dpo:DPO",
     "rm": "rltune.algos.rm:RewardModelTraining",
     "grpo": "rltune.algos.grpo:GRPO",
+    "rloo": "rltune.algos.grpo:GRPO",  # GRPO with algo.estimator=rloo (conf/algo/rloo.yaml)
+    "reinforce": "rltune.algos.grpo:GRPO",  # GRPO with algo.estimator=reinforce
+    "ppo": "rltune.algos.ppo:PPO",
+    "rs": "rltune.algos.rs:RejectionSampling",
 }
 """Algorithm name -> import path of its class; each class takes (algo_cfg, ctx)."""
 

@@ -210,7 +210,7 @@ class DPO:
     def default_lr(self) -> float:
         return self.cfg.lora_lr if self.lora else self.cfg.lr
 
-    def extra_trained(self) -> dict[str, tuple[torch.nn.Module, float]]:
+    def extra_trained(self, lr: float) -> dict[str, tuple[torch.nn.Module, float]]:
         return {}
 
     def models(self) -> dict[str, torch.nn.Module]:

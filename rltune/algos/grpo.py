@@ -33,7 +33,14 @@ from typing import Any
 
 import torch
 
-from rltune.advantages import group_advantages, group_stats, zero_std_groups
+from rltune.advantages import (
+    batch_whiten,
+    group_advantages,
+    group_stats,
+    reinforce_advantages,
+    rloo_advantages,
+    zero_std_groups,
+)
 from rltune.algos import BuildContext
 from rltune.algos.online import OnlineAlgorithm
 from rltune.config import GRPOConfig
@@ -56,10 +63,24 @@ class GRPO(OnlineAlgorithm):
         super().__init__(cfg, ctx)
         self.buffer: list[dict[str, Any]] = []
         self.buffer_uses = 0
+        self.baseline: float | None = None  # algo.estimator=reinforce's running mean
 
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
-        """One advantage per completion from the rollout's rewards [N] (NaN: none)."""
-        return group_advantages(rewards, self.cfg.group_size, self.cfg.scale_rewards)
+        """One advantage per completion from the rollout's rewards [N] (NaN: none), per
+        algo.estimator and algo.scale_rewards."""
+        g, scale = self.cfg.group_size, self.cfg.scale_rewards
+        if self.cfg.estimator == "grpo":
+            return group_advantages(rewards, g, scale)
+        if self.cfg.estimator == "rloo":
+            adv = rloo_advantages(rewards, g)
+            return batch_whiten(adv) if scale == "batch" else adv
+        # reinforce: the baseline is a running mean of the rewards of earlier batches
+        present = rewards[~rewards.isnan()]
+        batch_mean = present.mean().item() if present.numel() else 0.0
+        baseline = self.baseline if self.baseline is not None else batch_mean
+        m = self.cfg.baseline_momentum
+        self.baseline = m * baseline + (1 - m) * batch_mean
+        return reinforce_advantages(rewards, baseline, normalize=scale == "batch")
 
     def _rollout_step(self, num_completions: int, micro_batch_size: int) -> list[dict[str, Any]]:
         g = self.cfg.group_size
@@ -104,9 +125,11 @@ class GRPO(OnlineAlgorithm):
 
         _, group_std = group_stats(rewards_t, g)
         metrics = self.rollout_metrics(rollout, scores) | timing
-        metrics.update(
-            reward_std=group_std.mean().item(), frac_reward_zero_std=zero_std.float().mean().item()
-        )
+        if g > 1:
+            metrics.update(
+                reward_std=group_std.mean().item(),
+                frac_reward_zero_std=zero_std.float().mean().item(),
+            )
         if self.cfg.filter_zero_std:
             metrics["filtered_groups"] = float(zero_std.sum())
         self._report = (metrics, self.samples(prompts, rollout, rewards_t, advantages, g))
@@ -168,8 +191,12 @@ class GRPO(OnlineAlgorithm):
         )
         return loss, metrics
 
+    def state_dict(self) -> dict[str, Any]:
+        return super().state_dict() | {"baseline": self.baseline}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
+        self.baseline = state.get("baseline")
         if self.cfg.num_iterations > 1 and self.steps % self.cfg.num_iterations:
             log.warning(
                 "resumed inside a rollout's %d iterations: the next step samples a new rollout",

@@ -104,7 +104,7 @@ class SFT:
     def default_lr(self) -> float:
         return self.cfg.lora_lr if self.ctx.cfg.peft.method == "lora" else self.cfg.lr
 
-    def extra_trained(self) -> dict[str, tuple[torch.nn.Module, float]]:
+    def extra_trained(self, lr: float) -> dict[str, tuple[torch.nn.Module, float]]:
         return {}
 
     def models(self) -> dict[str, torch.nn.Module]:

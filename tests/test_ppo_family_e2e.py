@@ -1,0 +1,124 @@
+"""PPO (four models), RLOO, REINFORCE and rejection sampling end to end on the tiny model."""
+
+from __future__ import annotations
+
+import pytest
+
+from rltune.cli import run
+from rltune.logging import read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+def _rows(run_dir, key="loss"):
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if key in r]
+
+
+def _evals(run_dir):
+    return [r["eval/accuracy"] for r in _rows(run_dir, "eval/accuracy")]
+
+
+@pytest.mark.parametrize(
+    ("algo", "gain"), [("ppo", 0.10), ("rloo", 0.05), ("reinforce", 0.05), ("rs", 0.05)]
+)
+def test_default_run_raises_task_accuracy(tmp_path, algo, gain):
+    """Each algorithm's default on the tiny model (conf/tuned/<algo>_tiny.yaml), 1-3 min here."""
+    run_dir = run([f"algo={algo}", f"hydra.run.dir={tmp_path}"])
+    evals = _evals(run_dir)
+    assert evals[-1] >= evals[0] + gain, evals
+
+
+def test_ppo_logs_its_four_components_and_metrics(tmp_path):
+    run_dir = run(
+        [
+            "algo=ppo",
+            "train.max_steps=4",
+            "train.batch_size=32",
+            "train.micro_batch_size=16",
+            "algo.ppo_epochs=2",
+            "algo.num_minibatches=2",
+            "train.log_every=1",
+            "train.eval_samples=16",
+            f"hydra.run.dir={tmp_path}",
+        ]
+    )
+    log = (run_dir / "cli.log").read_text()
+    assert "ppo pipeline: policy (trained) | reference: frozen copy | value model (trained" in log
+    assert "reward: no reward model + functions ['arith']" in log
+    for role in ("policy", "reference", "value"):
+        assert f"{role}: 854," in log
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    train = [r for r in rows if r["step"] > 0]
+    # a rollout of 64 serves 2 epochs x 2 minibatches = 4 steps: rollout metrics on step 1 only
+    assert ["reward" in r for r in train] == [True, False, False, False]
+    assert train[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # policy == reference at the start
+    expected = {
+        "ppo/policy_loss", "ppo/value_loss", "ppo/clipfrac", "ppo/approx_kl", "value/clipfrac",
+        "entropy", "grad_norm", "grad_norm/value",
+    }  # fmt: skip
+    assert expected <= set(train[-1])
+    assert {"returns/mean", "advantages/mean", "value/explained_var", "kl_coef"} <= set(train[0])
+    assert train[0]["ppo/approx_kl"] == 0.0 and train[-1]["ppo/approx_kl"] > 0
+    assert (run_dir / "final" / "value" / "config.json").exists()
+
+
+def test_ppo_with_a_reward_model_runs_the_four_model_pipeline(tmp_path):
+    rm_dir = run(
+        [
+            "algo=rm",
+            "train.max_steps=30",
+            "train.eval_samples=8",
+            f"hydra.run.dir={tmp_path / 'rm'}",
+        ]
+    )
+    run_dir = run(
+        [
+            "algo=ppo",
+            "reward.funcs=[]",
+            f"reward.model_path={rm_dir / 'final'}",
+            "train.max_steps=40",
+            "train.batch_size=64",
+            "train.micro_batch_size=64",
+            "train.lr=3e-4",
+            "train.log_every=4",
+            "train.eval_samples=16",
+            f"hydra.run.dir={tmp_path / 'ppo'}",
+        ]
+    )
+    log = (run_dir / "cli.log").read_text()
+    assert "value model (trained, from reward model" in log
+    assert (
+        "reward: reward model" in log
+        and "functions" not in log.split("ppo pipeline")[1].splitlines()[0]
+    )
+    for role in ("policy", "reference", "value", "reward_model"):
+        assert f"{role}: 854," in log
+    scores = [r["rewards/reward_model/mean"] for r in _rows(run_dir, "rewards/reward_model/mean")]
+    k = max(1, len(scores) // 4)
+    assert sum(scores[-k:]) / k > sum(scores[:k]) / k, scores
+
+
+def test_rs_logs_acceptance(tmp_path):
+    run_dir = run(
+        [
+            "algo=rs",
+            "train.max_steps=2",
+            "train.batch_size=16",
+            "train.micro_batch_size=8",
+            "algo.prompts_per_round=16",
+            "algo.group_size=4",
+            "train.log_every=1",
+            "train.eval_samples=16",
+            f"hydra.run.dir={tmp_path}",
+        ]
+    )
+    rows = _rows(run_dir)
+    assert 0 < rows[0]["acceptance_rate"] <= 1 and rows[0]["rounds"] >= 1
+
+
+def test_reinforce_rejects_group_scaling(tmp_path, cli):
+    proc = cli(
+        "algo=reinforce", "algo.scale_rewards=group", f"hydra.run.dir={tmp_path}", timeout=60
+    )
+    assert proc.returncode == 2
+    assert "algo.scale_rewards=group needs algo.estimator=grpo" in proc.stderr
