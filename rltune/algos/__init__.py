@@ -83,6 +83,28 @@ class Algorithm(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+class AlgorithmBase:
+    """Defaults most algorithms share; each overrides what differs. The trained model is
+    `self.policy`, the default lr comes from algo.lr / algo.lora_lr, nothing is trained beside
+    it, and preparing batches measures nothing."""
+
+    cfg: Any
+    ctx: BuildContext
+
+    @property
+    def trained(self) -> nn.Module:
+        return self.policy  # type: ignore[attr-defined]
+
+    def default_lr(self) -> float:
+        return self.cfg.lora_lr if self.ctx.cfg.peft.method == "lora" else self.cfg.lr
+
+    def extra_trained(self, lr: float) -> dict[str, tuple[nn.Module, float]]:
+        return {}
+
+    def report(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        return {}, []
+
+
 ALGORITHMS = {
     "sft": "rltune.algos.sft:SFT",
     "dpo": "rltune.algos.dpo:DPO",

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from rltune.algos import BuildContext
+from rltune.algos import AlgorithmBase, BuildContext
 from rltune.config import DPOConfig
 from rltune.data import DataError
 from rltune.data.preference import collate_pairs, encode_pairs
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 REF_CACHE = "ref_logps.pt"
 
 
-class DPO:
+class DPO(AlgorithmBase):
     def __init__(self, cfg: DPOConfig, ctx: BuildContext):
         self.cfg = cfg
         self.ctx = ctx
@@ -203,16 +203,6 @@ class DPO:
 
     # --- the Algorithm protocol ---------------------------------------------------------
 
-    @property
-    def trained(self) -> torch.nn.Module:
-        return self.policy
-
-    def default_lr(self) -> float:
-        return self.cfg.lora_lr if self.lora else self.cfg.lr
-
-    def extra_trained(self, lr: float) -> dict[str, tuple[torch.nn.Module, float]]:
-        return {}
-
     def models(self) -> dict[str, torch.nn.Module]:
         copy = self.reference.copy if self.reference is not None else None
         return {"policy": self.policy} | ({"reference": copy} if copy is not None else {})
@@ -229,9 +219,6 @@ class DPO:
                 batch["ref"] = self.ref_cache["train"][idx].to(self.ctx.device)  # [B, 2]
             batches.append(batch)
         return batches
-
-    def report(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        return {}, []
 
     def normaliser(self, batches: list[dict[str, Any]]) -> float:
         return float(sum(b["input_ids"].shape[0] // 2 for b in batches))  # pairs in the step

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from rltune import rewards
-from rltune.algos import BuildContext
+from rltune.algos import AlgorithmBase, BuildContext
 from rltune.config import ConfigError
 from rltune.data import DataError
 from rltune.data.source import split_records
@@ -41,7 +41,7 @@ class Prompt:
     """The row's other columns (answer, ...), for reward functions."""
 
 
-class OnlineAlgorithm:
+class OnlineAlgorithm(AlgorithmBase):
     """Subclasses set `cfg.group_size` (completions per prompt) and may set `cfg.kl_coef`
     (a reference model is built when it is above 0), and implement the Algorithm protocol's
     `next_batches`, `normaliser` and `loss`."""
@@ -270,16 +270,6 @@ class OnlineAlgorithm:
         return out
 
     # --- the Algorithm protocol (shared part) ------------------------------------------------
-
-    @property
-    def trained(self) -> torch.nn.Module:
-        return self.policy
-
-    def default_lr(self) -> float:
-        return self.cfg.lora_lr if self.ctx.cfg.peft.method == "lora" else self.cfg.lr
-
-    def extra_trained(self, lr: float) -> dict[str, tuple[torch.nn.Module, float]]:
-        return {}
 
     def models(self) -> dict[str, torch.nn.Module]:
         copy = self.reference.copy if self.reference is not None else None

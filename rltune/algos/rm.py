@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from rltune.algos import BuildContext
+from rltune.algos import AlgorithmBase, BuildContext
 from rltune.config import RMConfig
 from rltune.data import DataError
 from rltune.data.preference import collate_pairs, encode_pairs
@@ -33,7 +33,7 @@ from rltune.models import load_reward_model, load_tokenizer
 log = logging.getLogger(__name__)
 
 
-class RewardModelTraining:
+class RewardModelTraining(AlgorithmBase):
     def __init__(self, cfg: RMConfig, ctx: BuildContext):
         self.cfg = cfg
         self.ctx = ctx
@@ -103,12 +103,6 @@ class RewardModelTraining:
     def trained(self) -> torch.nn.Module:
         return self.reward_model
 
-    def default_lr(self) -> float:
-        return self.cfg.lora_lr if self.ctx.cfg.peft.method == "lora" else self.cfg.lr
-
-    def extra_trained(self, lr: float) -> dict[str, tuple[torch.nn.Module, float]]:
-        return {}
-
     def models(self) -> dict[str, torch.nn.Module]:
         return {"reward_model": self.reward_model}
 
@@ -120,9 +114,6 @@ class RewardModelTraining:
             self._collate([self.pairs[i] for i in self.stream.take(micro_batch_size)])
             for _ in range(num_micro)
         ]
-
-    def report(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        return {}, []
 
     def normaliser(self, batches: list[dict[str, Any]]) -> float:
         return float(sum(len(b["margin"]) for b in batches))

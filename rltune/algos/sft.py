@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from rltune.algos import BuildContext
+from rltune.algos import AlgorithmBase, BuildContext
 from rltune.config import SFTConfig
 from rltune.data import SFT_FORMATS, DataError, Record, collate_sft, encode_sft_dataset
 from rltune.data.source import split_records
@@ -32,7 +32,7 @@ from rltune.models import load_policy, load_tokenizer
 log = logging.getLogger(__name__)
 
 
-class SFT:
+class SFT(AlgorithmBase):
     def __init__(self, cfg: SFTConfig, ctx: BuildContext):
         self.cfg = cfg
         self.ctx = ctx
@@ -97,16 +97,6 @@ class SFT:
 
     # --- the Algorithm protocol ---------------------------------------------------------
 
-    @property
-    def trained(self) -> torch.nn.Module:
-        return self.policy
-
-    def default_lr(self) -> float:
-        return self.cfg.lora_lr if self.ctx.cfg.peft.method == "lora" else self.cfg.lr
-
-    def extra_trained(self, lr: float) -> dict[str, tuple[torch.nn.Module, float]]:
-        return {}
-
     def models(self) -> dict[str, torch.nn.Module]:
         return {"policy": self.policy}
 
@@ -124,9 +114,6 @@ class SFT:
             batch["num_tokens"] = sum(len(r["input_ids"]) for r in rows)  # real tokens, no padding
             batches.append(batch)
         return batches
-
-    def report(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        return {}, []
 
     def normaliser(self, batches: list[dict[str, torch.Tensor]]) -> float:
         return float(sum((shift_labels(b["labels"]) != IGNORE_INDEX).sum().item() for b in batches))
