@@ -66,7 +66,7 @@ def test_ppo_with_a_reward_model_runs_the_four_model_pipeline(tmp_path):
     rm_dir = run(
         [
             "algo=rm",
-            "train.max_steps=30",
+            "train.max_steps=100",
             "train.eval_samples=8",
             f"hydra.run.dir={tmp_path / 'rm'}",
         ]
@@ -76,7 +76,7 @@ def test_ppo_with_a_reward_model_runs_the_four_model_pipeline(tmp_path):
             "algo=ppo",
             "reward.funcs=[]",
             f"reward.model_path={rm_dir / 'final'}",
-            "train.max_steps=40",
+            "train.max_steps=60",
             "train.batch_size=64",
             "train.micro_batch_size=64",
             "train.lr=3e-4",
