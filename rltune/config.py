@@ -139,6 +139,22 @@ class DataConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    name: str = "none"
+    """Display name of the preset: none, zero1, zero2, zero3, zero3_offload."""
+    stage: int = 0
+    """ZeRO stage 0-3 (0 and no deepspeed.config: plain PyTorch, no DeepSpeed)."""
+    offload_optimizer: bool = False
+    """Keep optimizer states on the CPU (ZeRO-Offload)."""
+    offload_params: bool = False
+    """Keep parameters on the CPU between uses (stage 3)."""
+    param_persistence_threshold: int | None = None
+    """Stage 3: parameters smaller than this stay whole on every rank; null keeps DeepSpeed's default."""
+    config: str | None = None
+    """A DeepSpeed JSON config of your own; batch sizes, accumulation, clipping and bf16 are filled from train.*."""
+
+
+@dataclass
 class LoggerConfig:
     backend: str = "none"
     """none or wandb (metrics.jsonl and the progress bar are always written)."""
@@ -396,6 +412,8 @@ class RLTuneConfig:
     """Reward functions and reward model of the online algorithms (config group)."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """Sampling of completions in the online algorithms."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """DeepSpeed ZeRO (config group)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """The trainer loop."""
 
@@ -416,6 +434,7 @@ GROUPS: dict[str, type] = {
     "data": DataConfig,
     "logger": LoggerConfig,
     "reward": RewardConfig,
+    "deepspeed": DeepSpeedConfig,
 }
 
 
@@ -558,6 +577,10 @@ def validate(cfg: RLTuneConfig) -> None:
         raise ConfigError(
             "rollout.top_k must be >= 0, rollout.min_p in [0, 1), rollout.batch_size >= 1"
         )
+    if not 0 <= cfg.deepspeed.stage <= 3:
+        raise ConfigError(f"deepspeed.stage={cfg.deepspeed.stage} must be 0, 1, 2 or 3")
+    if cfg.deepspeed.offload_params and cfg.deepspeed.stage != 3:
+        raise ConfigError("deepspeed.offload_params=true needs deepspeed.stage=3")
     check = getattr(cfg.algo, "check", None)
     if check is not None:
         check()

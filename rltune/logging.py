@@ -47,6 +47,13 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+class NullLogger:
+    """What ranks other than 0 log: nothing."""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+
 class MetricsLogger:
     """Writes metric rows to every sink. Only the process with rank 0 should create one."""
 

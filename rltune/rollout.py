@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from rltune.distributed import gathered
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -136,27 +138,30 @@ def sample(
     rows = [p for p in prompts for _ in range(group_size)]
     prompt_ids, prompt_mask = left_pad(rows, pad, device)  # [N, P]
     generated: list[torch.Tensor] = []
+    # ZeRO-3: whole parameters on every rank while generating, so ranks whose completions end at
+    # different lengths never wait on each other's per-layer gathers
     try:
-        for start in range(0, len(rows), batch_size):
-            ids = prompt_ids[start : start + batch_size]
-            mask = prompt_mask[start : start + batch_size]
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                do_sample=True,
-                temperature=params.temperature,
-                top_p=params.top_p,
-                top_k=params.top_k,
-                min_p=params.min_p or None,
-                repetition_penalty=1.0,
-                max_new_tokens=params.max_new_tokens,
-                stop_strings=list(params.stop) or None,
-                tokenizer=tokenizer if params.stop else None,
-                eos_token_id=ends,
-                pad_token_id=pad,
-                use_cache=True,
-            )  # [b, P + c]
-            generated.append(out[:, ids.shape[1] :])
+        with gathered(model):
+            for start in range(0, len(rows), batch_size):
+                ids = prompt_ids[start : start + batch_size]
+                mask = prompt_mask[start : start + batch_size]
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    do_sample=True,
+                    temperature=params.temperature,
+                    top_p=params.top_p,
+                    top_k=params.top_k,
+                    min_p=params.min_p or None,
+                    repetition_penalty=1.0,
+                    max_new_tokens=params.max_new_tokens,
+                    stop_strings=list(params.stop) or None,
+                    tokenizer=tokenizer if params.stop else None,
+                    eos_token_id=ends,
+                    pad_token_id=pad,
+                    use_cache=True,
+                )  # [b, P + c]
+                generated.append(out[:, ids.shape[1] :])
     finally:
         model.train(was_training)
     width = max(g.shape[1] for g in generated)
@@ -198,28 +203,29 @@ def generate_greedy(
     pad = tokenizer.pad_token_id
     completions: list[str] = []
     try:
-        for start in range(0, len(prompts), batch_size):
-            # Tokenised without padding, padded here: a padded tokenizer call leaves padding
-            # switched on in its backend, and save_pretrained would persist it.
-            chunk = prompts[start : start + batch_size]
-            ids = (
-                chunk
-                if isinstance(chunk[0], list)
-                else tokenizer(chunk, add_special_tokens=False)["input_ids"]
-            )
-            input_ids, attention_mask = left_pad(ids, pad, device)  # [b, width]
-            out = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                use_cache=True,
-                pad_token_id=pad,
-                eos_token_id=eos_ids(model, tokenizer),
-            )  # [b, width + new]
-            completions.extend(
-                tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
-            )
+        with gathered(model):  # ZeRO-3: see sample()
+            for start in range(0, len(prompts), batch_size):
+                # Tokenised without padding, padded here: a padded tokenizer call leaves padding
+                # switched on in its backend, and save_pretrained would persist it.
+                chunk = prompts[start : start + batch_size]
+                ids = (
+                    chunk
+                    if isinstance(chunk[0], list)
+                    else tokenizer(chunk, add_special_tokens=False)["input_ids"]
+                )
+                input_ids, attention_mask = left_pad(ids, pad, device)  # [b, width]
+                out = model.generate(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    use_cache=True,
+                    pad_token_id=pad,
+                    eos_token_id=eos_ids(model, tokenizer),
+                )  # [b, width + new]
+                completions.extend(
+                    tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
+                )
     finally:
         model.train(was_training)
     return completions

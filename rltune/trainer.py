@@ -23,10 +23,19 @@ from typing import Any
 import torch
 
 from rltune.algos import BuildContext, build_algorithm
-from rltune.checkpoint import find_resume, load_checkpoint, save_checkpoint
+from rltune.checkpoint import find_resume
 from rltune.config import BatchPlan, ConfigError, RLTuneConfig, TrainConfig
-from rltune.logging import MetricsLogger
-from rltune.models import autocast, count_parameters, export_final, resolve_device, resolve_dtype
+from rltune.distributed import (
+    all_reduce_sum,
+    broadcast_object,
+    deepspeed_config,
+    deepspeed_enabled,
+    init_distributed,
+    merge_ranks,
+)
+from rltune.engines import DeepSpeedEngine, PlainEngine
+from rltune.logging import MetricsLogger, NullLogger
+from rltune.models import autocast, count_parameters, resolve_device, resolve_dtype
 
 log = logging.getLogger("rltune")
 
@@ -127,19 +136,32 @@ def train(
 ) -> Path:
     """Run the configured algorithm to the end; return the exported `final/` folder."""
     t = cfg.train
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1:
-        raise ConfigError(f"WORLD_SIZE={world_size}: several processes are not supported yet")
-    plan = BatchPlan.from_config(t, world_size)
+    d = init_distributed(cfg)
+    use_ds = deepspeed_enabled(cfg.deepspeed)
+    if d.world_size > 1:
+        run_dir = broadcast_object(run_dir)  # every rank writes where rank 0 does
+        if not d.main:
+            logging.getLogger().setLevel(logging.WARNING)  # one rank narrates
+    plan = BatchPlan.from_config(t, d.world_size)
     device = resolve_device(t.device)
+    if device.type == "cuda" and d.world_size > 1:
+        device = torch.device("cuda", d.local_rank)
     dtype = resolve_dtype(t.dtype, device)
-    seed_everything(t.seed)
+    seed_everything(t.seed)  # the same on every rank: new heads start identical everywhere
 
     algo = build_algorithm(
         BuildContext(
-            cfg=cfg, device=device, dtype=dtype, run_dir=run_dir, plan=plan, world_size=world_size
+            cfg=cfg,
+            device=device,
+            dtype=dtype,
+            run_dir=run_dir,
+            plan=plan,
+            rank=d.rank,
+            world_size=d.world_size,
         )
     )
+    if d.world_size > 1:
+        seed_everything(t.seed + d.rank)  # from here on each rank samples its own completions
     trained = algo.trained  # the policy (or the reward model for algo=rm)
     for role, model in algo.models().items():
         trainable, total = count_parameters(model)
@@ -172,24 +194,37 @@ def train(
     extra = algo.extra_trained(lr)
     for role, (_, extra_lr) in extra.items():
         log.info("%s: trained beside the policy at lr %.3g", role, extra_lr)
+    extra_models = {role: m for role, (m, _) in extra.items()}
     optimizer = make_optimizer(
         [(trained, lr), *((m, extra_lr) for m, extra_lr in extra.values())], t, device
     )
-    extra_models = {role: m for role, (m, _) in extra.items()}
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t, max_steps))
-    logger = MetricsLogger(run_dir, cfg.logger, config=config_dict, total_steps=max_steps)
+    factor = lr_lambda(t, max_steps)
+    if use_ds:
+        if extra_models:
+            raise ConfigError(
+                f"algo={cfg.algo.name} trains {', '.join(extra_models)} beside the policy, "
+                "which rltune does not run under DeepSpeed yet; use deepspeed=none"
+            )
+        ds_config = deepspeed_config(cfg, grad_accum=plan.grad_accum, dtype=dtype)
+        engine: Any = DeepSpeedEngine(trained, optimizer, factor, ds_config, d)
+    else:
+        if d.world_size > 1:
+            raise ConfigError(
+                f"{d.world_size} processes need DeepSpeed: add deepspeed=zero2 (or zero1, zero3)"
+            )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        engine = PlainEngine(trained, extra_models, optimizer, scheduler, t.max_grad_norm)
+    logger: Any = (
+        MetricsLogger(run_dir, cfg.logger, config=config_dict, total_steps=max_steps)
+        if d.main
+        else NullLogger()
+    )
     ckpt_root = run_dir / "checkpoints"
 
     step, pending, total_tokens = 0, {}, 0.0
     resume_from = find_resume(t.resume, ckpt_root)
     if resume_from is not None:
-        state = load_checkpoint(
-            resume_from,
-            model=trained,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            extra_models=extra_models,
-        )
+        state = engine.load(resume_from)
         algo.load_state_dict(state["algo"])
         step, pending, total_tokens = state["step"], state["pending"], state["total_tokens"]
         log.info("resumed from %s at step %d", resume_from, step)
@@ -224,40 +259,28 @@ def train(
             if samples:
                 logger.log_samples(step + 1, list(samples[0]), [list(s.values()) for s in samples])
             norm = algo.normaliser(batches)
+            if d.world_size > 1:
+                # the step's count over all ranks, shared out: with gradients averaged over
+                # ranks this gives exactly the single-process gradient
+                norm = all_reduce_sum({"n": norm}, device)["n"] / d.world_size
             train_started = time.perf_counter()
-            for batch in batches:
+            step_lr = engine.lr()
+            for i, batch in enumerate(batches):
                 with autocast(device, dtype):
                     loss, metrics = algo.loss(batch, norm)
-                loss.backward()
+                engine.backward(loss, last=i == len(batches) - 1)
                 for k, v in metrics.items():
                     step_metrics[k] = step_metrics.get(k, 0.0) + v
-            clip = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(trained.parameters(), clip).item()
-            finite = math.isfinite(grad_norm)
-            for role, model in extra_models.items():  # each model clipped on its own
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
-                step_metrics[f"grad_norm/{role}"] = norm
-                finite = finite and math.isfinite(norm)
-            step_lr = scheduler.get_last_lr()[0]
-            if finite:
-                optimizer.step()
-            else:
-                # a NaN/inf gradient would poison every weight and AdamW moment: skip the update
-                # (the schedule still advances, so the run's length is unchanged) and say so
-                log.warning("step %d: gradient norm is %s, update skipped", step + 1, grad_norm)
-                step_metrics["skipped_updates"] = 1.0
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            step_metrics.update(engine.step())
             step += 1
             now = time.perf_counter()
             elapsed = now - started
             step_metrics["time/train"] = now - train_started
-
+            if d.world_size > 1:
+                step_metrics = merge_ranks(step_metrics)
             tokens = step_metrics.pop("num_tokens", 0.0)
             total_tokens += tokens
-            step_metrics.update(
-                grad_norm=grad_norm, tokens_per_s=tokens / elapsed, step_time_s=elapsed
-            )
+            step_metrics.update(tokens_per_s=tokens / elapsed, step_time_s=elapsed)
             # metrics are averaged over the steps since the last log that reported them, like the
             # peers' `loss` (with algo.num_iterations > 1 rollout metrics come every few steps)
             for k, v in step_metrics.items():
@@ -277,13 +300,9 @@ def train(
             if row:
                 logger.log({"step": step, **row})
             if (t.save_every and step % t.save_every == 0) or stop.signum is not None:
-                saved = save_checkpoint(
+                saved = engine.save(
                     ckpt_root,
                     step,
-                    model=trained,
-                    optimizer=optimizer,
-                    scheduler=scheduler,
-                    extra_models=extra_models,
                     trainer_state=snapshot(),
                     config_yaml=config_yaml,
                     keep=t.keep_checkpoints,
@@ -296,10 +315,7 @@ def train(
 
     logger.close()
     final = run_dir / "final"
-    # training is over: export in the compute dtype (bf16 on GPUs), as the peers do
-    export_final(trained.to(dtype), algo.tokenizer, final)
-    for role, model in extra_models.items():  # e.g. final/value/
-        export_final(model.to(dtype), algo.tokenizer, final / role)
+    engine.export(final, algo.tokenizer, dtype)
     log.info("done: %d steps; model written to %s", step, final)
     if evals:
         (first_step, first), (last_step, last) = evals[0], evals[-1]

@@ -43,7 +43,8 @@ from rltune.advantages import (
 )
 from rltune.algos import BuildContext
 from rltune.algos.online import OnlineAlgorithm
-from rltune.config import GRPOConfig
+from rltune.config import ConfigError, GRPOConfig
+from rltune.distributed import all_gather_cat
 from rltune.losses import (
     aggregate_loss,
     clipped_surrogate,
@@ -59,6 +60,11 @@ log = logging.getLogger(__name__)
 
 class GRPO(OnlineAlgorithm):
     def __init__(self, cfg: GRPOConfig, ctx: BuildContext):
+        if cfg.filter_zero_std and ctx.world_size > 1:
+            raise ConfigError(
+                "algo.filter_zero_std=true with several processes is not supported yet: ranks "
+                "would train on different numbers of micro-batches"
+            )
         self.logprob_chunk_size = cfg.logprob_chunk_size
         super().__init__(cfg, ctx)
         self.buffer: list[dict[str, Any]] = []
@@ -66,8 +72,15 @@ class GRPO(OnlineAlgorithm):
         self.baseline: float | None = None  # algo.estimator=reinforce's running mean
 
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
-        """One advantage per completion from the rollout's rewards [N] (NaN: none), per
-        algo.estimator and algo.scale_rewards."""
+        """One advantage per completion of this rank's rollout [N] (NaN: none), per
+        algo.estimator and algo.scale_rewards. With several processes the rewards of every
+        rank are gathered first, so batch statistics are global (groups never straddle ranks)."""
+        n = len(rewards)
+        everyone = all_gather_cat(rewards.to(self.ctx.device)).cpu()  # [N x world]
+        start = self.ctx.rank * n
+        return self._advantages(everyone)[start : start + n]
+
+    def _advantages(self, rewards: torch.Tensor) -> torch.Tensor:
         g, scale = self.cfg.group_size, self.cfg.scale_rewards
         if self.cfg.estimator == "grpo":
             return group_advantages(rewards, g, scale)

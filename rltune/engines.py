@@ -1,0 +1,186 @@
+"""How the loop applies gradients, saves and exports: plain PyTorch, or DeepSpeed ZeRO.
+
+The trainer calls the same five methods either way:
+
+    engine.backward(loss, last=...)   once per micro-batch
+    engine.step() -> metrics          once per optimizer step (clip, step, schedule, zero grads)
+    engine.save(...) / engine.load(...)
+    engine.export(final_dir, tokenizer, dtype)
+
+`PlainEngine` holds one AdamW over the trained model and any models trained beside it (PPO's
+value model, each at its own lr and clipped on its own), skips updates whose gradient norm is not
+finite, and checkpoints through `rltune.checkpoint`. `DeepSpeedEngine` hands the model, the same
+AdamW and the same schedule to `deepspeed.initialize`; DeepSpeed partitions them per the ZeRO
+stage, clips, steps and checkpoints (each rank its own shard).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rltune import checkpoint as ckpt
+from rltune.distributed import Dist, barrier, gathered, partitioned_bytes
+from rltune.models import export_final
+
+log = logging.getLogger(__name__)
+
+
+class PlainEngine:
+    def __init__(
+        self,
+        trained: nn.Module,
+        extra_models: dict[str, nn.Module],
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        max_grad_norm: float,
+    ):
+        self.trained, self.extra_models = trained, extra_models
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.clip = max_grad_norm if max_grad_norm > 0 else float("inf")
+
+    def backward(self, loss: torch.Tensor, *, last: bool) -> None:
+        loss.backward()
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def step(self) -> dict[str, float]:
+        metrics = {}
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trained.parameters(), self.clip).item()
+        finite = math.isfinite(grad_norm)
+        for role, model in self.extra_models.items():  # each model clipped on its own
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip).item()
+            metrics[f"grad_norm/{role}"] = norm
+            finite = finite and math.isfinite(norm)
+        if finite:
+            self.optimizer.step()
+        else:
+            # a NaN/inf gradient would poison every weight and AdamW moment: skip the update
+            # (the schedule still advances, so the run's length is unchanged) and say so
+            log.warning("gradient norm is %s: update skipped", grad_norm)
+            metrics["skipped_updates"] = 1.0
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics["grad_norm"] = grad_norm
+        return metrics
+
+    def save(self, root: Path, step: int, *, trainer_state, config_yaml: str, keep: int) -> Path:
+        return ckpt.save_checkpoint(
+            root,
+            step,
+            model=self.trained,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            extra_models=self.extra_models,
+            trainer_state=trainer_state,
+            config_yaml=config_yaml,
+            keep=keep,
+        )
+
+    def load(self, path: Path) -> dict[str, Any]:
+        return ckpt.load_checkpoint(
+            path,
+            model=self.trained,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            extra_models=self.extra_models,
+        )
+
+    def export(self, final: Path, tokenizer, dtype: torch.dtype) -> None:
+        # training is over: export in the compute dtype (bf16 on GPUs), as the peers do
+        export_final(self.trained.to(dtype), tokenizer, final)
+        for role, model in self.extra_models.items():  # e.g. final/value/
+            export_final(model.to(dtype), tokenizer, final / role)
+
+
+DS_STATE = "deepspeed"
+"""Folder of a checkpoint holding DeepSpeed's own (per-rank, partitioned) state."""
+
+
+class DeepSpeedEngine:
+    def __init__(
+        self,
+        trained: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        lr_factor,
+        ds_config: dict[str, Any],
+        dist: Dist,
+    ):
+        import deepspeed
+
+        self.dist = dist
+        self.trained = trained
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=trained,
+            optimizer=optimizer,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor),
+            config=ds_config,
+        )
+        stage = ds_config["zero_optimization"].get("stage", 0)
+        log.warning(
+            "deepspeed: ZeRO stage %d, rank %d of %d holds %s bytes of parameters",
+            stage,
+            dist.rank,
+            dist.world_size,
+            f"{partitioned_bytes(trained):,}",
+        )
+
+    def backward(self, loss: torch.Tensor, *, last: bool) -> None:
+        # the loop's losses are already normalised for the whole step: no 1/accumulation scaling;
+        # the step's last micro-batch is the accumulation boundary, however many there are
+        self.engine.set_gradient_accumulation_boundary(last)
+        self.engine.backward(loss, scale_wrt_gas=False)
+        self.engine.step()
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def step(self) -> dict[str, float]:
+        norm = self.engine.get_global_grad_norm()
+        return {"grad_norm": float(norm) if norm is not None else float("nan")}
+
+    def save(self, root: Path, step: int, *, trainer_state, config_yaml: str, keep: int) -> Path:
+        """Every rank writes its shard and RNG state into a temporary folder; rank 0 adds the
+        loop's state and renames it into place once all ranks are done."""
+        tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
+        if self.dist.main:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        barrier()
+        self.engine.save_checkpoint(str(tmp / DS_STATE), tag="state")
+        torch.save(ckpt.rng_state(), tmp / f"rng-{self.dist.rank}.pt")
+        barrier()
+        if self.dist.main:
+            (tmp / "config.yaml").write_text(config_yaml)
+            (tmp / ckpt.STATE_FILE).write_text(
+                json.dumps({"step": step, **trainer_state}, indent=2)
+            )
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            for old in ckpt.list_checkpoints(root)[:-keep] if keep > 0 else []:
+                shutil.rmtree(old)
+        barrier()
+        return final
+
+    def load(self, path: Path) -> dict[str, Any]:
+        self.engine.load_checkpoint(str(path / DS_STATE), tag="state")
+        ckpt.set_rng_state(torch.load(path / f"rng-{self.dist.rank}.pt", weights_only=False))
+        return json.loads((path / ckpt.STATE_FILE).read_text())
+
+    def export(self, final: Path, tokenizer, dtype: torch.dtype) -> None:
+        """final/ in Hugging Face format from rank 0, with ZeRO-3 parameters gathered first."""
+        with gathered(self.trained):
+            if self.dist.main:
+                export_final(self.trained, tokenizer, final)
+        barrier()

@@ -1,0 +1,114 @@
+"""DeepSpeed ZeRO with two processes on CPU (gloo), launched with torchrun as a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+
+from rltune.cli import run
+from rltune.logging import read_metrics
+
+pytest.importorskip("deepspeed")
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+SMALL = [
+    "train.max_steps=3",
+    "train.log_every=1",
+    "train.eval_samples=16",
+    "train.batch_size=16",
+    "train.micro_batch_size=8",
+]
+HALF = "1,708,288 bytes"  # 854,144 fp32 parameters = 3,416,576 bytes, split over 2 ranks
+
+
+def torchrun(*overrides: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "rltune", *overrides],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+
+
+def _losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+@pytest.mark.parametrize("algo", ["sft", "dpo"])
+def test_zero3_on_two_processes_matches_one_process(tmp_path, algo):
+    """Same global batch: every step's loss equals the single-process run's (1e-4), and each
+    rank holds half of the parameters (stage3_param_persistence_threshold=0)."""
+    two = tmp_path / "two"
+    proc = torchrun(
+        f"algo={algo}", "deepspeed=zero3", "deepspeed.param_persistence_threshold=0", *SMALL,
+        f"hydra.run.dir={two}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        assert (
+            f"ZeRO stage 3, rank {rank} of 2 holds {HALF} of parameters"
+            in proc.stdout + proc.stderr
+        )
+    one = run([f"algo={algo}", *SMALL, f"hydra.run.dir={tmp_path / 'one'}"])
+    a, b = _losses(one), _losses(two)
+    assert sorted(b) == [1, 2, 3]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-4), (step, a[step], b[step])
+
+
+def test_grpo_under_zero3_generates_on_both_ranks(tmp_path):
+    proc = torchrun(
+        "algo=grpo", "deepspeed=zero3", "deepspeed.param_persistence_threshold=0", *SMALL,
+        "algo.group_size=4", f"hydra.run.dir={tmp_path}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"rank 1 of 2 holds {HALF}" in proc.stdout + proc.stderr
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all("reward" in r for r in rows)
+
+
+def test_zero2_resume_matches_the_uninterrupted_run(tmp_path):
+    common = ["algo=sft", "deepspeed=zero2", *SMALL, "train.max_steps=6", "train.save_every=3"]
+    assert torchrun(*common, f"hydra.run.dir={tmp_path / 'straight'}").returncode == 0
+    crashed = tmp_path / "crashed"
+    proc = torchrun(*common, "train.fail_at_step=4", f"hydra.run.dir={crashed}")
+    assert proc.returncode != 0
+    assert sorted(p.name for p in (crashed / "checkpoints").iterdir()) == ["step-3"]
+    proc = torchrun(*common, "train.resume=auto", f"hydra.run.dir={crashed}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _losses(tmp_path / "straight"), _losses(crashed)
+    for step in (4, 5, 6):
+        assert b[step] == pytest.approx(a[step], abs=1e-6), (step, a[step], b[step])
+
+
+def test_zero3_final_loads_and_equals_the_gathered_weights(tmp_path):
+    proc = torchrun(
+        "algo=sft", "deepspeed=zero3", "deepspeed.param_persistence_threshold=0", *SMALL,
+        "train.save_every=3", f"hydra.run.dir={tmp_path}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    shards = get_fp32_state_dict_from_zero_checkpoint(
+        str(tmp_path / "checkpoints" / "step-3" / "deepspeed"), tag="state"
+    )
+    final = model.state_dict()
+    assert shards.keys() <= final.keys()
+    for name, tensor in shards.items():
+        assert torch.equal(final[name], tensor), name
+
+
+def test_one_process_without_a_launcher(tmp_path):
+    run_dir = run(["algo=sft", "deepspeed=zero2", *SMALL, f"hydra.run.dir={tmp_path}"])
+    assert sorted(_losses(run_dir)) == [1, 2, 3]
+    assert "rank 0 of 1 holds 3,416,576 bytes" in (run_dir / "cli.log").read_text()
