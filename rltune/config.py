@@ -101,7 +101,7 @@ class ModelConfig:
 @dataclass
 class PeftConfig:
     method: str = "none"
-    """none (full fine-tuning) or lora."""
+    """none (full fine-tuning), lora, or qlora (LoRA on a 4-bit base; CUDA and bitsandbytes)."""
     r: int = 16
     """LoRA rank."""
     alpha: int = 32
@@ -508,7 +508,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.scheduler": ("cosine", "linear", "constant"),
     "train.dtype": ("auto", "fp32", "bf16"),
     "model.dtype": ("auto", "fp32", "bf16", "fp16"),
-    "peft.method": ("none", "lora"),
+    "peft.method": ("none", "lora", "qlora"),
     "data.format": (
         "auto",
         "text",
@@ -577,6 +577,10 @@ def validate(cfg: RLTuneConfig) -> None:
         raise ConfigError(
             "rollout.top_k must be >= 0, rollout.min_p in [0, 1), rollout.batch_size >= 1"
         )
+    if cfg.peft.method == "qlora":
+        from rltune.models import check_qlora
+
+        check_qlora(cfg.train.device)
     if not 0 <= cfg.deepspeed.stage <= 3:
         raise ConfigError(f"deepspeed.stage={cfg.deepspeed.stage} must be 0, 1, 2 or 3")
     if cfg.deepspeed.offload_params and cfg.deepspeed.stage != 3:

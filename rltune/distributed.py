@@ -177,3 +177,26 @@ def gathered(model: torch.nn.Module):
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(params)
+
+
+def partition_frozen(models: dict[str, torch.nn.Module], ds_config: dict[str, Any]) -> None:
+    """Under ZeRO-3, partition frozen models (the reference copy) across ranks in place, as
+    DeepSpeed inference engines: each rank keeps its shard and forward passes gather layer by
+    layer. Other stages leave them whole."""
+    zero = ds_config.get("zero_optimization", {})
+    if zero.get("stage") != 3 or not models:
+        return
+    import deepspeed
+
+    config = {
+        "train_micro_batch_size_per_gpu": ds_config["train_micro_batch_size_per_gpu"],
+        "zero_optimization": {k: v for k, v in zero.items() if k != "offload_optimizer"},
+        "bf16": ds_config.get("bf16", {"enabled": False}),
+    }
+    for role, model in models.items():
+        deepspeed.initialize(model=model, config=config)
+        log.warning(
+            "deepspeed: %s partitioned, %s bytes on this rank",
+            role,
+            f"{partitioned_bytes(model):,}",
+        )

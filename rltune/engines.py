@@ -28,10 +28,38 @@ import torch
 from torch import nn
 
 from rltune import checkpoint as ckpt
+from rltune.config import TrainConfig
 from rltune.distributed import Dist, barrier, gathered, partitioned_bytes
 from rltune.models import export_final
 
 log = logging.getLogger(__name__)
+
+MAIN = "policy"
+"""The role under which the main trained model's loss and engine go (PPO adds "value")."""
+
+
+def make_optimizer(
+    models: list[tuple[torch.nn.Module, float]], t: TrainConfig, device: torch.device
+) -> torch.optim.AdamW:
+    """One AdamW over every trained model, each at its own learning rate (PPO's critic has its
+    own); no weight decay on biases and norm scales."""
+    groups = []
+    for model, lr in models:
+        decay, no_decay = [], []
+        for p in model.parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        groups += [
+            {"params": decay, "weight_decay": t.weight_decay, "lr": lr},
+            {"params": no_decay, "weight_decay": 0.0, "lr": lr},
+        ]
+    return torch.optim.AdamW(
+        groups,
+        lr=models[0][1],
+        betas=(t.adam_beta1, t.adam_beta2),
+        eps=t.adam_eps,
+        fused=device.type == "cuda",
+    )
 
 
 class PlainEngine:
@@ -47,8 +75,9 @@ class PlainEngine:
         self.optimizer, self.scheduler = optimizer, scheduler
         self.clip = max_grad_norm if max_grad_norm > 0 else float("inf")
 
-    def backward(self, loss: torch.Tensor, *, last: bool) -> None:
-        loss.backward()
+    def backward(self, loss: torch.Tensor | dict[str, torch.Tensor], *, last: bool) -> None:
+        total = sum(loss.values()) if isinstance(loss, dict) else loss
+        total.backward()
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
@@ -107,49 +136,63 @@ DS_STATE = "deepspeed"
 
 
 class DeepSpeedEngine:
+    """One DeepSpeed engine per trained model (the policy; PPO's value model too), each with the
+    loop's AdamW at its own lr and the loop's schedule."""
+
     def __init__(
         self,
-        trained: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        models: dict[str, tuple[nn.Module, float]],
+        t: TrainConfig,
         lr_factor,
         ds_config: dict[str, Any],
         dist: Dist,
+        device: torch.device,
     ):
         import deepspeed
 
         self.dist = dist
-        self.trained = trained
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=trained,
-            optimizer=optimizer,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor),
-            config=ds_config,
-        )
-        stage = ds_config["zero_optimization"].get("stage", 0)
-        log.warning(
-            "deepspeed: ZeRO stage %d, rank %d of %d holds %s bytes of parameters",
-            stage,
-            dist.rank,
-            dist.world_size,
-            f"{partitioned_bytes(trained):,}",
-        )
+        self.models = {role: m for role, (m, _) in models.items()}
+        self.engines, self.schedulers = {}, {}
+        for role, (model, lr) in models.items():
+            engine, _, _, scheduler = deepspeed.initialize(
+                model=model,
+                optimizer=make_optimizer([(model, lr)], t, device),
+                lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor),
+                config=ds_config,
+            )
+            self.engines[role], self.schedulers[role] = engine, scheduler
+            log.warning(
+                "deepspeed: ZeRO stage %d, rank %d of %d holds %s bytes of %s parameters",
+                ds_config["zero_optimization"].get("stage", 0),
+                dist.rank,
+                dist.world_size,
+                f"{partitioned_bytes(model):,}",
+                role,
+            )
 
-    def backward(self, loss: torch.Tensor, *, last: bool) -> None:
+    def backward(self, loss: torch.Tensor | dict[str, torch.Tensor], *, last: bool) -> None:
         # the loop's losses are already normalised for the whole step: no 1/accumulation scaling;
         # the step's last micro-batch is the accumulation boundary, however many there are
-        self.engine.set_gradient_accumulation_boundary(last)
-        self.engine.backward(loss, scale_wrt_gas=False)
-        self.engine.step()
+        losses = loss if isinstance(loss, dict) else {MAIN: loss}
+        for role, part in losses.items():
+            engine = self.engines[role]
+            engine.set_gradient_accumulation_boundary(last)
+            engine.backward(part, scale_wrt_gas=False)
+            engine.step()
 
     def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+        return self.schedulers[MAIN].get_last_lr()[0]
 
     def step(self) -> dict[str, float]:
-        norm = self.engine.get_global_grad_norm()
-        return {"grad_norm": float(norm) if norm is not None else float("nan")}
+        metrics = {}
+        for role, engine in self.engines.items():
+            norm = engine.get_global_grad_norm()
+            key = "grad_norm" if role == MAIN else f"grad_norm/{role}"
+            metrics[key] = float(norm) if norm is not None else float("nan")
+        return metrics
 
     def save(self, root: Path, step: int, *, trainer_state, config_yaml: str, keep: int) -> Path:
-        """Every rank writes its shard and RNG state into a temporary folder; rank 0 adds the
+        """Every rank writes its shards and RNG state into a temporary folder; rank 0 adds the
         loop's state and renames it into place once all ranks are done."""
         tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
         if self.dist.main:
@@ -157,7 +200,8 @@ class DeepSpeedEngine:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         barrier()
-        self.engine.save_checkpoint(str(tmp / DS_STATE), tag="state")
+        for role, engine in self.engines.items():
+            engine.save_checkpoint(str(tmp / DS_STATE / role), tag="state")
         torch.save(ckpt.rng_state(), tmp / f"rng-{self.dist.rank}.pt")
         barrier()
         if self.dist.main:
@@ -174,13 +218,16 @@ class DeepSpeedEngine:
         return final
 
     def load(self, path: Path) -> dict[str, Any]:
-        self.engine.load_checkpoint(str(path / DS_STATE), tag="state")
+        for role, engine in self.engines.items():
+            engine.load_checkpoint(str(path / DS_STATE / role), tag="state")
         ckpt.set_rng_state(torch.load(path / f"rng-{self.dist.rank}.pt", weights_only=False))
         return json.loads((path / ckpt.STATE_FILE).read_text())
 
     def export(self, final: Path, tokenizer, dtype: torch.dtype) -> None:
-        """final/ in Hugging Face format from rank 0, with ZeRO-3 parameters gathered first."""
-        with gathered(self.trained):
-            if self.dist.main:
-                export_final(self.trained, tokenizer, final)
-        barrier()
+        """final/ (and final/<role>/) in Hugging Face format from rank 0, with ZeRO-3 parameters
+        gathered first."""
+        for role, model in self.models.items():
+            with gathered(model):
+                if self.dist.main:
+                    export_final(model, tokenizer, final if role == MAIN else final / role)
+            barrier()

@@ -139,18 +139,56 @@ def load_policy(
     `dtype` is the compute dtype. Trained weights load in fp32 (master weights; autocast runs the
     matmuls in `dtype`); a frozen LoRA base loads directly in `dtype` to halve its memory, and
     peft keeps the adapters themselves in fp32."""
-    weights = dtype if peft_cfg.method == "lora" else torch.float32
-    model = load_causal_lm(model_cfg, dtype=weights, device=device)
+    if peft_cfg.method == "qlora":
+        model = load_4bit(model_cfg, dtype=dtype, device=device)
+    else:
+        weights = dtype if peft_cfg.method == "lora" else torch.float32
+        model = load_causal_lm(model_cfg, dtype=weights, device=device)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    if peft_cfg.method == "lora":
+    if peft_cfg.method in ("lora", "qlora"):
         model = apply_lora(model, peft_cfg)
         if gradient_checkpointing:
             model.enable_input_require_grads()
     elif peft_cfg.method != "none":
-        raise ConfigError(f"peft.method={peft_cfg.method!r} is not one of: none, lora")
+        raise ConfigError(f"peft.method={peft_cfg.method!r} is not one of: none, lora, qlora")
     return model
+
+
+def check_qlora(device_name: str) -> None:
+    """peft=qlora needs CUDA and bitsandbytes; say so before anything loads."""
+    if device_name == "cpu" or not torch.cuda.is_available():
+        raise ConfigError(
+            "peft=qlora quantises the base model to 4 bits with bitsandbytes, which needs a CUDA "
+            "GPU; use peft=lora on this machine"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError("peft=qlora needs bitsandbytes: pip install bitsandbytes") from None
+
+
+def load_4bit(model_cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """The frozen base in 4-bit NF4 (QLoRA), computing in `dtype`, ready for adapters."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_path(model_cfg.path),
+        revision=model_cfg.revision,
+        trust_remote_code=model_cfg.trust_remote_code,
+        quantization_config=quant,
+        device_map={"": device},
+        dtype=dtype,
+    )
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 def load_scalar_model(path: str, model_cfg: ModelConfig, *, device: torch.device) -> nn.Module:
@@ -190,6 +228,8 @@ def load_reward_model(
     model = load_scalar_model(model_cfg.path, model_cfg, device=device)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if peft_cfg.method == "qlora":
+        raise ConfigError("peft=qlora is for policies; train a reward model with peft=lora")
     if peft_cfg.method == "lora":
         model = apply_lora(model, peft_cfg, task_type="SEQ_CLS")
     return model
@@ -215,7 +255,11 @@ def export_final(model: nn.Module, tokenizer, out_dir: Path) -> None:
     """Write a Hugging Face folder that `from_pretrained` loads. With LoRA the adapter goes to
     `out_dir/adapter/` and the merged model to `out_dir/` itself."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    if is_peft(model):
+    if is_peft(model) and getattr(model, "is_loaded_in_4bit", False):
+        # a 4-bit base cannot be merged without losing the adapter's precision: adapter only
+        model.save_pretrained(out_dir / "adapter")
+        log.warning("peft=qlora: final/adapter/ holds the adapter; merge it into the bf16 base")
+    elif is_peft(model):
         model.save_pretrained(out_dir / "adapter")
         # Merge into a copy so the in-memory policy keeps its adapters (callers may go on).
         import copy

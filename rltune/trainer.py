@@ -32,8 +32,9 @@ from rltune.distributed import (
     deepspeed_enabled,
     init_distributed,
     merge_ranks,
+    partition_frozen,
 )
-from rltune.engines import DeepSpeedEngine, PlainEngine
+from rltune.engines import MAIN, DeepSpeedEngine, PlainEngine, make_optimizer
 from rltune.logging import MetricsLogger, NullLogger
 from rltune.models import autocast, count_parameters, resolve_device, resolve_dtype
 
@@ -74,30 +75,6 @@ def lr_lambda(t: TrainConfig, max_steps: int):
         return t.min_lr_ratio + (1.0 - t.min_lr_ratio) * shape
 
     return factor
-
-
-def make_optimizer(
-    models: list[tuple[torch.nn.Module, float]], t: TrainConfig, device: torch.device
-) -> torch.optim.AdamW:
-    """One AdamW over every trained model, each at its own learning rate (PPO's critic has its
-    own); no weight decay on biases and norm scales."""
-    groups = []
-    for model, lr in models:
-        decay, no_decay = [], []
-        for p in model.parameters():
-            if p.requires_grad:
-                (decay if p.ndim >= 2 else no_decay).append(p)
-        groups += [
-            {"params": decay, "weight_decay": t.weight_decay, "lr": lr},
-            {"params": no_decay, "weight_decay": 0.0, "lr": lr},
-        ]
-    return torch.optim.AdamW(
-        groups,
-        lr=models[0][1],
-        betas=(t.adam_beta1, t.adam_beta2),
-        eps=t.adam_eps,
-        fused=device.type == "cuda",
-    )
 
 
 def seed_everything(seed: int) -> None:
@@ -172,7 +149,7 @@ def train(
             f"{trainable:,}",
             100 * trainable / max(1, total),
         )
-    lr_key = cfg.algo.name + ("_lora" if cfg.peft.method == "lora" else "")
+    lr_key = cfg.algo.name + ("_lora" if cfg.peft.method in ("lora", "qlora") else "")
     lr = t.lr if t.lr is not None else cfg.model.lrs.get(lr_key, algo.default_lr())
     examples = algo.examples_per_epoch()
     if t.max_steps > 0:
@@ -195,23 +172,26 @@ def train(
     for role, (_, extra_lr) in extra.items():
         log.info("%s: trained beside the policy at lr %.3g", role, extra_lr)
     extra_models = {role: m for role, (m, _) in extra.items()}
-    optimizer = make_optimizer(
-        [(trained, lr), *((m, extra_lr) for m, extra_lr in extra.values())], t, device
-    )
     factor = lr_lambda(t, max_steps)
     if use_ds:
-        if extra_models:
-            raise ConfigError(
-                f"algo={cfg.algo.name} trains {', '.join(extra_models)} beside the policy, "
-                "which rltune does not run under DeepSpeed yet; use deepspeed=none"
-            )
         ds_config = deepspeed_config(cfg, grad_accum=plan.grad_accum, dtype=dtype)
-        engine: Any = DeepSpeedEngine(trained, optimizer, factor, ds_config, d)
+        engine: Any = DeepSpeedEngine(
+            {MAIN: (trained, lr), **extra}, t, factor, ds_config, d, device
+        )
+        frozen = {
+            role: m
+            for role, m in algo.models().items()
+            if m is not trained and role not in extra and role != "reward_model"
+        }
+        partition_frozen(frozen, ds_config)
     else:
         if d.world_size > 1:
             raise ConfigError(
                 f"{d.world_size} processes need DeepSpeed: add deepspeed=zero2 (or zero1, zero3)"
             )
+        optimizer = make_optimizer(
+            [(trained, lr), *((m, extra_lr) for m, extra_lr in extra.values())], t, device
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         engine = PlainEngine(trained, extra_models, optimizer, scheduler, t.max_grad_norm)
     logger: Any = (

@@ -75,3 +75,10 @@ def test_unreachable_hub_model_names_model_path(tmp_path, cli):
     )
     assert proc.returncode == 2
     assert "model.path=Qwen/Qwen2.5-0.5B-Instruct: cannot load the tokenizer" in proc.stderr
+
+
+def test_qlora_without_cuda_fails_before_loading(tmp_path, cli):
+    proc = cli("peft=qlora", "train.device=cpu", f"hydra.run.dir={tmp_path}", timeout=60)
+    assert proc.returncode == 2
+    assert "peft=qlora quantises the base model to 4 bits with bitsandbytes" in proc.stderr
+    assert "Loading weights" not in proc.stderr

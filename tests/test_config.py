@@ -2,6 +2,7 @@
 fail before anything loads, naming the key."""
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
@@ -31,7 +32,9 @@ def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-@pytest.mark.parametrize("group", ["algo", "model", "peft", "data", "logger"])
+@pytest.mark.parametrize(
+    "group", ["algo", "model", "peft", "data", "reward", "deepspeed", "logger"]
+)
 def test_every_preset_composes(group):
     options = _options(group)
     assert options
@@ -39,6 +42,10 @@ def test_every_preset_composes(group):
         overrides = [f"{group}={option}"]
         if (group, option) == ("data", "custom"):
             overrides.append("data.path=x.jsonl")
+        if (group, option) == ("peft", "qlora") and not torch.cuda.is_available():
+            with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+                check_schema(_compose(overrides))
+            continue
         settings = check_schema(_compose(overrides))
         assert isinstance(settings, RLTuneConfig)
 

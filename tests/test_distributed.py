@@ -54,7 +54,7 @@ def test_zero3_on_two_processes_matches_one_process(tmp_path, algo):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):
         assert (
-            f"ZeRO stage 3, rank {rank} of 2 holds {HALF} of parameters"
+            f"ZeRO stage 3, rank {rank} of 2 holds {HALF} of policy parameters"
             in proc.stdout + proc.stderr
         )
     one = run([f"algo={algo}", *SMALL, f"hydra.run.dir={tmp_path / 'one'}"])
@@ -64,15 +64,26 @@ def test_zero3_on_two_processes_matches_one_process(tmp_path, algo):
         assert b[step] == pytest.approx(a[step], abs=1e-4), (step, a[step], b[step])
 
 
-def test_grpo_under_zero3_generates_on_both_ranks(tmp_path):
+@pytest.mark.parametrize(
+    ("algo", "extra"),
+    [("grpo", ["algo.group_size=4", "algo.kl_coef=0.04"]), ("ppo", ["algo.num_minibatches=1"])],
+)
+def test_online_algorithms_under_zero3_partition_every_model(tmp_path, algo, extra):
+    """Generation with ZeRO-3 parameters gathered (ranks end at different lengths and must not
+    hang); the trained models and the frozen reference each split in half over the ranks."""
     proc = torchrun(
-        "algo=grpo", "deepspeed=zero3", "deepspeed.param_persistence_threshold=0", *SMALL,
-        "algo.group_size=4", f"hydra.run.dir={tmp_path}",
+        f"algo={algo}", "deepspeed=zero3", "deepspeed.param_persistence_threshold=0", *SMALL,
+        *extra, f"hydra.run.dir={tmp_path}",
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"rank 1 of 2 holds {HALF}" in proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert f"rank 1 of 2 holds {HALF} of policy parameters" in out
+    assert f"reference partitioned, {HALF} on this rank" in out
+    if algo == "ppo":
+        assert "rank 1 of 2 holds 1,708,544 bytes of value parameters" in out  # + the head
+        assert (tmp_path / "final" / "value" / "config.json").exists()
     rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
-    assert [r["step"] for r in rows] == [1, 2, 3] and all("reward" in r for r in rows)
+    assert [r["step"] for r in rows] == [1, 2, 3] and "reward" in rows[0]
 
 
 def test_zero2_resume_matches_the_uninterrupted_run(tmp_path):
@@ -100,7 +111,7 @@ def test_zero3_final_loads_and_equals_the_gathered_weights(tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
     shards = get_fp32_state_dict_from_zero_checkpoint(
-        str(tmp_path / "checkpoints" / "step-3" / "deepspeed"), tag="state"
+        str(tmp_path / "checkpoints" / "step-3" / "deepspeed" / "policy"), tag="state"
     )
     final = model.state_dict()
     assert shards.keys() <= final.keys()
@@ -111,4 +122,7 @@ def test_zero3_final_loads_and_equals_the_gathered_weights(tmp_path):
 def test_one_process_without_a_launcher(tmp_path):
     run_dir = run(["algo=sft", "deepspeed=zero2", *SMALL, f"hydra.run.dir={tmp_path}"])
     assert sorted(_losses(run_dir)) == [1, 2, 3]
-    assert "rank 0 of 1 holds 3,416,576 bytes" in (run_dir / "cli.log").read_text()
+    assert (
+        "rank 0 of 1 holds 3,416,576 bytes of policy parameters"
+        in (run_dir / "cli.log").read_text()
+    )

@@ -71,8 +71,12 @@ class Algorithm(Protocol):
     def normaliser(self, batches: list[Any]) -> float:
         """The step-level denominator handed to `loss` for each micro-batch of `batches`."""
 
-    def loss(self, batch: Any, normaliser: float) -> tuple[torch.Tensor, dict[str, float]]:
-        """This micro-batch's share of the step loss, and its metric contributions."""
+    def loss(
+        self, batch: Any, normaliser: float
+    ) -> tuple[torch.Tensor | dict[str, torch.Tensor], dict[str, float]]:
+        """This micro-batch's share of the step loss, and its metric contributions. An algorithm
+        that trains models beside the policy returns one loss per role ({"policy": ...,
+        "value": ...}); their sum is the step loss."""
 
     def evaluate(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """Eval metrics (`eval/...`) and a few generated samples for the logger's table."""
@@ -96,7 +100,7 @@ class AlgorithmBase:
         return self.policy  # type: ignore[attr-defined]
 
     def default_lr(self) -> float:
-        return self.cfg.lora_lr if self.ctx.cfg.peft.method == "lora" else self.cfg.lr
+        return self.cfg.lora_lr if self.ctx.cfg.peft.method in ("lora", "qlora") else self.cfg.lr
 
     def extra_trained(self, lr: float) -> dict[str, tuple[nn.Module, float]]:
         return {}

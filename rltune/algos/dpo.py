@@ -68,7 +68,6 @@ class DPO(AlgorithmBase):
             device=ctx.device,
             gradient_checkpointing=ctx.cfg.train.gradient_checkpointing,
         )
-        self.lora = ctx.cfg.peft.method == "lora"
         self.ref_cache: dict[str, torch.Tensor] | None = None
         if cfg.precompute_ref:
             self.reference = Reference(

@@ -227,18 +227,20 @@ class PPO(OnlineAlgorithm):
         vf, v_clipped = clipped_value_loss(
             values, batch["old_values"], batch["returns"], cliprange=self.cfg.cliprange_value
         )
-        per_token = pg + self.cfg.vf_coef * vf
+        policy_terms = pg
         if self.cfg.entropy_coef:
             logp_all = torch.log_softmax(logits.float() / t, -1)
             entropy_grad = -(logp_all.exp() * logp_all).sum(-1)  # [b, C]
-            per_token = per_token - self.cfg.entropy_coef * entropy_grad
-        loss = aggregate_loss(per_token, mask, "token_mean", normaliser)
+            policy_terms = pg - self.cfg.entropy_coef * entropy_grad
+        # one loss per trained model (DeepSpeed runs an engine for each); they add up to the total
+        policy_loss = aggregate_loss(policy_terms, mask, "token_mean", normaliser)
+        value_loss = aggregate_loss(self.cfg.vf_coef * vf, mask, "token_mean", normaliser)
         entropy = token_entropy(logits.detach(), temperature=t, chunk_size=self.logprob_chunk_size)
         share = lambda x: (x.detach().float() * mask).sum().item() / normaliser  # noqa: E731
         approx_kl = share(0.5 * (logps - batch["old_logps"]) ** 2)
         self.last_approx_kl += approx_kl
         metrics = {
-            "loss": loss.item(),
+            "loss": policy_loss.item() + value_loss.item(),
             "ppo/policy_loss": share(pg),
             "ppo/value_loss": share(vf),
             "ppo/clipfrac": share(clipped["low"] | clipped["high"]),
@@ -247,7 +249,7 @@ class PPO(OnlineAlgorithm):
             "entropy": share(entropy),
             "num_tokens": float(batch["attention_mask"].sum()),
         }
-        return loss, metrics
+        return {"policy": policy_loss, "value": value_loss}, metrics
 
     def state_dict(self) -> dict[str, Any]:
         return super().state_dict() | {"kl_coef": self.kl_coef}
