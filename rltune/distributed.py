@@ -147,6 +147,7 @@ def deepspeed_config(cfg: RLTuneConfig, *, grad_accum: int, dtype: torch.dtype) 
         gradient_accumulation_steps=grad_accum,
         gradient_clipping=t.max_grad_norm,
         zero_allow_untested_optimizer=True,  # the loop's AdamW (no C++ op to build)
+        zero_force_ds_cpu_optimizer=False,  # ... also when offloading it
         steps_per_print=1 << 30,
         wall_clock_breakdown=False,
     )

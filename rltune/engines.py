@@ -179,6 +179,11 @@ class DeepSpeedEngine:
             engine.set_gradient_accumulation_boundary(last)
             engine.backward(part, scale_wrt_gas=False)
             engine.step()
+            # The algorithms call the module, not engine.forward, which is where ZeRO-3 counts
+            # micro-steps; without this it would overwrite instead of accumulate gradients.
+            clear = getattr(engine.optimizer, "clear_backward_seen_flag", None)
+            if clear is not None:
+                clear()
 
     def lr(self) -> float:
         return self.schedulers[MAIN].get_last_lr()[0]
