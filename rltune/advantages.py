@@ -96,11 +96,16 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True) -> torch.Tensor:
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, reduce=None
+) -> torch.Tensor:
     """(x - mean) / std over the positions where mask is 1 (population variance); padding stays
-    0. With shift_mean=False the mean is added back (only the scale changes)."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    0. With shift_mean=False the mean is added back (only the scale changes). `reduce` sums a
+    tensor over processes, for statistics over every rank's positions."""
+    reduce = reduce or (lambda t: t)
+    count, total = reduce(torch.stack([mask.sum(), (x * mask).sum()]))
+    mean = total / count.clamp(min=1)
+    var = reduce(((x - mean) ** 2 * mask).sum()) / count.clamp(min=1)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean

@@ -85,6 +85,15 @@ def all_reduce_sum(values: dict[str, float], device: torch.device) -> dict[str, 
     return dict(zip(keys, t.tolist(), strict=True))
 
 
+def all_reduce_tensor(x: torch.Tensor) -> torch.Tensor:
+    """`x` summed over ranks (a copy; unchanged with one process)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    out = x.detach().clone()
+    dist.all_reduce(out)
+    return out
+
+
 def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     """Concatenate a same-shaped tensor from every rank along dim 0 (rank order)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

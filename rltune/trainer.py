@@ -179,9 +179,7 @@ def train(
             {MAIN: (trained, lr), **extra}, t, factor, ds_config, d, device
         )
         frozen = {
-            role: m
-            for role, m in algo.models().items()
-            if m is not trained and role not in extra and role != "reward_model"
+            role: m for role, m in algo.models().items() if m is not trained and role not in extra
         }
         partition_frozen(frozen, ds_config)
     else:

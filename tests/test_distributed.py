@@ -67,7 +67,11 @@ def test_zero3_on_two_processes_matches_one_process(tmp_path, algo):
 
 @pytest.mark.parametrize(
     ("algo", "extra"),
-    [("grpo", ["algo.group_size=4", "algo.kl_coef=0.04"]), ("ppo", ["algo.num_minibatches=1"])],
+    [
+        ("grpo", ["algo.group_size=4", "algo.kl_coef=0.04"]),
+        ("ppo", ["algo.num_minibatches=1"]),
+        ("rs", ["algo.group_size=4", "algo.prompts_per_round=4", "algo.threshold=0"]),
+    ],
 )
 def test_online_algorithms_under_zero3_partition_every_model(tmp_path, algo, extra):
     """Generation with ZeRO-3 parameters gathered (ranks end at different lengths and must not
@@ -79,12 +83,30 @@ def test_online_algorithms_under_zero3_partition_every_model(tmp_path, algo, ext
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert f"rank 1 of 2 holds {HALF} of policy parameters" in out
-    assert f"reference partitioned, {HALF} on this rank" in out
+    if algo != "rs":
+        assert f"reference partitioned, {HALF} on this rank" in out
     if algo == "ppo":
         assert "rank 1 of 2 holds 1,708,544 bytes of value parameters" in out  # + the head
         assert (tmp_path / "final" / "value" / "config.json").exists()
     rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3] and "reward" in rows[0]
+
+
+def test_ppo_with_a_reward_model_under_zero3_partitions_all_four_models(tmp_path):
+    rm_dir = run(
+        ["algo=rm", "train.max_steps=2", "train.eval_samples=8", f"hydra.run.dir={tmp_path / 'rm'}"]
+    )
+    proc = torchrun(
+        "algo=ppo", "deepspeed=zero3", "deepspeed.param_persistence_threshold=0", *SMALL,
+        "reward.funcs=[]", f"reward.model_path={rm_dir / 'final'}", f"hydra.run.dir={tmp_path / 'ppo'}",
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    for role in ("reference", "reward_model"):
+        assert f"{role} partitioned" in out, role
+    assert "bytes of value parameters" in out and f"holds {HALF} of policy parameters" in out
+    rows = [r for r in read_metrics(tmp_path / "ppo" / "metrics.jsonl") if "loss" in r]
+    assert "rewards/reward_model/mean" in rows[0]
 
 
 def test_zero2_resume_matches_the_uninterrupted_run(tmp_path):

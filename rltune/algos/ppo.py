@@ -36,6 +36,7 @@ from rltune.advantages import explained_variance, gae, kl_shaped_rewards, masked
 from rltune.algos import BuildContext
 from rltune.algos.online import OnlineAlgorithm
 from rltune.config import ConfigError, PPOConfig
+from rltune.distributed import all_reduce_sum, all_reduce_tensor
 from rltune.losses import (
     aggregate_loss,
     clipped_surrogate,
@@ -138,8 +139,8 @@ class PPO(OnlineAlgorithm):
             token_rewards, old_values, mask, gamma=self.cfg.gamma, lam=self.cfg.lam
         )
         raw_adv_mean = masked_mean(advantages, mask).item()
-        if self.cfg.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+        if self.cfg.whiten_advantages:  # over every rank's tokens, as one process would
+            advantages = masked_whiten(advantages, mask, reduce=all_reduce_tensor)
         kl_per_seq = ((old_logps - ref_logps) * mask).sum(-1)  # [N]
         kl = kl_per_seq[~no_reward].mean().item() if (~no_reward).any() else 0.0
 
@@ -188,6 +189,9 @@ class PPO(OnlineAlgorithm):
     def next_batches(self, num_micro: int, micro_batch_size: int) -> list[dict[str, Any]]:
         self.steps += 1
         bound = self.cfg.max_approx_kl
+        if self.ctx.world_size > 1:  # one decision for all ranks: they must sample together
+            total = all_reduce_sum({"kl": self.last_approx_kl}, self.ctx.device)["kl"]
+            self.last_approx_kl = total / self.ctx.world_size
         if self.queue and bound is not None and self.last_approx_kl > bound:
             log.info(
                 "approx KL %.4f > algo.max_approx_kl=%g: %d minibatches of this rollout skipped",

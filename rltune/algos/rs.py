@@ -22,6 +22,7 @@ import torch
 from rltune.algos import BuildContext
 from rltune.algos.online import OnlineAlgorithm
 from rltune.config import RSConfig
+from rltune.distributed import all_reduce_sum
 from rltune.losses import token_logps
 from rltune.rollout import left_pad, position_ids
 
@@ -95,7 +96,9 @@ class RejectionSampling(OnlineAlgorithm):
         need = num_micro * micro_batch_size
         metrics: dict[str, float] = {}
         empty = 0
-        while len(self.accepted) < need:
+        # every rank samples as many rounds as the neediest one: generation is collective under
+        # ZeRO-3, so ranks must not sample different numbers of rounds
+        while all_reduce_sum({"short": float(len(self.accepted) < need)}, self.ctx.device)["short"]:
             metrics = self._round()
             empty = empty + 1 if metrics["acceptance_rate"] == 0 else 0
             if empty >= MAX_EMPTY_ROUNDS:

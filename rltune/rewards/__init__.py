@@ -9,7 +9,8 @@ e.g. `arith`), or a user function as `module:function` or `path/to/file.py:funct
 `reward.model_path` adds a trained reward model as one more function, named `reward_model`.
 
 Names and imports are resolved by `resolve` before any model loads, so a typo fails in seconds.
-`score` calls every function with a timeout (`reward.timeout_s`). A call that raises, times out
+`score` calls every user or built-in function with a timeout (`reward.timeout_s`; the reward
+model, rltune's own code, runs directly). A call that raises, times out
 or returns something other than one number-or-None per completion is retried one sample at a
 time, so only the samples that fail lose their reward; each failure counts in
 `rewards/<name>/errors`, and the run goes on.
@@ -210,6 +211,10 @@ def _call(
 ) -> tuple[list[float | None], list[bool]]:
     """(values, failed) for one function over the batch, falling back to one sample at a time."""
     n = len(completions)
+    if f.name == MODEL_REWARD:
+        # rltune's own reward model runs in this thread: under ZeRO-3 its forward passes are
+        # collective, and a call abandoned by a timeout on one rank would hang the others
+        return _checked(f.fn(prompts, completions, **columns), n), [False] * n
     try:
         values = call_with_timeout(f.fn, timeout_s, prompts, completions, **columns)
         return _checked(values, n), [False] * n
