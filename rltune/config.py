@@ -362,8 +362,8 @@ class RSConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"
-    """Generation engine: hf (transformers generate)."""
+    engine: str = "auto"
+    """fast (rltune's decode loop: prompt prefilled once per group, early exit), hf (transformers generate, the reference), or auto (fast)."""
     temperature: float = 1.0
     """Sampling temperature; log-probs for the loss are computed at the same temperature."""
     top_p: float = 1.0
@@ -527,7 +527,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "algo.critic_init": ("auto", "reward", "policy"),
     "algo.loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),
     "algo.importance_level": ("token", "sequence"),
-    "rollout.engine": ("hf",),
+    "rollout.engine": ("auto", "fast", "hf"),
 }
 """Keys whose value must be one of a fixed set, checked before anything is loaded."""
 

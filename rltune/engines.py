@@ -58,7 +58,7 @@ def make_optimizer(
         lr=models[0][1],
         betas=(t.adam_beta1, t.adam_beta2),
         eps=t.adam_eps,
-        fused=device.type == "cuda",
+        fused=True,  # one kernel per parameter group; PyTorch has it on CPU and CUDA
     )
 
 

@@ -47,18 +47,14 @@ def token_accuracy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probability of each row's labelled tokens, and how many there are.
 
-    `logits` [B, T, V] predict the next token; `labels` [B, T] as in `token_nll_sum`. Computed
-    row by row so only one row's fp32 log-softmax exists at a time.
+    `logits` [B, T, V] predict the next token; `labels` [B, T] as in `token_nll_sum`. The fp32
+    log-softmax is computed in chunks (see `token_logps`), never for the whole batch at once.
     """
     targets = shift_labels(labels)  # [B, T]
     mask = targets != IGNORE_INDEX  # [B, T]
     safe = targets.clamp(min=0)  # [B, T]; masked positions gather any id, then count zero
-    rows = []
-    for b in range(logits.shape[0]):
-        logp = torch.log_softmax(logits[b].float(), dim=-1)  # [T, V]
-        rows.append(logp.gather(-1, safe[b].unsqueeze(-1)).squeeze(-1))  # [T]
-    token_logps = torch.stack(rows) * mask  # [B, T]
-    return token_logps.sum(-1), mask.sum(-1)  # [B], [B]
+    token = token_logps(logits, safe) * mask  # [B, T]
+    return token.sum(-1), mask.sum(-1)  # [B], [B]
 
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")

@@ -95,3 +95,60 @@ def test_left_padded_logps_equal_unpadded_forward(tiny):
             alone = model(input_ids=ids).logits
             solo = token_logps(alone[:, -n - 1 : -1] if n else alone[:, :0], ids[:, -n:])
             torch.testing.assert_close(batched[b, :n], solo[0], atol=1e-5, rtol=1e-5)
+
+
+def test_fast_engine_greedy_equals_generate_and_logps_match_a_fresh_forward(tiny):
+    """The fast decode loop is correct before it is fast: greedy output token for token equal
+    to `generate`, and the log-probs it returns equal to a fresh forward pass (fp32, 1e-5)."""
+    from rltune.evaluation import render_prompt as render
+    from rltune.rollout import fast_sample, generate_greedy
+    from rltune.tasks.arith import rows
+
+    model, tokenizer = tiny
+    prompts = [
+        tokenizer(render(tokenizer, r["prompt"]), add_special_tokens=False)["input_ids"]
+        for r in rows("prompt_answer", 24, seed=0, split="eval")
+    ]
+    expected = generate_greedy(model, tokenizer, prompts, max_new_tokens=16)
+    rollout, logps = fast_sample(
+        model, tokenizer, prompts, SamplingParams(max_new_tokens=16), greedy=True, batch_size=10
+    )  # 3 calls of 10, 10 and 4 prompts, merged
+    assert rollout.completions == expected
+    mask = rollout.attention_mask
+    with torch.no_grad():
+        logits = model(
+            input_ids=rollout.input_ids, attention_mask=mask, position_ids=position_ids(mask)
+        ).logits
+    width = rollout.completion_ids.shape[1]
+    fresh = token_logps(logits[:, -width - 1 : -1], rollout.completion_ids)
+    torch.testing.assert_close(logps, fresh * rollout.completion_mask, atol=1e-5, rtol=1e-5)
+
+
+def test_fast_engine_samples_groups_from_one_prefill(tiny):
+    from rltune.rollout import fast_sample
+
+    model, tokenizer = tiny
+    torch.manual_seed(0)
+    prompts = _prompt_ids(tokenizer, ["12+7=", "3*4=", "100-1="])
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, top_k=5, top_p=0.9)
+    out, logps = fast_sample(model, tokenizer, prompts, params, group_size=4)
+    assert out.completion_ids.shape[0] == 12 and logps.shape == out.completion_ids.shape
+    for i, p in enumerate(prompts):  # the samples of a prompt are adjacent, on its ids
+        for row in out.prompt_ids[4 * i : 4 * i + 4].tolist():
+            assert row[len(row) - len(p) :] == p
+    assert torch.equal(out.completion_mask.cummin(-1).values, out.completion_mask)
+    assert (logps <= 0).all() and (logps[out.completion_mask == 0] == 0).all()
+
+
+def test_filter_logits_top_k_top_p_min_p():
+    from rltune.rollout import filter_logits
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+
+    def keep(**kw):
+        return filter_logits(logits, SamplingParams(max_new_tokens=1, **kw)).isfinite()[0].tolist()
+
+    assert keep(top_k=2) == [True, True, False, False]
+    assert keep(top_p=0.7) == [True, True, False, False]  # 0.5 < 0.7, 0.5 + 0.3 crosses it
+    assert keep(top_p=0.45) == [True, False, False, False]  # the first token alone suffices
+    assert keep(min_p=0.25) == [True, True, True, False]  # 0.05 < 0.25 x 0.5

@@ -110,6 +110,19 @@ class GRPO(OnlineAlgorithm):
 
         device = self.ctx.device
         input_ids, attention_mask = rollout.input_ids, rollout.attention_mask
+        full = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids(attention_mask),
+            "completion_ids": rollout.completion_ids,
+        }
+        # log-probs that do not change during the update, for the whole rollout in few large
+        # forward passes (rollout.batch_size rows each) rather than one per micro-batch
+        fixed: dict[str, torch.Tensor] = {}
+        if self.cfg.num_iterations > 1:  # the sampling policy's log-probs, for mu steps
+            fixed["old_logps"] = self.rollout_logps(full, self.logps_of(self.policy))
+        if self.reference is not None:
+            fixed["ref_logps"] = self.rollout_logps(full, self.reference_logps)
         kept = keep.nonzero().squeeze(-1).tolist()
         batches = []
         for start in range(0, len(kept), micro_batch_size):
@@ -123,6 +136,7 @@ class GRPO(OnlineAlgorithm):
                     "completion_ids": rollout.completion_ids[rows],
                     "loss_mask": loss_mask[rows].float(),
                     "advantages": advantages.to(device)[rows],
+                    **{k: v[rows] for k, v in fixed.items()},
                 }
             )
         denominator = loss_denominator(
@@ -131,10 +145,6 @@ class GRPO(OnlineAlgorithm):
         step_tokens = max(1.0, sum(float(b["loss_mask"].sum()) for b in batches))
         for b in batches:
             b["denominator"], b["step_tokens"] = denominator, step_tokens
-            if self.cfg.num_iterations > 1:  # the sampling policy's log-probs, for mu steps
-                b["old_logps"] = self.logps(self.policy, b)
-            if self.reference is not None:
-                b["ref_logps"] = self.reference_logps(b)
 
         _, group_std = group_stats(rewards_t, g)
         metrics = self.rollout_metrics(rollout, scores) | timing

@@ -22,7 +22,7 @@ from rltune.data.stream import IndexStream
 from rltune.evaluation import get_task, render_prompt
 from rltune.losses import token_logps
 from rltune.models import Reference, autocast, load_policy, load_tokenizer
-from rltune.rollout import Rollout, SamplingParams, generate_greedy, sample
+from rltune.rollout import Rollout, SamplingParams, fast_sample, generate_greedy, sample
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +169,9 @@ class OnlineAlgorithm(AlgorithmBase):
         g = self.cfg.group_size
         prompts = [self.prompts[i] for i in self.stream.take(num_prompts)]
         started = time.perf_counter()
+        engine = fast_sample if self.ctx.cfg.rollout.engine in ("auto", "fast") else sample
         with autocast(self.ctx.device, self.ctx.dtype):
-            rollout = sample(
+            out = engine(
                 self.policy,
                 self.tokenizer,
                 [p.ids for p in prompts],
@@ -178,6 +179,7 @@ class OnlineAlgorithm(AlgorithmBase):
                 group_size=g,
                 batch_size=self.ctx.cfg.rollout.batch_size,
             )
+        rollout = out[0] if isinstance(out, tuple) else out  # fast also returns log-probs
         generated = time.perf_counter()
         scores = self._score(prompts, rollout, g)
         timing = {
@@ -227,6 +229,16 @@ class OnlineAlgorithm(AlgorithmBase):
                 temperature=self.params.temperature,
                 chunk_size=self.logprob_chunk_size,
             )
+
+    def logps_of(self, model: torch.nn.Module):
+        return lambda batch: self.logps(model, batch)
+
+    def rollout_logps(self, full: dict[str, torch.Tensor], fn) -> torch.Tensor:
+        """fn(rows) [n, C] over a whole rollout `full`, rollout.batch_size rows at a time."""
+        size, n = self.ctx.cfg.rollout.batch_size, len(full["input_ids"])
+        return torch.cat(
+            [fn({k: v[s : s + size] for k, v in full.items()}) for s in range(0, n, size)]
+        )
 
     @torch.no_grad()
     def reference_logps(self, batch: dict[str, Any]) -> torch.Tensor:
