@@ -118,6 +118,35 @@ def _stop_cut(row: list[int], tokenizer, stop: tuple[str, ...]) -> int | None:
     return lo
 
 
+def finish(
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    generated: torch.Tensor,
+    tokenizer,
+    ends: list[int],
+    stop: tuple[str, ...],
+) -> Rollout:
+    """A Rollout from generated ids [N, C]: where each completion ends, its mask (padding after
+    the end set to pad), whether it was truncated, and its text."""
+    pad, device = tokenizer.pad_token_id, generated.device
+    lengths, truncated = completion_lengths(generated, tokenizer, ends, stop)
+    arange = torch.arange(generated.shape[1], device=device)
+    completion_mask = (arange < torch.tensor(lengths, device=device).unsqueeze(1)).long()
+    completion_ids = generated.masked_fill(completion_mask == 0, pad)
+    texts = tokenizer.batch_decode(
+        [row[:n] for row, n in zip(completion_ids.tolist(), lengths, strict=True)],
+        skip_special_tokens=True,
+    )
+    return Rollout(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        truncated=torch.tensor(truncated, device=device),
+        completions=texts,
+    )
+
+
 @torch.no_grad()
 def sample(
     model: nn.Module,
@@ -165,26 +194,8 @@ def sample(
                 generated.append(out[:, ids.shape[1] :])
     finally:
         model.train(was_training)
-    width = max(g.shape[1] for g in generated)
-    completion_ids = torch.cat(
-        [torch.nn.functional.pad(g, (0, width - g.shape[1]), value=pad) for g in generated]
-    )  # [N, C]
-    lengths, truncated = completion_lengths(completion_ids, tokenizer, ends, params.stop)
-    arange = torch.arange(width, device=device)
-    completion_mask = (arange < torch.tensor(lengths, device=device).unsqueeze(1)).long()
-    completion_ids = completion_ids.masked_fill(completion_mask == 0, pad)
-    texts = tokenizer.batch_decode(
-        [row[:n] for row, n in zip(completion_ids.tolist(), lengths, strict=True)],
-        skip_special_tokens=True,
-    )
-    return Rollout(
-        prompt_ids=prompt_ids,
-        prompt_mask=prompt_mask,
-        completion_ids=completion_ids,
-        completion_mask=completion_mask,
-        truncated=torch.tensor(truncated, device=device),
-        completions=texts,
-    )
+    completion_ids = _cat_padded(generated, pad)  # [N, C]
+    return finish(prompt_ids, prompt_mask, completion_ids, tokenizer, ends, params.stop)
 
 
 @torch.no_grad()
@@ -367,21 +378,12 @@ def _fast_sample(
                 next_pos = next_pos + 1
     finally:
         model.train(was_training)
-    completion_ids = torch.stack(tokens, 1)  # [N, C]
-    lengths, truncated = completion_lengths(completion_ids, tokenizer, ends.tolist(), params.stop)
-    arange = torch.arange(completion_ids.shape[1], device=device)
-    completion_mask = (arange < torch.tensor(lengths, device=device).unsqueeze(1)).long()
-    completion_ids = completion_ids.masked_fill(completion_mask == 0, pad)
-    texts = tokenizer.batch_decode(
-        [row[:n] for row, n in zip(completion_ids.tolist(), lengths, strict=True)],
-        skip_special_tokens=True,
+    rollout = finish(
+        prompt_ids.repeat_interleave(group_size, 0),
+        prompt_mask.repeat_interleave(group_size, 0),
+        torch.stack(tokens, 1),  # [N, C]
+        tokenizer,
+        ends.tolist(),
+        params.stop,
     )
-    rollout = Rollout(
-        prompt_ids=prompt_ids.repeat_interleave(group_size, 0),
-        prompt_mask=prompt_mask.repeat_interleave(group_size, 0),
-        completion_ids=completion_ids,
-        completion_mask=completion_mask,
-        truncated=torch.tensor(truncated, device=device),
-        completions=texts,
-    )
-    return rollout, torch.stack(logps, 1) * completion_mask
+    return rollout, torch.stack(logps, 1) * rollout.completion_mask
