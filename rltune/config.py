@@ -583,6 +583,11 @@ def validate(cfg: RLTuneConfig) -> None:
         check_qlora(cfg.train.device)
     if not 0 <= cfg.deepspeed.stage <= 3:
         raise ConfigError(f"deepspeed.stage={cfg.deepspeed.stage} must be 0, 1, 2 or 3")
+    if cfg.deepspeed.config is not None:
+        from pathlib import Path
+
+        if not Path(cfg.deepspeed.config).expanduser().is_file():
+            raise ConfigError(f"deepspeed.config={cfg.deepspeed.config}: no such file")
     if cfg.deepspeed.offload_params and cfg.deepspeed.stage != 3:
         raise ConfigError("deepspeed.offload_params=true needs deepspeed.stage=3")
     check = getattr(cfg.algo, "check", None)

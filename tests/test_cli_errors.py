@@ -82,3 +82,19 @@ def test_qlora_without_cuda_fails_before_loading(tmp_path, cli):
     assert proc.returncode == 2
     assert "peft=qlora quantises the base model to 4 bits with bitsandbytes" in proc.stderr
     assert "Loading weights" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("reward.model_path=./no/such/rm", "reward.model_path=./no/such/rm: no such folder"),
+        ("deepspeed.config=./no/such.json", "deepspeed.config=./no/such.json: no such file"),
+    ],
+)
+def test_missing_reward_model_or_deepspeed_config_fails_before_loading(
+    tmp_path, cli, override, expected
+):
+    proc = cli(override, f"hydra.run.dir={tmp_path}", timeout=60)
+    assert proc.returncode == 2
+    assert expected in proc.stderr
+    assert "Loading weights" not in proc.stderr

@@ -108,6 +108,24 @@ class AlgorithmBase:
     def report(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
         return {}, []
 
+    def task_accuracy(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """eval/accuracy of greedy completions on the built-in task (`self.task`), and a few
+        samples; nothing without a task or with train.eval_samples=0 (no fake 0.0)."""
+        from rltune.evaluation import task_accuracy
+
+        n = self.ctx.cfg.train.eval_samples
+        if getattr(self, "task", None) is None or n == 0:
+            return {}, []
+        accuracy, samples = task_accuracy(
+            self.policy,  # type: ignore[attr-defined]
+            self.tokenizer,  # type: ignore[attr-defined]
+            self.task,  # type: ignore[attr-defined]
+            n=n,
+            seed=self.ctx.cfg.data.seed,
+            max_new_tokens=self.ctx.cfg.data.max_new_tokens,
+        )
+        return {"eval/accuracy": accuracy}, samples
+
 
 ALGORITHMS = {
     "sft": "rltune.algos.sft:SFT",

@@ -35,7 +35,7 @@ from rltune.data import DataError
 from rltune.data.preference import collate_pairs, encode_pairs
 from rltune.data.source import split_records
 from rltune.data.stream import IndexStream
-from rltune.evaluation import get_task, task_accuracy
+from rltune.evaluation import get_task
 from rltune.losses import dpo_loss, sequence_logps
 from rltune.models import Reference, autocast, load_policy, load_tokenizer
 
@@ -256,19 +256,8 @@ class DPO(AlgorithmBase):
                 if k in ("loss", "rewards/accuracies", "rewards/margins")
             }
         self.policy.train(was_training)
-        if (
-            self.task is not None and self.ctx.cfg.train.eval_samples > 0
-        ):  # n=0 would log a fake 0.0
-            acc, samples = task_accuracy(
-                self.policy,
-                self.tokenizer,
-                self.task,
-                n=self.ctx.cfg.train.eval_samples,
-                seed=self.ctx.cfg.data.seed,
-                max_new_tokens=self.ctx.cfg.data.max_new_tokens,
-            )
-            metrics["eval/accuracy"] = acc
-        return metrics, samples
+        task_metrics, samples = self.task_accuracy()
+        return metrics | task_metrics, samples
 
     def state_dict(self) -> dict[str, Any]:
         return {"stream": self.stream.state_dict()}

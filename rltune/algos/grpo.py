@@ -51,7 +51,6 @@ from rltune.losses import (
     kl_k3,
     loss_denominator,
     token_entropy,
-    token_logps,
 )
 from rltune.rollout import position_ids
 
@@ -170,17 +169,11 @@ class GRPO(OnlineAlgorithm):
         self.buffer_uses = 1
         return self.buffer
 
-    def normaliser(self, batches: list[dict[str, Any]]) -> float:
-        return batches[0]["denominator"] if batches else 1.0
-
     def loss(
         self, batch: dict[str, Any], normaliser: float
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = self.forward_logits(self.policy, batch)  # [b, C, V]
+        logits, logps = self.policy_logps(batch)  # [b, C, V], [b, C]
         t = self.params.temperature
-        logps = token_logps(
-            logits, batch["completion_ids"], temperature=t, chunk_size=self.logprob_chunk_size
-        )  # [b, C]
         old = batch.get("old_logps", logps.detach())
         mask = batch["loss_mask"]  # [b, C]
         eps = self.cfg.epsilon

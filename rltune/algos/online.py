@@ -297,6 +297,22 @@ class OnlineAlgorithm(AlgorithmBase):
     def report(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
         return self._report
 
+    def normaliser(self, batches: list[dict[str, Any]]) -> float:
+        """The step denominator each micro-batch carries (set when the batches are built)."""
+        return batches[0]["denominator"] if batches else 1.0
+
+    def policy_logps(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [b, C, V], completion-token log-probs [b, C] at the sampling temperature),
+        with gradients: the start of every online loss."""
+        logits = self.forward_logits(self.policy, batch)
+        logps = token_logps(
+            logits,
+            batch["completion_ids"],
+            temperature=self.params.temperature,
+            chunk_size=self.logprob_chunk_size,
+        )
+        return logits, logps
+
     @torch.no_grad()
     def evaluate(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
         n = min(len(self.eval_prompts), self.ctx.cfg.train.eval_samples)

@@ -43,7 +43,6 @@ from rltune.losses import (
     clipped_value_loss,
     loss_denominator,
     token_entropy,
-    token_logps,
 )
 from rltune.models import autocast, load_value_model
 from rltune.rewards import MODEL_REWARD
@@ -207,17 +206,11 @@ class PPO(OnlineAlgorithm):
         self.last_approx_kl = 0.0
         return self.queue.pop(0)
 
-    def normaliser(self, batches: list[dict[str, Any]]) -> float:
-        return batches[0]["denominator"] if batches else 1.0
-
     def loss(
         self, batch: dict[str, Any], normaliser: float
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = self.forward_logits(self.policy, batch)  # [b, C, V]
+        logits, logps = self.policy_logps(batch)  # [b, C, V], [b, C]
         t = self.params.temperature
-        logps = token_logps(
-            logits, batch["completion_ids"], temperature=t, chunk_size=self.logprob_chunk_size
-        )
         mask = batch["loss_mask"]
         pg, clipped = clipped_surrogate(
             logps,

@@ -25,7 +25,7 @@ from rltune.config import SFTConfig
 from rltune.data import SFT_FORMATS, DataError, Record, collate_sft, encode_sft_dataset
 from rltune.data.source import split_records
 from rltune.data.stream import IndexStream
-from rltune.evaluation import get_task, task_accuracy
+from rltune.evaluation import get_task
 from rltune.losses import IGNORE_INDEX, shift_labels, token_accuracy_sum, token_nll_sum
 from rltune.models import load_policy, load_tokenizer
 
@@ -161,19 +161,8 @@ class SFT(AlgorithmBase):
                 tokens += int(n.item())
             metrics["eval/loss"] = nll_total / max(1, tokens)
         self.policy.train(was_training)
-        if (
-            self.task is not None and self.ctx.cfg.train.eval_samples > 0
-        ):  # n=0 would log a fake 0.0
-            acc, samples = task_accuracy(
-                self.policy,
-                self.tokenizer,
-                self.task,
-                n=self.ctx.cfg.train.eval_samples,
-                seed=self.ctx.cfg.data.seed,
-                max_new_tokens=self.ctx.cfg.data.max_new_tokens,
-            )
-            metrics["eval/accuracy"] = acc
-        return metrics, samples
+        task_metrics, samples = self.task_accuracy()
+        return metrics | task_metrics, samples
 
     def state_dict(self) -> dict[str, Any]:
         return {"stream": self.stream.state_dict()}

@@ -88,6 +88,13 @@ def resolve(cfg: RewardConfig, *, max_new_tokens: int) -> list[RewardFunction]:
         raise ConfigError(f"reward.funcs={names} names a function twice")
     if not cfg.timeout_s > 0:
         raise ConfigError(f"reward.timeout_s={cfg.timeout_s} must be > 0")
+    if cfg.model_path is not None:
+        from rltune.models import resolve_path
+
+        try:  # a missing local folder fails now, not after the policy has loaded
+            resolve_path(cfg.model_path)
+        except ConfigError as err:
+            raise ConfigError(str(err).replace("model.path=", "reward.model_path=")) from None
     # metrics name a user function by its function name (rewards/my_reward/mean), like TRL,
     # unless two share one
     short = [n.rpartition(":")[2] for n in names]
