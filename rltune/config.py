@@ -363,7 +363,7 @@ class RSConfig:
 @dataclass
 class RolloutConfig:
     engine: str = "auto"
-    """fast (rltune's decode loop: prompt prefilled once per group, early exit), hf (transformers generate, the reference), or auto (fast)."""
+    """fast (rltune's decode loop: prompt prefilled once per group, CUDA graphs on GPU, early exit), hf (transformers generate, the reference), or auto (fast)."""
     temperature: float = 1.0
     """Sampling temperature; log-probs for the loss are computed at the same temperature."""
     top_p: float = 1.0
@@ -376,6 +376,8 @@ class RolloutConfig:
     """Strings that end a completion (kept in it), besides the EOS token."""
     batch_size: int = 256
     """Completions generated per generate call (bounds the KV cache's memory)."""
+    cuda_graphs: bool = True
+    """engine=fast on CUDA: a static KV cache and the decode step replayed from a CUDA graph (needs a compute-dtype copy of the policy's weights); false runs eager steps."""
 
 
 @dataclass

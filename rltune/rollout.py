@@ -2,7 +2,8 @@
 
 The interface is narrow on purpose: token ids of already-templated prompts in, a `Rollout` out
 (token ids, masks, whether each completion was truncated, and its text). The algorithms never call
-`generate` themselves, so a faster engine can later sit behind `sample` without touching them.
+`generate` themselves: `sample` here is the reference engine (`rollout.engine=hf`), and
+`rltune.decode.fast_sample` the fast one behind the same contract.
 
 Layout of a rollout of N = prompts x group_size rows (the samples of one prompt are adjacent):
 
@@ -16,7 +17,6 @@ position ids come from the attention mask (`position_ids`), as `generate` assign
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -194,7 +194,7 @@ def sample(
                 generated.append(out[:, ids.shape[1] :])
     finally:
         model.train(was_training)
-    completion_ids = _cat_padded(generated, pad)  # [N, C]
+    completion_ids = cat_padded(generated, pad)  # [N, C]
     return finish(prompt_ids, prompt_mask, completion_ids, tokenizer, ends, params.stop)
 
 
@@ -243,57 +243,11 @@ def generate_greedy(
     return completions
 
 
-# ----------------------------------------------------------------------------- the fast engine
+# ----------------------------------------------------------------------------- merging
 
 
-def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, then top-k, top-p and min-p as -inf masks; logits [B, V] -> [B, V]."""
-    x = logits.float() / params.temperature
-    if params.top_k > 0:
-        kth = x.topk(min(params.top_k, x.shape[-1]), dim=-1).values[:, -1:]  # [B, 1]
-        x = x.masked_fill(x < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_x, order = x.sort(dim=-1, descending=True)
-        cumulative = sorted_x.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_x.softmax(-1) > params.top_p  # keep the token that crosses p
-        x = x.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    if params.min_p > 0.0:
-        probs = x.softmax(-1)
-        x = x.masked_fill(probs < params.min_p * probs.max(-1, keepdim=True).values, float("-inf"))
-    return x
-
-
-@torch.no_grad()
-def fast_sample(
-    model: nn.Module,
-    tokenizer,
-    prompts: list[list[int]],
-    params: SamplingParams,
-    *,
-    group_size: int = 1,
-    batch_size: int = 256,
-    greedy: bool = False,
-) -> tuple[Rollout, torch.Tensor]:
-    """`batch_size` rows (whole groups) at a time; see `_fast_sample`."""
-    per_call = max(1, batch_size // group_size)
-    parts = [
-        _fast_sample(
-            model,
-            tokenizer,
-            prompts[s : s + per_call],
-            params,
-            group_size=group_size,
-            greedy=greedy,
-        )
-        for s in range(0, len(prompts), per_call)
-    ]
-    if len(parts) == 1:
-        return parts[0]
-    pad = tokenizer.pad_token_id
-    return merge_rollouts([r for r, _ in parts], pad), _cat_padded([lp for _, lp in parts], 0.0)
-
-
-def _cat_padded(parts: list[torch.Tensor], value, *, left: bool = False) -> torch.Tensor:
+def cat_padded(parts: list[torch.Tensor], value, *, left: bool = False) -> torch.Tensor:
+    """Concatenate [b_i, T_i] tensors along rows, padding each to the widest with `value`."""
     width = max(p.shape[1] for p in parts)
     pads = [(width - p.shape[1], 0) if left else (0, width - p.shape[1]) for p in parts]
     return torch.cat(
@@ -304,86 +258,10 @@ def _cat_padded(parts: list[torch.Tensor], value, *, left: bool = False) -> torc
 def merge_rollouts(parts: list[Rollout], pad: int) -> Rollout:
     """One rollout from several (prompts re-padded on the left, completions on the right)."""
     return Rollout(
-        prompt_ids=_cat_padded([r.prompt_ids for r in parts], pad, left=True),
-        prompt_mask=_cat_padded([r.prompt_mask for r in parts], 0, left=True),
-        completion_ids=_cat_padded([r.completion_ids for r in parts], pad),
-        completion_mask=_cat_padded([r.completion_mask for r in parts], 0),
+        prompt_ids=cat_padded([r.prompt_ids for r in parts], pad, left=True),
+        prompt_mask=cat_padded([r.prompt_mask for r in parts], 0, left=True),
+        completion_ids=cat_padded([r.completion_ids for r in parts], pad),
+        completion_mask=cat_padded([r.completion_mask for r in parts], 0),
         truncated=torch.cat([r.truncated for r in parts]),
         completions=[c for r in parts for c in r.completions],
     )
-
-
-@torch.no_grad()
-def _fast_sample(
-    model: nn.Module,
-    tokenizer,
-    prompts: list[list[int]],
-    params: SamplingParams,
-    *,
-    group_size: int = 1,
-    greedy: bool = False,
-) -> tuple[Rollout, torch.Tensor]:
-    """`sample`'s contract from a decode loop of our own: each prompt is prefilled once and its
-    KV cache shared by its `group_size` samples, tokens are drawn on the device, and the loop
-    stops once every row has ended. Also returns the sampled tokens' log-probs [N, C] under
-    softmax(logits / temperature), the distribution the loss uses."""
-    from transformers import DynamicCache
-
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id
-    ends = torch.tensor(eos_ids(model, tokenizer), device=device)
-    prompt_ids, prompt_mask = left_pad(prompts, pad, device)  # [n, P], one row per prompt
-    try:
-        with gathered(model), warnings.catch_warnings():
-            # `past_key_values` is being renamed `cache` in transformers 5.2x; both still work
-            warnings.simplefilter("ignore", FutureWarning)
-            cache = DynamicCache(config=model.config)
-            out = model(
-                input_ids=prompt_ids,
-                attention_mask=prompt_mask,
-                position_ids=position_ids(prompt_mask),
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            if group_size > 1:  # the prompt's cache, shared by its samples
-                cache.batch_repeat_interleave(group_size)
-            logits = out.logits[:, -1].repeat_interleave(group_size, 0)  # [N, V]
-            mask = prompt_mask.repeat_interleave(group_size, 0)  # [N, P]
-            next_pos = mask.sum(-1, keepdim=True)  # [N, 1]
-            finished = torch.zeros(len(mask), dtype=torch.bool, device=device)
-            tokens, logps = [], []
-            for step in range(params.max_new_tokens):
-                scaled = logits.float() / params.temperature
-                if greedy:
-                    token = scaled.argmax(-1)
-                else:
-                    token = torch.multinomial(filter_logits(logits, params).softmax(-1), 1)[:, 0]
-                logps.append(scaled.log_softmax(-1).gather(-1, token[:, None])[:, 0])
-                token = token.masked_fill(finished, pad)
-                tokens.append(token)
-                finished |= torch.isin(token, ends)
-                if step == params.max_new_tokens - 1 or bool(finished.all()):
-                    break
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                logits = model(
-                    input_ids=token[:, None],
-                    attention_mask=mask,
-                    position_ids=next_pos,
-                    past_key_values=cache,
-                    use_cache=True,
-                ).logits[:, -1]
-                next_pos = next_pos + 1
-    finally:
-        model.train(was_training)
-    rollout = finish(
-        prompt_ids.repeat_interleave(group_size, 0),
-        prompt_mask.repeat_interleave(group_size, 0),
-        torch.stack(tokens, 1),  # [N, C]
-        tokenizer,
-        ends.tolist(),
-        params.stop,
-    )
-    return rollout, torch.stack(logps, 1) * rollout.completion_mask

@@ -97,51 +97,202 @@ def test_left_padded_logps_equal_unpadded_forward(tiny):
             torch.testing.assert_close(batched[b, :n], solo[0], atol=1e-5, rtol=1e-5)
 
 
-def test_fast_engine_greedy_equals_generate_and_logps_match_a_fresh_forward(tiny):
-    """The fast decode loop is correct before it is fast: greedy output token for token equal
-    to `generate`, and the log-probs it returns equal to a fresh forward pass (fp32, 1e-5)."""
-    from rltune.evaluation import render_prompt as render
-    from rltune.rollout import fast_sample, generate_greedy
+def _arith_prompts(tokenizer, n):
     from rltune.tasks.arith import rows
 
-    model, tokenizer = tiny
-    prompts = [
-        tokenizer(render(tokenizer, r["prompt"]), add_special_tokens=False)["input_ids"]
-        for r in rows("prompt_answer", 24, seed=0, split="eval")
+    return [
+        tokenizer(render_prompt(tokenizer, r["prompt"]), add_special_tokens=False)["input_ids"]
+        for r in rows("prompt_answer", n, seed=0, split="eval")
     ]
-    expected = generate_greedy(model, tokenizer, prompts, max_new_tokens=16)
-    rollout, logps = fast_sample(
-        model, tokenizer, prompts, SamplingParams(max_new_tokens=16), greedy=True, batch_size=10
-    )  # 3 calls of 10, 10 and 4 prompts, merged
-    assert rollout.completions == expected
+
+
+def _fresh_logps(model, rollout):
+    """Log-probs of the rollout's completion tokens from one plain forward pass."""
     mask = rollout.attention_mask
     with torch.no_grad():
         logits = model(
             input_ids=rollout.input_ids, attention_mask=mask, position_ids=position_ids(mask)
         ).logits
     width = rollout.completion_ids.shape[1]
-    fresh = token_logps(logits[:, -width - 1 : -1], rollout.completion_ids)
-    torch.testing.assert_close(logps, fresh * rollout.completion_mask, atol=1e-5, rtol=1e-5)
+    return token_logps(logits[:, -width - 1 : -1].float(), rollout.completion_ids)
 
 
-def test_fast_engine_samples_groups_from_one_prefill(tiny):
-    from rltune.rollout import fast_sample
+@pytest.mark.parametrize("decoder", ["dynamic", "static"])
+def test_fast_engine_greedy_equals_generate_and_logps_match_a_fresh_forward(tiny, decoder):
+    """The fast decode loop is correct before it is fast: greedy output token for token equal
+    to `generate`, and the log-probs it returns equal to a fresh forward pass (fp32, 1e-5).
+    `static` is the CUDA-graph decoder's fixed-shape cache and 4-D mask, without the capture."""
+    from rltune.decode import fast_sample
+    from rltune.rollout import generate_greedy
+
+    model, tokenizer = tiny
+    prompts = _arith_prompts(tokenizer, 24)
+    expected = generate_greedy(model, tokenizer, prompts, max_new_tokens=16)
+    rollout, logps = fast_sample(
+        model,
+        tokenizer,
+        prompts,
+        SamplingParams(max_new_tokens=16),
+        greedy=True,
+        batch_size=10,
+        decoder=decoder,
+    )  # 3 calls of 10, 10 and 4 prompts, merged
+    assert rollout.completions == expected
+    fresh = _fresh_logps(model, rollout) * rollout.completion_mask
+    torch.testing.assert_close(logps, fresh, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("decoder", ["dynamic", "static"])
+def test_fast_engine_samples_groups_from_one_prefill(tiny, decoder):
+    from rltune.decode import fast_sample
 
     model, tokenizer = tiny
     torch.manual_seed(0)
     prompts = _prompt_ids(tokenizer, ["12+7=", "3*4=", "100-1="])
     params = SamplingParams(max_new_tokens=8, temperature=1.0, top_k=5, top_p=0.9)
-    out, logps = fast_sample(model, tokenizer, prompts, params, group_size=4)
+    out, logps = fast_sample(model, tokenizer, prompts, params, group_size=4, decoder=decoder)
     assert out.completion_ids.shape[0] == 12 and logps.shape == out.completion_ids.shape
     for i, p in enumerate(prompts):  # the samples of a prompt are adjacent, on its ids
         for row in out.prompt_ids[4 * i : 4 * i + 4].tolist():
             assert row[len(row) - len(p) :] == p
     assert torch.equal(out.completion_mask.cummin(-1).values, out.completion_mask)
     assert (logps <= 0).all() and (logps[out.completion_mask == 0] == 0).all()
+    fresh = _fresh_logps(model, out) * out.completion_mask
+    torch.testing.assert_close(logps, fresh, atol=1e-5, rtol=1e-5)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+devices = ["cpu", pytest.param("cuda", marks=cuda)]
+
+
+@pytest.mark.parametrize("device", devices)
+def test_graph_decoder_equals_generate_reuses_its_graph_and_follows_weight_updates(tiny, device):
+    """The graph decoder (captured on CUDA; the same replica and fixed shapes uncaptured on CPU)
+    replays the tiny model's greedy decode exactly (fp32); a second rollout of the same shape
+    reuses the decoder, and still matches after the weights change in place, because the
+    replica is refreshed before each rollout."""
+    from rltune.decode import _REPLICAS, fast_sample
+    from rltune.rollout import generate_greedy
+
+    cpu_model, tokenizer = tiny
+    model = type(cpu_model)(cpu_model.config).to(device)
+    model.load_state_dict(cpu_model.state_dict())
+    prompts = _arith_prompts(tokenizer, 16)
+    params = SamplingParams(max_new_tokens=16)
+
+    def check():
+        rollout, logps = fast_sample(
+            model, tokenizer, prompts, params, greedy=True, decoder="graph"
+        )
+        assert rollout.completions == generate_greedy(model, tokenizer, prompts, max_new_tokens=16)
+        fresh = _fresh_logps(model, rollout) * rollout.completion_mask
+        torch.testing.assert_close(logps, fresh, atol=1e-4, rtol=1e-4)
+        return _REPLICAS[model].decoder
+
+    first = check()
+    assert (first.graph is not None) == (device == "cuda")
+    with torch.no_grad():  # an optimizer step, in place
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    assert check() is first  # same decoder (and graph), new weights
+
+
+@pytest.mark.parametrize("device", devices)
+def test_graph_decoder_bf16_replica_logps_match_an_autocast_forward(tiny, device):
+    """fp32 master weights under bf16 autocast: the decoder samples from a bf16 replica, and
+    its log-probs match a fresh autocast forward within bf16 tolerance."""
+    from rltune.decode import fast_sample
+    from rltune.models import autocast
+
+    cpu_model, tokenizer = tiny
+    model = type(cpu_model)(cpu_model.config).to(device)
+    model.load_state_dict(cpu_model.state_dict())
+    torch.manual_seed(0)
+    prompts = _arith_prompts(tokenizer, 8)
+    params = SamplingParams(max_new_tokens=16)
+    with autocast(torch.device(device), torch.bfloat16):
+        rollout, logps = fast_sample(
+            model, tokenizer, prompts, params, group_size=4, decoder="graph", dtype=torch.bfloat16
+        )
+        fresh = _fresh_logps(model, rollout) * rollout.completion_mask
+    err = (logps - fresh).abs()[rollout.completion_mask.bool()]
+    print(f"bf16 log-prob error: mean {err.mean():.4f}, max {err.max():.4f}")
+    assert err.mean() < 0.03 and err.max() < 0.5, (err.mean(), err.max())
+
+
+def _qwen05b_random(dtype):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=151645,
+        pad_token_id=151643,
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        return Qwen2ForCausalLM(config).to(dtype)
+
+
+@cuda
+def test_cuda_graph_decoder_on_a_random_qwen2_5_0_5b(tiny):
+    """Full Qwen2.5-0.5B shape (random weights): greedy ids equal `generate`'s in fp32, and in
+    bf16 (fp32 master weights under autocast, graph on a bf16 replica) the returned log-probs
+    match a fresh autocast forward within bf16 tolerance."""
+    from rltune.decode import fast_sample
+    from rltune.models import autocast
+
+    _, tokenizer = tiny  # ids above its vocabulary decode to nothing; the ids are compared
+    model = _qwen05b_random(torch.float32)
+    g = torch.Generator().manual_seed(1)
+    prompts = [
+        torch.randint(0, 151000, (int(n),), generator=g).tolist()
+        for n in torch.randint(20, 60, (8,), generator=g)
+    ]
+    params = SamplingParams(max_new_tokens=32)
+    rollout, _ = fast_sample(model, tokenizer, prompts, params, greedy=True, decoder="graph")
+    ids, mask = rollout.prompt_ids[:, :], rollout.prompt_mask
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=32,
+            eos_token_id=[tokenizer.eos_token_id],
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    generated = out[:, ids.shape[1] :]
+    width = generated.shape[1]
+    assert torch.equal(rollout.completion_ids[:, :width], generated)
+
+    torch.manual_seed(0)
+    sampled = SamplingParams(max_new_tokens=64, temperature=1.0)
+    device = torch.device("cuda")
+    with autocast(device, torch.bfloat16):
+        rollout, logps = fast_sample(
+            model, tokenizer, prompts, sampled, group_size=4, dtype=torch.bfloat16
+        )
+        fresh = _fresh_logps(model, rollout) * rollout.completion_mask
+    err = (logps - fresh).abs()[rollout.completion_mask.bool()]
+    print(
+        f"bf16 log-prob error vs fresh autocast forward: mean {err.mean():.4f} max {err.max():.4f}"
+    )
+    assert err.mean() < 0.05 and err.max() < 0.5
 
 
 def test_filter_logits_top_k_top_p_min_p():
-    from rltune.rollout import filter_logits
+    from rltune.decode import filter_logits
 
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
 

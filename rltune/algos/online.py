@@ -19,10 +19,11 @@ from rltune.config import ConfigError
 from rltune.data import DataError
 from rltune.data.source import split_records
 from rltune.data.stream import IndexStream
+from rltune.decode import fast_sample
 from rltune.evaluation import get_task, render_prompt
 from rltune.losses import token_logps
 from rltune.models import Reference, autocast, load_policy, load_tokenizer
-from rltune.rollout import Rollout, SamplingParams, fast_sample, generate_greedy, sample
+from rltune.rollout import Rollout, SamplingParams, generate_greedy, sample
 
 log = logging.getLogger(__name__)
 
@@ -169,17 +170,29 @@ class OnlineAlgorithm(AlgorithmBase):
         g = self.cfg.group_size
         prompts = [self.prompts[i] for i in self.stream.take(num_prompts)]
         started = time.perf_counter()
-        engine = fast_sample if self.ctx.cfg.rollout.engine in ("auto", "fast") else sample
+        rc = self.ctx.cfg.rollout
+        ids = [p.ids for p in prompts]
         with autocast(self.ctx.device, self.ctx.dtype):
-            out = engine(
-                self.policy,
-                self.tokenizer,
-                [p.ids for p in prompts],
-                self.params,
-                group_size=g,
-                batch_size=self.ctx.cfg.rollout.batch_size,
-            )
-        rollout = out[0] if isinstance(out, tuple) else out  # fast also returns log-probs
+            if rc.engine == "hf":
+                rollout = sample(
+                    self.policy,
+                    self.tokenizer,
+                    ids,
+                    self.params,
+                    group_size=g,
+                    batch_size=rc.batch_size,
+                )
+            else:
+                rollout, _ = fast_sample(
+                    self.policy,
+                    self.tokenizer,
+                    ids,
+                    self.params,
+                    group_size=g,
+                    batch_size=rc.batch_size,
+                    decoder="auto" if rc.cuda_graphs else "dynamic",
+                    dtype=self.ctx.dtype,
+                )
         generated = time.perf_counter()
         scores = self._score(prompts, rollout, g)
         timing = {

@@ -1,0 +1,394 @@
+"""The fast rollout engine (`rollout.engine=fast`): rltune's own decode loop behind the contract
+of `rltune.rollout.sample`.
+
+Each prompt is prefilled once and its KV cache shared by its `group_size` samples, tokens are
+drawn on the device, and the loop stops once every row has ended. Two decoders run the steps:
+
+- `DynamicDecoder`: transformers' `DynamicCache`, one eager forward per token. Used on CPU, under
+  ZeRO-3 (whose parameters are gathered per call) and with `rollout.cuda_graphs=false`.
+- `StaticDecoder`: a KV cache of fixed shape [rows, heads, prompt width + max_new_tokens, dim], so
+  every decode step has the same shapes and addresses. On CUDA the whole step (every layer) is
+  captured once in a CUDA graph and replayed per token: one launch instead of ~40 per layer. The
+  graph reads a replica of the policy in the compute dtype, refreshed in place from the trained
+  weights before each rollout, so one capture serves every later rollout of the same shape.
+
+Between steps the host only enqueues work: the early-exit test (`finished.all()`, a sync) runs
+every `SYNC_EVERY` tokens on CUDA.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+import weakref
+from contextlib import contextmanager, nullcontext
+
+import torch
+from torch import nn
+
+from rltune.distributed import gathered
+from rltune.rollout import (
+    Rollout,
+    SamplingParams,
+    cat_padded,
+    eos_ids,
+    finish,
+    left_pad,
+    merge_rollouts,
+    position_ids,
+)
+
+SYNC_EVERY = 16
+"""Decode steps between early-exit checks on CUDA (each check waits for the GPU)."""
+WIDTH_STEP = 32
+"""Prompt widths are left-padded up to a multiple of this, so rollouts whose longest prompt
+differs by a few tokens reuse one captured graph."""
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p as -inf masks; logits [B, V] -> [B, V]."""
+    x = logits.float() / params.temperature
+    if params.top_k > 0:
+        kth = x.topk(min(params.top_k, x.shape[-1]), dim=-1).values[:, -1:]  # [B, 1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_x, order = x.sort(dim=-1, descending=True)
+        cumulative = sorted_x.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_x.softmax(-1) > params.top_p  # keep the token that crosses p
+        x = x.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    if params.min_p > 0.0:
+        probs = x.softmax(-1)
+        x = x.masked_fill(probs < params.min_p * probs.max(-1, keepdim=True).values, float("-inf"))
+    return x
+
+
+def draw(
+    logits: torch.Tensor, params: SamplingParams, greedy: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token [B], its log-prob [B] under softmax(logits / temperature)) from logits [B, V]."""
+    scaled = logits.float() / params.temperature
+    if greedy:
+        token = scaled.argmax(-1)
+    else:
+        token = torch.multinomial(filter_logits(logits, params).softmax(-1), 1)[:, 0]
+    return token, scaled.log_softmax(-1).gather(-1, token[:, None])[:, 0]
+
+
+# ----------------------------------------------------------------------------- decoders
+
+
+@contextmanager
+def _quiet():
+    # `past_key_values` is being renamed `cache` in transformers 5.2x; both still work
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
+
+
+class DynamicDecoder:
+    """Eager steps on a `DynamicCache` that grows by one position per token."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, group_size: int) -> torch.Tensor:
+        """Logits [n * group_size, V] after the prompts ids [n, P] (left-padded, `mask`)."""
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.model.config)
+        with _quiet():
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=position_ids(mask),
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        if group_size > 1:  # the prompt's cache, shared by its samples
+            self.cache.batch_repeat_interleave(group_size)
+        self.mask = mask.repeat_interleave(group_size, 0)  # [N, P]
+        self.next_pos = self.mask.sum(-1, keepdim=True)  # [N, 1]
+        return out.logits[:, -1].repeat_interleave(group_size, 0)
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """Logits [N, V] after appending `token` [N]."""
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        with _quiet():
+            logits = self.model(
+                input_ids=token[:, None],
+                attention_mask=self.mask,
+                position_ids=self.next_pos,
+                past_key_values=self.cache,
+                use_cache=True,
+            ).logits[:, -1]
+        self.next_pos = self.next_pos + 1
+        return logits
+
+
+class StaticDecoder:
+    """Steps of fixed shape on a `StaticCache` of `rows` x `length` positions; with `capture`
+    (CUDA), each step is one replay of a CUDA graph.
+
+    The attention mask is a 4-D boolean [rows, 1, 1, length] buffer that transformers passes to
+    attention as is: the prompt's real tokens, then each generated position as it is written.
+    Positions past the current one hold stale or zero keys and stay masked."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        rows: int,
+        width: int,
+        length: int,
+        *,
+        capture: bool,
+    ) -> None:
+        from transformers import StaticCache
+
+        param = next(model.parameters())
+        device, dtype = param.device, param.dtype
+        text = model.config.get_text_config(decoder=True)
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self.model, self.rows, self.width, self.length = model, rows, width, length
+        self.cache = StaticCache(config=model.config, max_cache_len=length)
+        self.cache.early_initialization(
+            batch_size=rows,
+            num_heads=text.num_key_value_heads,
+            head_dim=head_dim,
+            dtype=dtype,
+            device=device,
+        )
+        self.ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.mask = torch.zeros(rows, 1, 1, length, dtype=torch.bool, device=device)
+        self.capture = capture
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, group_size: int) -> torch.Tensor:
+        """As `DynamicDecoder.prefill`; `ids` [n, width] with n * group_size == rows. The prompts
+        run once through a dynamic cache whose keys and values are then copied, repeated per
+        sample, into the static one."""
+        from transformers import DynamicCache
+
+        assert ids.shape == (self.rows // group_size, self.width), (ids.shape, self.rows)
+        dynamic = DynamicCache(config=self.model.config)
+        with _quiet():
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=position_ids(mask),
+                past_key_values=dynamic,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        for static, layer in zip(self.cache.layers, dynamic.layers, strict=True):
+            static.keys[:, :, : self.width].copy_(layer.keys.repeat_interleave(group_size, 0))
+            static.values[:, :, : self.width].copy_(layer.values.repeat_interleave(group_size, 0))
+            static.cumulative_length.fill_(self.width)
+        rows_mask = mask.repeat_interleave(group_size, 0).bool()  # [N, width]
+        self.mask.zero_()
+        self.mask[:, 0, 0, : self.width] = rows_mask
+        self.pos.copy_(rows_mask.sum(-1, keepdim=True))
+        self.t = self.width  # the cache position the next token is written to
+        return out.logits[:, -1].repeat_interleave(group_size, 0)
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """Logits [rows, V] after appending `token` [rows]; the view is overwritten by the next
+        step (copy it to keep it)."""
+        self.ids.copy_(token[:, None])
+        self.mask[:, 0, 0, self.t] = True
+        if not self.capture:
+            logits = self._forward()
+        else:
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+            logits = self.logits
+        self.pos += 1
+        self.t += 1
+        return logits
+
+    def _forward(self) -> torch.Tensor:
+        with _quiet():
+            return self.model(
+                input_ids=self.ids,
+                attention_mask=self.mask,
+                position_ids=self.pos,
+                past_key_values=self.cache,
+                use_cache=True,
+            ).logits[:, -1]
+
+    def _capture(self) -> None:
+        """Record one step. Warm-up runs on a side stream first (as CUDA graphs require); it
+        writes keys at the current position, which the first replay overwrites, and advances
+        the cache's length counters, which are put back."""
+        lengths = [layer.cumulative_length.clone() for layer in self.cache.layers]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        for layer, n in zip(self.cache.layers, lengths, strict=True):
+            layer.cumulative_length.copy_(n)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):  # its own memory pool, freed with the graph
+            self.logits = self._forward()
+
+
+class _Replica:
+    """The policy as the graph reads it: a frozen copy in the compute dtype whose tensors never
+    move, refreshed in place from the trained weights before each rollout. (The trained fp32
+    weights under autocast would be cast anew into temporary tensors, which a graph cannot
+    hold on to.) The last `StaticDecoder` is kept for reuse while its shape still fits."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype):
+        self.model = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
+        self.pairs = list(zip(self.model.parameters(), model.parameters(), strict=True))
+        self.decoder: StaticDecoder | None = None
+
+    def refresh(self) -> None:
+        with torch.no_grad():
+            torch._foreach_copy_([r for r, _ in self.pairs], [p for _, p in self.pairs])
+
+    def decoder_for(self, rows: int, width: int, length: int) -> StaticDecoder:
+        d = self.decoder
+        if d is None or (d.rows, d.width, d.length) != (rows, width, length):
+            self.decoder = None  # free the old cache and graph first
+            cuda = next(self.model.parameters()).is_cuda
+            d = self.decoder = StaticDecoder(self.model, rows, width, length, capture=cuda)
+        return d
+
+
+_REPLICAS: weakref.WeakKeyDictionary[nn.Module, _Replica] = weakref.WeakKeyDictionary()
+
+
+def _replica(model: nn.Module, dtype: torch.dtype) -> _Replica:
+    replica = _REPLICAS.get(model)
+    if replica is None or next(replica.model.parameters()).dtype != dtype:
+        replica = _REPLICAS[model] = _Replica(model, dtype)
+    replica.refresh()
+    return replica
+
+
+def is_partitioned(model: nn.Module) -> bool:
+    """ZeRO-3: parameters are gathered per call, so no fixed addresses to capture."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+@torch.no_grad()
+def fast_sample(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    *,
+    group_size: int = 1,
+    batch_size: int = 256,
+    greedy: bool = False,
+    decoder: str = "auto",
+    dtype: torch.dtype | None = None,
+) -> tuple[Rollout, torch.Tensor]:
+    """`group_size` completions of each prompt, `batch_size` rows (whole groups) at a time; also
+    returns the sampled tokens' log-probs [N, C] under softmax(logits / temperature), the
+    distribution the loss uses.
+
+    `decoder`: auto (graph on CUDA unless ZeRO-3 partitions the model, else dynamic), graph
+    (the replica and a reused `StaticDecoder`; captured on CUDA only), static (a fresh
+    `StaticDecoder` on the model itself, never captured), or dynamic. `dtype`: the compute dtype for the graph (default: the parameters' own)."""
+    device = next(model.parameters()).device
+    if decoder == "auto":
+        use_graph = device.type == "cuda" and not is_partitioned(model)
+        decoder = "graph" if use_graph else "dynamic"
+    per_call = max(1, batch_size // group_size)
+    parts = [
+        _fast_sample(
+            model,
+            tokenizer,
+            prompts[s : s + per_call],
+            params,
+            group_size=group_size,
+            greedy=greedy,
+            decoder=decoder,
+            dtype=dtype,
+        )
+        for s in range(0, len(prompts), per_call)
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    pad = tokenizer.pad_token_id
+    return merge_rollouts([r for r, _ in parts], pad), cat_padded([lp for _, lp in parts], 0.0)
+
+
+def _fast_sample(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    *,
+    group_size: int,
+    greedy: bool,
+    decoder: str,
+    dtype: torch.dtype | None,
+) -> tuple[Rollout, torch.Tensor]:
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    ends = torch.tensor(eos_ids(model, tokenizer), device=device)
+    prompt_ids, prompt_mask = left_pad(prompts, pad, device)  # [n, P], one row per prompt
+    rows, new = len(prompts) * group_size, params.max_new_tokens
+    try:
+        with gathered(model):
+            if decoder == "dynamic":
+                dec, ids, mask = DynamicDecoder(model), prompt_ids, prompt_mask
+            else:
+                width = math.ceil(prompt_ids.shape[1] / WIDTH_STEP) * WIDTH_STEP
+                ids = nn.functional.pad(prompt_ids, (width - prompt_ids.shape[1], 0), value=pad)
+                mask = nn.functional.pad(prompt_mask, (width - prompt_mask.shape[1], 0))
+                # a cache length that is a multiple of 8 keeps SDPA on its fused kernels
+                length = width + math.ceil(new / 8) * 8
+                if decoder == "graph":
+                    replica = _replica(model, dtype or next(model.parameters()).dtype)
+                    dec = replica.decoder_for(rows, width, length)
+                else:
+                    dec = StaticDecoder(model, rows, width, length, capture=False)
+            # the graph's replica already computes in its dtype: autocast would only add casts
+            no_autocast = torch.autocast(device.type, enabled=False)
+            with no_autocast if decoder == "graph" else nullcontext():
+                tokens, logps = _decode(dec, ids, mask, group_size, params, greedy, ends, pad)
+    finally:
+        model.train(was_training)
+    rollout = finish(
+        prompt_ids.repeat_interleave(group_size, 0),
+        prompt_mask.repeat_interleave(group_size, 0),
+        tokens,
+        tokenizer,
+        ends.tolist(),
+        params.stop,
+    )
+    return rollout, logps * rollout.completion_mask
+
+
+def _decode(dec, prompt_ids, prompt_mask, group_size, params, greedy, ends, pad):
+    """The decode loop shared by every decoder: (tokens [N, C], log-probs [N, C])."""
+    logits = dec.prefill(prompt_ids, prompt_mask, group_size)
+    check_every = SYNC_EVERY if prompt_ids.device.type == "cuda" else 1
+    finished = torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
+    tokens, logps = [], []
+    for step in range(params.max_new_tokens):
+        token, logp = draw(logits, params, greedy)
+        token = token.masked_fill(finished, pad)
+        tokens.append(token)
+        logps.append(logp)
+        finished |= torch.isin(token, ends)
+        last = step == params.max_new_tokens - 1
+        if last or ((step + 1) % check_every == 0 and bool(finished.all())):
+            break
+        logits = dec.step(token)
+    return torch.stack(tokens, 1), torch.stack(logps, 1)
