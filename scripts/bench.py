@@ -2,7 +2,10 @@
 
     python scripts/bench.py --cpu                    # the CPU workloads on the tiny model
     python scripts/bench.py --cpu --compare trl      # ... and TRL's trainers, same invocation
-    python scripts/bench.py --cpu --json out.json    # also write the table as JSON
+    python scripts/bench.py --gpu                    # DESIGN.md's workloads at full size (CUDA)
+    python scripts/bench.py --gpu --small            # the same pipeline shrunk, on this CPU
+    python scripts/bench.py ... --json out.json      # also write the table as JSON
+    python scripts/bench.py ... --workloads C --extra train.gradient_checkpointing=true
 
 The CPU workloads scale DESIGN.md's A (GRPO), B (DPO) and C (SFT) down to the shipped tiny model
 and the built-in arithmetic task:
@@ -12,19 +15,40 @@ and the built-in arithmetic task:
     B  DPO:  16 preference pairs per step (frozen reference copy)
     C  SFT:  16 packed rows of 128 tokens per step
 
-Every (framework, workload, setting) runs in its own subprocess, so the peak resident memory
-reported is that run's alone. A step's time is the median over the steps after the first two
-(warm-up). TRL runs twice: with its defaults, and with its best setting here (gradient
-checkpointing off). The ratio column is rltune's step time over the best TRL one (below 1 means
-rltune is faster). The GPU workloads at full size are issue 7's next step and are not here yet.
+The GPU workloads are DESIGN.md's at full size, on a randomly initialised model of the
+Qwen2.5-0.5B architecture (494M parameters, vocabulary 151,936) saved in bf16, with a synthetic
+byte-level BPE tokenizer of the same vocabulary; nothing is downloaded. rltune trains it through
+its normal command line (model=qwen2.5-0.5b, data=custom) with bf16 autocast over fp32 master
+weights. The data are strings of random digits, one token per digit (Qwen's pre-tokeniser
+splits digits apart):
+
+    A  GRPO: 16 prompts of 128 tokens x 8 completions of up to 256 new tokens, KL coef 0.04,
+       micro-batches of 32; reward: the share of digits in a completion (it only has to vary)
+    B  DPO:  16 pairs per step, micro-batches of 8; each side is prompt 128 + response 256 + EOS
+       = 385 tokens
+    C  SFT:  16 rows of 1024 tokens per step (1023 digits + EOS), one micro-batch
+
+A random policy almost never samples EOS, so A's completions run to 256 tokens (their mean
+length is printed under the table). The table adds TRL 1.16's best H100 step time from DESIGN.md's performance
+anchors, so the ratio rltune / best TRL appears without TRL installed; it means something only
+when the GPU is an H100. `--gpu --small` keeps the vocabulary and tokenizer but shrinks the
+model (hidden 64, 2 layers) and the lengths, to check the whole --gpu path on a CPU in a minute
+or two.
+
+Every (framework, workload, setting) runs in its own subprocess, so the peak memory reported is
+that run's alone. A step's time is the median over the steps after the first two (warm-up). TRL
+runs twice: with its defaults, and with its best setting here (gradient checkpointing off). The
+ratio column is rltune's step time over the best TRL one (below 1 means rltune is faster).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
+import random
 import resource
 import statistics
 import subprocess
@@ -76,14 +100,14 @@ def rltune_overrides(workload: str, steps: int, run_dir: str) -> list[str]:
     ]
 
 
-def run_rltune(workload: str, steps: int) -> list[float]:
+def run_rltune(overrides: list[str]) -> list[dict]:
+    """rltune's CLI in this process; the metrics rows of its optimizer steps."""
     from rltune.cli import run
     from rltune.logging import read_metrics
 
-    with tempfile.TemporaryDirectory() as tmp:
-        run_dir = run(rltune_overrides(workload, steps, tmp))
-        rows = read_metrics(Path(run_dir) / "metrics.jsonl")
-        return [r["step_time_s"] for r in rows if "step_time_s" in r]
+    run_dir = run(overrides)
+    rows = read_metrics(Path(run_dir) / "metrics.jsonl")
+    return [r for r in rows if "step_time_s" in r]
 
 
 # ----------------------------------------------------------------------------- TRL
@@ -197,17 +221,285 @@ def run_trl(workload: str, steps: int, gradient_checkpointing: bool | None) -> l
     return timer.times
 
 
+# ----------------------------------------------------------------------------- GPU workloads
+
+VOCAB_SIZE = 151936
+QWEN25_05B = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    max_position_embeddings=32768,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+)
+SMALL_SHAPE = dict(
+    QWEN25_05B,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+"""--gpu --small: the same vocabulary and tokenizer, a model a CPU trains in seconds."""
+
+SPECIAL_IDS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645}
+"""Qwen2.5's ids of the tiny tokenizer's specials (pad, chat start, EOS); all other ids are BPE."""
+
+SIZES = {
+    "full": {
+        "A": {"prompts": 16, "group_size": 8, "prompt_len": 128, "new_tokens": 256, "micro": 32},
+        "B": {"pairs": 16, "prompt_len": 128, "response_len": 256, "micro": 8},
+        "C": {"rows": 16, "row_len": 1024, "micro": 16},
+    },
+    "small": {
+        "A": {"prompts": 4, "group_size": 4, "prompt_len": 32, "new_tokens": 32, "micro": 8},
+        "B": {"pairs": 4, "prompt_len": 32, "response_len": 64, "micro": 2},
+        "C": {"rows": 4, "row_len": 128, "micro": 4},
+    },
+}
+"""Per-step shapes of the GPU workloads; micro is the micro-batch (completions, pairs, rows)."""
+
+GPU_STEPS = {"full": {"A": 7, "B": 12, "C": 12}, "small": {"A": 4, "B": 4, "C": 4}}
+"""Default optimizer steps per run, the first WARMUP untimed (a full GRPO step takes seconds)."""
+
+TRL_H100 = {"A": 9.0, "B": 0.31, "C": 0.22}
+"""Step time (s) of TRL 1.16's best setting on one H100 (DESIGN.md, "Performance anchors"):
+A defaults (9.0 s with or without gradient checkpointing), B and C gradient checkpointing off."""
+H100_BF16_FLOPS = 989e12
+"""Dense bf16 peak of an H100 SXM, the denominator of MFU."""
+
+
+def synthetic_tokenizer():
+    """A byte-level BPE `Qwen2Tokenizer` with exactly VOCAB_SIZE ids, built without training.
+
+    Its ids: the 256 byte symbols, every ordered pair of them, then byte triples (a pair and one
+    more byte) until the vocabulary is full, around Qwen2.5's ids of the three specials. Each
+    merged token comes with the merge that makes it, so BPE accepts the vocabulary. The pipeline
+    around the BPE is the one transformers rebuilds for model_type qwen2 (see rltune/tiny.py), so
+    the ids survive save -> reload, and every digit is a token of its own.
+    """
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import Qwen2Tokenizer
+
+    from rltune.tiny import CHAT_TEMPLATE, IM_END, IM_START, PAD_TOKEN
+
+    alphabet = sorted(ByteLevel.alphabet())
+    pairs = [(a, b) for a in alphabet for b in alphabet]
+    triples = ((a + b, c) for a, b in pairs for c in alphabet)
+    merged = VOCAB_SIZE - len(SPECIAL_IDS) - len(alphabet)
+    merges = list(itertools.islice(itertools.chain(pairs, triples), merged))
+    tokens = alphabet + [a + b for a, b in merges]
+    ids = [i for i in range(VOCAB_SIZE) if i not in SPECIAL_IDS.values()]
+    vocab = dict(zip(tokens, ids, strict=True)) | SPECIAL_IDS
+    return Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        unk_token=None,
+        bos_token=None,
+        eos_token=IM_END,
+        pad_token=PAD_TOKEN,
+        extra_special_tokens=[IM_START, IM_END],
+        model_max_length=QWEN25_05B["max_position_embeddings"],
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def save_model(folder: Path, shape: dict, tokenizer) -> int:
+    """A randomly initialised Qwen2 model of `shape` and `tokenizer`, saved in bf16 into `folder`;
+    returns its parameter count."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    config = Qwen2Config(
+        **shape,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.pad_token_id,  # as in Qwen2.5's config
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return sum(p.numel() for p in model.parameters())
+
+
+def write_data(folder: Path, sizes: dict) -> None:
+    """<folder>/{A,B,C}.jsonl: four steps' worth of rows of random digits per workload (longer
+    runs go round them again)."""
+    rng = random.Random(0)
+
+    def digits(n: int) -> str:
+        return "".join(rng.choice("0123456789") for _ in range(n))
+
+    a, b, c = sizes["A"], sizes["B"], sizes["C"]
+    rows = {
+        "A": [{"prompt": digits(a["prompt_len"])} for _ in range(4 * a["prompts"])],
+        "B": [
+            {
+                "prompt": digits(b["prompt_len"]),
+                "chosen": digits(b["response_len"]),
+                "rejected": digits(b["response_len"]),
+            }
+            for _ in range(4 * b["pairs"])
+        ],
+        # SFT appends EOS to a text row, which makes it exactly row_len tokens
+        "C": [{"text": digits(c["row_len"] - 1)} for _ in range(4 * c["rows"])],
+    }
+    for workload, lines in rows.items():
+        text = "".join(json.dumps(row) + "\n" for row in lines)
+        (folder / f"{workload}.jsonl").write_text(text)
+
+
+def check_lengths(folder: Path, sizes: dict) -> dict[str, int]:
+    """Token counts of the first row of each workload, encoded as rltune encodes them, with the
+    tokenizer reloaded from the model folder; exits when one is not what the workload promises."""
+    from transformers import AutoTokenizer
+
+    from rltune.data import encode_sft
+    from rltune.data.preference import encode_pair
+
+    tokenizer = AutoTokenizer.from_pretrained(folder / "model")
+    first = {w: json.loads((folder / f"{w}.jsonl").read_text().splitlines()[0]) for w in "ABC"}
+    pair = encode_pair(first["B"], tokenizer)
+    a, b, c = sizes["A"], sizes["B"], sizes["C"]
+    side = b["prompt_len"] + b["response_len"] + 1  # + EOS
+    found = {
+        "vocabulary": (len(tokenizer), VOCAB_SIZE),
+        "eos_id": (tokenizer.eos_token_id, SPECIAL_IDS["<|im_end|>"]),
+        "pad_id": (tokenizer.pad_token_id, SPECIAL_IDS["<|endoftext|>"]),
+        "A_prompt": (len(tokenizer(first["A"]["prompt"])["input_ids"]), a["prompt_len"]),
+        "B_chosen": (len(pair["chosen"]["input_ids"]), side),
+        "B_rejected": (len(pair["rejected"]["input_ids"]), side),
+        "C_row": (
+            len(encode_sft(first["C"], "text", tokenizer, max_length=c["row_len"])[0]["input_ids"]),
+            c["row_len"],
+        ),
+    }
+    wrong = {k: v for k, v in found.items() if v[0] != v[1]}
+    if wrong:
+        sys.exit(f"synthetic tokenizer: (found, expected) differ for {wrong}")
+    return {k: v[0] for k, v in found.items()}
+
+
+def digit_fraction(prompts: list, completions: list[str], **columns) -> list[float]:
+    """Workload A's reward: the share of a completion's characters that are digits. A random
+    policy samples random tokens, so it varies within a group, which is all GRPO needs here."""
+    return [sum(ch.isdigit() for ch in text) / max(1, len(text)) for text in completions]
+
+
+def gpu_overrides(workload: str, steps: int, workdir: Path, small: bool) -> list[str]:
+    s = SIZES["small" if small else "full"][workload]
+    device = ["train.device=cpu"] if small else ["train.device=cuda", "train.dtype=bf16"]
+    common = [
+        "model=qwen2.5-0.5b",
+        f"model.path={workdir / 'model'}",
+        "data=custom",
+        f"data.path={workdir / f'{workload}.jsonl'}",
+        f"train.max_steps={steps}",
+        "train.log_every=1",
+        "train.eval_samples=0",
+        "train.lr=1e-6",
+        *device,
+        f"hydra.run.dir={workdir / f'run_{workload}'}",
+    ]
+    if workload == "A":
+        return [
+            "algo=grpo",
+            f"algo.group_size={s['group_size']}",
+            "algo.kl_coef=0.04",
+            f"data.max_new_tokens={s['new_tokens']}",
+            f"data.max_length={s['prompt_len'] + s['new_tokens']}",
+            f"train.batch_size={s['prompts'] * s['group_size']}",
+            f"train.micro_batch_size={s['micro']}",
+            f"reward.funcs=['{Path(__file__).resolve()}:digit_fraction']",
+            *common,
+        ]
+    if workload == "B":
+        return [
+            "algo=dpo",
+            f"data.max_length={s['prompt_len'] + s['response_len'] + 1}",
+            f"train.batch_size={s['pairs']}",
+            f"train.micro_batch_size={s['micro']}",
+            *common,
+        ]
+    return [
+        "algo=sft",
+        f"data.max_length={s['row_len']}",
+        f"train.batch_size={s['rows']}",
+        f"train.micro_batch_size={s['micro']}",
+        *common,
+    ]
+
+
+def measure_gpu(workload: str, steps: int, workdir: Path, small: bool, extra: list[str]) -> dict:
+    """One GPU workload through rltune in this process; medians over the timed steps."""
+    import torch
+    import transformers
+
+    rows = run_rltune(gpu_overrides(workload, steps, workdir, small) + extra)
+    timed = rows[WARMUP:] or rows
+
+    def median(key: str) -> float | None:
+        values = [r[key] for r in timed if key in r]
+        return statistics.median(values) if values else None
+
+    cuda = torch.cuda.is_available() and not small
+    return {
+        "framework": "rltune",
+        "workload": workload,
+        "setting": "small" if small else "full",
+        "step_time_s": median("step_time_s"),
+        "steps_measured": len(timed),
+        # tokens_per_s is the step's tokens over its time, so their product is the tokens
+        "tokens_per_step": statistics.median(r["tokens_per_s"] * r["step_time_s"] for r in timed),
+        "time_generate_s": median("time/generate"),
+        "time_reward_s": median("time/reward"),
+        "time_train_s": median("time/train"),
+        "completion_mean_length": median("completions/mean_length"),
+        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def throughput(r: dict, sizes: dict, n_params: int, *, small: bool) -> dict:
+    """The derived rates of one GPU result, and its ratio to TRL's H100 anchor (None for a
+    --small run, which is not the anchor's workload)."""
+    s, step = sizes[r["workload"]], r["step_time_s"]
+    if r["workload"] == "A":
+        completions = s["prompts"] * s["group_size"]
+        out = {
+            "completion_tokens_per_s": completions * s["new_tokens"] / step,
+            "completions_per_s": completions / step,
+        }
+    elif r["workload"] == "B":
+        out = {"pairs_per_s": s["pairs"] / step}
+    else:
+        tokens_per_s = s["rows"] * s["row_len"] / step
+        out = {"tokens_per_s": tokens_per_s, "mfu": 6 * n_params * tokens_per_s / H100_BF16_FLOPS}
+    anchor = TRL_H100[r["workload"]]
+    return out | {
+        "trl_h100_best_s": anchor,
+        "rltune_over_best_trl": None if small else step / anchor,
+    }
+
+
 # ----------------------------------------------------------------------------- driver
 
 
-def one(spec: str, steps: int) -> dict:
-    """Run one (framework, workload, setting) in this process; return its measurements."""
+def one(spec: str, steps: int, extra: list[str]) -> dict:
+    """Run one CPU (framework, workload, setting) in this process; return its measurements."""
     framework, workload, setting = spec.split(":")
-    import torch
-
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     if framework == "rltune":
-        times = run_rltune(workload, steps)
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = run_rltune(rltune_overrides(workload, steps, tmp) + extra)
+        times = [r["step_time_s"] for r in rows]
     else:
         times = run_trl(workload, steps, None if setting == "default" else False)
     measured = times[WARMUP:] or times
@@ -224,46 +516,107 @@ def one(spec: str, steps: int) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cpu", action="store_true", help="the CPU workloads (required for now)")
-    parser.add_argument("--compare", choices=["trl"], help="also run TRL's trainers")
-    parser.add_argument("--workloads", default="ABC")
-    parser.add_argument("--steps", type=int, default=STEPS)
-    parser.add_argument("--json", type=Path, help="write the results here too")
-    parser.add_argument("--one", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.one:
-        print("BENCH " + json.dumps(one(args.one, args.steps)))
-        return
-    if not args.cpu:
-        parser.error("only the CPU workloads exist so far: pass --cpu")
-
-    specs = [f"rltune:{w}:default" for w in args.workloads]
-    if args.compare == "trl":
-        specs += [f"trl:{w}:{s}" for w in args.workloads for s in ("default", "no_gc")]
+def spawn(argv: list[str]) -> dict | None:
+    """`bench.py *argv --one ...` in a fresh process; its result, or None (stderr shown)."""
     env = {
         **os.environ,
         "OMP_NUM_THREADS": os.environ.get("BENCH_THREADS", "1"),
         "HF_HUB_OFFLINE": "1",
         "WANDB_MODE": "offline",
     }
+    proc = subprocess.run(
+        [sys.executable, __file__, *argv], capture_output=True, text=True, cwd=REPO, env=env
+    )
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")]
+    if proc.returncode or not line:
+        print(f"{' '.join(argv)}: failed\n{proc.stderr[-3000:]}", file=sys.stderr)
+        return None
+    result = json.loads(line[0][6:])
+    name = f"{result['framework']} {result['workload']} {result['setting']}"
+    print(f"done {name}: {result['step_time_s']:.3f} s/step", file=sys.stderr)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--cpu", action="store_true", help="the CPU workloads on the tiny model")
+    mode.add_argument("--gpu", action="store_true", help="DESIGN.md's workloads at full size")
+    parser.add_argument("--small", action="store_true", help="--gpu shrunk to run on a CPU")
+    parser.add_argument("--compare", choices=["trl"], help="also run TRL's trainers (--cpu)")
+    parser.add_argument("--workloads", default="ABC")
+    parser.add_argument(
+        "--steps", type=int, help=f"steps per run (default {STEPS}; --gpu: {GPU_STEPS})"
+    )
+    parser.add_argument("--json", type=Path, help="write the results here too")
+    parser.add_argument(
+        "--extra", nargs="*", default=[], help="more rltune overrides, for every rltune run"
+    )
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.small and not args.gpu:
+        parser.error("--small shrinks the --gpu workloads; pass --gpu --small")
+    if args.one:
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+        if args.gpu:
+            workload = args.one.split(":")[1]
+            steps = args.steps or GPU_STEPS["small" if args.small else "full"][workload]
+            result = measure_gpu(workload, steps, args.workdir, args.small, args.extra)
+        else:
+            result = one(args.one, args.steps or STEPS, args.extra)
+        print("BENCH " + json.dumps(result))
+        return
+    if args.gpu:
+        main_gpu(parser, args)
+        return
+
+    specs = [f"rltune:{w}:default" for w in args.workloads]
+    if args.compare == "trl":
+        specs += [f"trl:{w}:{s}" for w in args.workloads for s in ("default", "no_gc")]
     results = []
     for spec in specs:
-        proc = subprocess.run(
-            [sys.executable, __file__, "--one", spec, "--steps", str(args.steps)],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            env=env,
-        )
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")]
-        if proc.returncode or not line:
-            print(f"{spec}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
-            continue
-        results.append(json.loads(line[0][6:]))
-        print(f"done {spec}: {results[-1]['step_time_s']:.3f} s/step", file=sys.stderr)
+        argv = ["--cpu", "--one", spec, "--steps", str(args.steps or STEPS)]
+        result = spawn([*argv, "--extra", *args.extra])
+        results += [result] if result else []
     report(results, args)
+
+
+def main_gpu(parser: argparse.ArgumentParser, args) -> None:
+    import torch
+
+    if args.compare:
+        parser.error(
+            "--gpu reports TRL's H100 numbers from DESIGN.md; for a live TRL run on a GPU use "
+            "../shared/anchors/trl_gpu_anchor.py"
+        )
+    if not args.small and not torch.cuda.is_available():
+        parser.error("--gpu needs a CUDA device; --gpu --small runs the same pipeline on a CPU")
+    size = "small" if args.small else "full"
+    results = []
+    with tempfile.TemporaryDirectory(prefix="rltune-bench-") as tmp:
+        workdir = Path(tmp)
+        started = time.perf_counter()
+        n_params = save_model(
+            workdir / "model", SMALL_SHAPE if args.small else QWEN25_05B, synthetic_tokenizer()
+        )
+        write_data(workdir, SIZES[size])
+        lengths = check_lengths(workdir, SIZES[size])
+        print(
+            f"model ({n_params:,} parameters), tokenizer and data built in "
+            f"{time.perf_counter() - started:.1f} s; lengths {lengths}",
+            file=sys.stderr,
+        )
+        for w in args.workloads:
+            argv = ["--gpu", "--one", f"rltune:{w}:{size}", "--workdir", str(workdir)]
+            argv += ["--small"] if args.small else []
+            argv += ["--steps", str(args.steps)] if args.steps else []
+            result = spawn([*argv, "--extra", *args.extra])
+            if result:
+                results.append(result | throughput(result, SIZES[size], n_params, small=args.small))
+    report_gpu(results, args, n_params, lengths)
 
 
 def report(results: list[dict], args) -> None:
@@ -306,6 +659,78 @@ def report(results: list[dict], args) -> None:
             )
     if args.json:
         args.json.write_text(json.dumps({"environment": header, "results": results}, indent=2))
+
+
+def report_gpu(results: list[dict], args, n_params: int, lengths: dict[str, int]) -> None:
+    size = "small" if args.small else "full"
+    a, b, c = (SIZES[size][w] for w in "ABC")
+    first = results[0] if results else {}
+    shape = (
+        "--small: Qwen2 hidden 64, 2 layers, fp32 on the CPU"
+        if args.small
+        else "Qwen2.5-0.5B architecture, bf16 autocast over fp32 master weights, sdpa"
+    )
+    device = first.get("device", "?")
+    if device == "cpu":
+        device = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    header = (
+        f"{'CPU' if args.small else 'GPU'}: {device}; torch {first.get('torch', '?')}, transformers {first.get('transformers', '?')}, Python "
+        f"{platform.python_version()}; {shape}, random init, {n_params:,} parameters, "
+        f"vocabulary {VOCAB_SIZE:,}; lr 1e-6, eval off; median of the steps after {WARMUP} "
+        "warm-up" + (f"; extra overrides {args.extra}" if args.extra else "")
+    )
+    labels = {
+        "A": f"A GRPO: {a['prompts']} x {a['group_size']}, {a['prompt_len']} + "
+        f"{a['new_tokens']} tokens, micro {a['micro']}",
+        "B": f"B DPO: {b['pairs']} pairs of {lengths['B_chosen']} tokens, micro {b['micro']}",
+        "C": f"C SFT: {c['rows']} x {lengths['C_row']} tokens, micro {c['micro']}",
+    }
+    print(header)
+    print(
+        "| workload | step (s) | throughput | generate / train / other (s) | peak memory | "
+        "TRL 1.16, DESIGN.md anchor, H100 (s) | rltune / best TRL |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        w, step = r["workload"], r["step_time_s"]
+        if w == "A":
+            rate = (
+                f"{r['completion_tokens_per_s']:,.0f} completion tok/s, "
+                f"{r['completions_per_s']:,.1f} completions/s"
+            )
+            other = step - r["time_generate_s"] - r["time_reward_s"] - r["time_train_s"]
+            split = f"{r['time_generate_s']:.2f} / {r['time_train_s']:.2f} / {other:.2f}"
+        elif w == "B":
+            rate, split = f"{r['pairs_per_s']:,.1f} pairs/s", ""
+        else:
+            rate, split = f"{r['tokens_per_s']:,.0f} tok/s, MFU {100 * r['mfu']:.1f}%", ""
+        memory = (
+            f"{r['peak_gpu_gib']:.1f} GiB GPU"
+            if r["peak_gpu_gib"] is not None
+            else f"{r['peak_rss_mib']:,.0f} MiB RSS"
+        )
+        ratio = "n/a (--small)" if args.small else f"{r['rltune_over_best_trl']:.2f}"
+        print(
+            f"| {labels[w]} | {step:.3f} | {rate} | {split} | {memory} | "
+            f"{r['trl_h100_best_s']:.2f} | {ratio} |"
+        )
+    for r in results:
+        if r["workload"] == "A" and r["completion_mean_length"] is not None:
+            length = r["completion_mean_length"]
+            print(f"A: completions averaged {length:.1f} of {a['new_tokens']} tokens")
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "environment": header,
+                    "sizes": SIZES[size],
+                    "lengths": lengths,
+                    "parameters": n_params,
+                    "results": results,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":
