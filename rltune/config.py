@@ -74,6 +74,8 @@ class TrainConfig:
     """auto (cuda when available, else cpu), cpu, cuda, or cuda:N."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory (slower)."""
+    compile: bool = False
+    """torch.compile each model's forward (not with DeepSpeed); each new input shape compiles once, so it pays off with fixed lengths (packed SFT)."""
     fail_at_step: int | None = None
     """Testing aid: end the process abruptly (os._exit) right after this step, saving nothing."""
 
@@ -590,6 +592,11 @@ def validate(cfg: RLTuneConfig) -> None:
 
         if not Path(cfg.deepspeed.config).expanduser().is_file():
             raise ConfigError(f"deepspeed.config={cfg.deepspeed.config}: no such file")
+    if t.compile and (cfg.deepspeed.stage > 0 or cfg.deepspeed.config is not None):
+        raise ConfigError(
+            f"train.compile=true does not combine with deepspeed={cfg.deepspeed.name}: "
+            "use deepspeed=none or train.compile=false"
+        )
     if cfg.deepspeed.offload_params and cfg.deepspeed.stage != 3:
         raise ConfigError("deepspeed.offload_params=true needs deepspeed.stage=3")
     check = getattr(cfg.algo, "check", None)

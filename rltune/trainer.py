@@ -140,6 +140,9 @@ def train(
     if d.world_size > 1:
         seed_everything(t.seed + d.rank)  # from here on each rank samples its own completions
     trained = algo.trained  # the policy (or the reward model for algo=rm)
+    if t.compile:  # in place: parameter names, checkpoints and exports stay as they are
+        for model in algo.models().values():
+            model.compile()
     for role, model in algo.models().items():
         trainable, total = count_parameters(model)
         log.info(

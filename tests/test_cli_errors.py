@@ -89,12 +89,16 @@ def test_qlora_without_cuda_fails_before_loading(tmp_path, cli):
     [
         ("reward.model_path=./no/such/rm", "reward.model_path=./no/such/rm: no such folder"),
         ("deepspeed.config=./no/such.json", "deepspeed.config=./no/such.json: no such file"),
+        (
+            "train.compile=true deepspeed=zero2",
+            "train.compile=true does not combine with deepspeed=zero2",
+        ),
     ],
 )
 def test_missing_reward_model_or_deepspeed_config_fails_before_loading(
     tmp_path, cli, override, expected
 ):
-    proc = cli(override, f"hydra.run.dir={tmp_path}", timeout=60)
+    proc = cli(*override.split(), f"hydra.run.dir={tmp_path}", timeout=60)
     assert proc.returncode == 2
     assert expected in proc.stderr
     assert "Loading weights" not in proc.stderr
