@@ -52,7 +52,7 @@ from rltune.losses import (
     loss_denominator,
     token_entropy,
 )
-from rltune.rollout import position_ids
+from rltune.rollout import Rollout
 
 log = logging.getLogger(__name__)
 
@@ -107,37 +107,11 @@ class GRPO(OnlineAlgorithm):
         if self.cfg.mask_truncated:
             loss_mask[rollout.truncated] = 0
 
-        device = self.ctx.device
-        input_ids, attention_mask = rollout.input_ids, rollout.attention_mask
-        full = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "position_ids": position_ids(attention_mask),
-            "completion_ids": rollout.completion_ids,
-        }
-        # log-probs that do not change during the update, for the whole rollout in few large
-        # forward passes (rollout.batch_size rows each) rather than one per micro-batch
-        fixed: dict[str, torch.Tensor] = {}
-        if self.cfg.num_iterations > 1:  # the sampling policy's log-probs, for mu steps
-            fixed["old_logps"] = self.rollout_logps(full, self.logps_of(self.policy))
-        if self.reference is not None:
-            fixed["ref_logps"] = self.rollout_logps(full, self.reference_logps)
         kept = keep.nonzero().squeeze(-1).tolist()
-        batches = []
-        for start in range(0, len(kept), micro_batch_size):
-            rows = torch.tensor(kept[start : start + micro_batch_size], device=device)
-            mask = attention_mask[rows]
-            batches.append(
-                {
-                    "input_ids": input_ids[rows],
-                    "attention_mask": mask,
-                    "position_ids": position_ids(mask),
-                    "completion_ids": rollout.completion_ids[rows],
-                    "loss_mask": loss_mask[rows].float(),
-                    "advantages": advantages.to(device)[rows],
-                    **{k: v[rows] for k, v in fixed.items()},
-                }
-            )
+        batches = [
+            self._micro_batch(rollout, rows, loss_mask, advantages)
+            for rows in self.length_sorted(rollout, kept, micro_batch_size)
+        ]
         denominator = loss_denominator(
             [b["loss_mask"] for b in batches], self.cfg.loss_agg, max_tokens=self.max_new_tokens
         )
@@ -156,6 +130,22 @@ class GRPO(OnlineAlgorithm):
             metrics["filtered_groups"] = float(zero_std.sum())
         self._report = (metrics, self.samples(prompts, rollout, rewards_t, advantages, g))
         return batches
+
+    def _micro_batch(
+        self, rollout: Rollout, rows: list[int], loss_mask: torch.Tensor, advantages: torch.Tensor
+    ) -> dict[str, Any]:
+        """One micro-batch of `rows`, cut to its own widest prompt and completion, with the
+        log-probs that stay fixed during the update (reference; old ones when mu > 1)."""
+        batch = self.trimmed_rows(rollout, rows)
+        width = batch["completion_ids"].shape[1]
+        idx = torch.tensor(rows, device=loss_mask.device)
+        batch["loss_mask"] = loss_mask[idx, :width].float()
+        batch["advantages"] = advantages.to(self.ctx.device)[torch.tensor(rows)]
+        if self.cfg.num_iterations > 1:  # the sampling policy's log-probs, for mu steps
+            batch["old_logps"] = self.logps(self.policy, batch)
+        if self.reference is not None:
+            batch["ref_logps"] = self.reference_logps(batch)
+        return batch
 
     # --- the Algorithm protocol -------------------------------------------------------------
 

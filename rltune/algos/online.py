@@ -23,7 +23,7 @@ from rltune.decode import fast_sample
 from rltune.evaluation import get_task, render_prompt
 from rltune.losses import token_logps
 from rltune.models import Reference, autocast, load_policy, load_tokenizer
-from rltune.rollout import Rollout, SamplingParams, generate_greedy, sample
+from rltune.rollout import Rollout, SamplingParams, generate_greedy, position_ids, sample
 
 log = logging.getLogger(__name__)
 
@@ -243,15 +243,34 @@ class OnlineAlgorithm(AlgorithmBase):
                 chunk_size=self.logprob_chunk_size,
             )
 
-    def logps_of(self, model: torch.nn.Module):
-        return lambda batch: self.logps(model, batch)
+    @staticmethod
+    def length_sorted(rollout: Rollout, rows: list[int], size: int) -> list[list[int]]:
+        """`rows` in groups of `size`, ordered by completion then prompt length, so that each
+        group's padding (to its own longest row) is small. Every loss here is a sum over rows
+        with step-level denominators, so grouping rows differently leaves the step's gradient
+        as it is."""
+        c_len = rollout.completion_mask.sum(-1).tolist()
+        p_len = rollout.prompt_mask.sum(-1).tolist()
+        order = sorted(rows, key=lambda i: (c_len[i], p_len[i]))
+        return [order[s : s + size] for s in range(0, len(order), size)]
 
-    def rollout_logps(self, full: dict[str, torch.Tensor], fn) -> torch.Tensor:
-        """fn(rows) [n, C] over a whole rollout `full`, rollout.batch_size rows at a time."""
-        size, n = self.ctx.cfg.rollout.batch_size, len(full["input_ids"])
-        return torch.cat(
-            [fn({k: v[s : s + size] for k, v in full.items()}) for s in range(0, n, size)]
-        )
+    def trimmed_rows(self, rollout: Rollout, rows: list[int]) -> dict[str, torch.Tensor]:
+        """The model inputs of `rows` of a rollout without the columns that are padding in
+        every one of them (prompts are left-padded, completions right-padded)."""
+        device = self.ctx.device
+        idx = torch.tensor(rows, device=rollout.prompt_ids.device)
+        prompt_mask, completion_mask = rollout.prompt_mask[idx], rollout.completion_mask[idx]
+        p = int(prompt_mask.sum(-1).max())
+        c = max(1, int(completion_mask.sum(-1).max()))
+        width = prompt_mask.shape[1]
+        ids = torch.cat([rollout.prompt_ids[idx, width - p :], rollout.completion_ids[idx, :c]], 1)
+        mask = torch.cat([prompt_mask[:, width - p :], completion_mask[:, :c]], 1)
+        return {
+            "input_ids": ids.to(device),
+            "attention_mask": mask.to(device),
+            "position_ids": position_ids(mask).to(device),
+            "completion_ids": rollout.completion_ids[idx, :c].to(device),
+        }
 
     @torch.no_grad()
     def reference_logps(self, batch: dict[str, Any]) -> torch.Tensor:
