@@ -200,6 +200,8 @@ class DPOConfig:
     """Weight of an NLL term on the chosen responses (RPO); 0 disables it."""
     precompute_ref: bool = False
     """Compute reference log-probs once before training (cached in the run dir); no reference model in memory."""
+    share_prompt: bool = True
+    """One row per pair: the prompt once, then the chosen and the rejected response, which do not see each other (a 4-D attention mask); false gives each side its own row."""
 
 
 @dataclass

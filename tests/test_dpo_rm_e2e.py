@@ -123,3 +123,43 @@ def test_reward_model_trains_and_final_loads_and_scores(tmp_path):
     with torch.no_grad():
         scores = model(input_ids=batch, attention_mask=(batch != tok.pad_token_id).long()).logits
     assert scores.shape == (2, 1) and torch.isfinite(scores).all()
+
+
+def test_shared_prompt_row_gives_each_sides_log_probs_and_gradients():
+    """algo.share_prompt: one row [prompt | chosen | rejected] with a 4-D mask gives the same
+    summed log-probs, token counts and gradients as a row per side (fp32, 1e-5); a rejected
+    token that could see the chosen response would change its log-prob."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rltune.algos.dpo import DPO
+    from rltune.data.preference import collate_pairs, collate_shared, encode_pair, shared_prompt
+    from rltune.models import SHIPPED
+    from rltune.tasks.arith import rows
+
+    tokenizer = AutoTokenizer.from_pretrained(SHIPPED["tiny"])
+    model = AutoModelForCausalLM.from_pretrained(SHIPPED["tiny"], dtype=torch.float32)
+    pairs = [encode_pair(r, tokenizer) for r in rows("preference", 12, seed=0, split="train")]
+    pad = tokenizer.pad_token_id
+
+    def logps_and_grads(batch):
+        model.zero_grad()
+        logps, counts = DPO._sides_logps(model, batch)
+        logps.sum().backward()
+        return logps.detach(), counts, [p.grad.clone() for p in model.parameters()]
+
+    rowwise, counts, grads = logps_and_grads(collate_pairs(pairs, pad))
+    shared, shared_counts, shared_grads = logps_and_grads(collate_shared(pairs, pad))
+    assert torch.equal(counts, shared_counts)
+    torch.testing.assert_close(shared, rowwise, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads, shared_grads, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+    batch = collate_shared(pairs, pad)
+    batch["attention_mask"] = (
+        batch["attention_mask"] | torch.ones_like(batch["attention_mask"]).tril()
+    )  # let rejected tokens see the chosen ones
+    leaked, _ = DPO._sides_logps(model, batch)
+    assert not torch.allclose(leaked[12:], rowwise[12:], atol=1e-3)
+
+    other = {**pairs[0], "rejected": dict(pairs[1]["rejected"])}  # a different prompt
+    assert shared_prompt(pairs[0]) is not None and shared_prompt(other) is None

@@ -6,8 +6,10 @@ The reference is chosen automatically and logged at start:
     algo.precompute_ref    one pass before training stores the reference log-probs in
                            <run dir>/ref_logps.pt (reused on resume); no reference in memory
 
-Policy log-probs of the chosen and rejected responses come from one forward pass over the 2B
-concatenated rows.
+Policy log-probs of the chosen and rejected responses come from one forward pass. With
+algo.share_prompt (the default) a pair is one row, [prompt | chosen | rejected], whose rejected
+tokens cannot see the chosen ones, so the prompt is computed once; otherwise the 2B sides are rows
+of their own.
 
 Logged metrics (means over the step's pairs):
     loss                 the DPO-family loss (+ sft_weight x chosen NLL per token)
@@ -32,11 +34,11 @@ import torch
 from rltune.algos import AlgorithmBase, BuildContext
 from rltune.config import DPOConfig
 from rltune.data import DataError
-from rltune.data.preference import collate_pairs, encode_pairs
+from rltune.data.preference import collate_pairs, collate_shared, encode_pairs, shared_prompt
 from rltune.data.source import split_records
 from rltune.data.stream import IndexStream
 from rltune.evaluation import get_task
-from rltune.losses import dpo_loss, sequence_logps
+from rltune.losses import dpo_loss, sequence_logps, token_logps
 from rltune.models import Reference, autocast, load_policy, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -110,7 +112,7 @@ class DPO(AlgorithmBase):
         """Summed response log-probs [2B] under the reference."""
         assert self.reference is not None
         with self.reference.active() as model:
-            logps, _ = sequence_logps(self._logits(model, batch), batch["labels"])
+            logps, _ = self._sides_logps(model, batch)
         return logps
 
     def _precomputed_reference(self, path: Path) -> dict[str, torch.Tensor]:
@@ -145,25 +147,54 @@ class DPO(AlgorithmBase):
     # --- forward and loss ---------------------------------------------------------------
 
     def _collate(self, pairs: list[dict]) -> dict[str, Any]:
+        attention = getattr(self.policy.config, "_attn_implementation", "sdpa")
+        shared = (
+            self.cfg.share_prompt
+            and attention in ("sdpa", "eager")  # the kernels that take any 4-D mask
+            and all(shared_prompt(p) is not None for p in pairs)
+        )
+        collate = collate_shared if shared else collate_pairs
         batch = {
-            k: v.to(self.ctx.device)
-            for k, v in collate_pairs(pairs, self.tokenizer.pad_token_id).items()
+            k: v.to(self.ctx.device) for k, v in collate(pairs, self.tokenizer.pad_token_id).items()
         }
         batch["num_tokens"] = sum(
             len(p[s]["input_ids"]) for p in pairs for s in ("chosen", "rejected")
         )
+        batch["pairs"] = len(pairs)
         return batch
 
     @staticmethod
-    def _logits(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        inputs = {
-            k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch
-        }
-        return model(**inputs, use_cache=False).logits  # [2B, T, V]
+    def _sides_logps(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+        """Summed response log-probs [2B] (the B chosen, then the B rejected) and response
+        token counts [2B], from either batch layout."""
+        if "chosen_index" not in batch:  # a row per side
+            inputs = {
+                k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch
+            }
+            logits = model(**inputs, use_cache=False).logits  # [2B, T, V]
+            return sequence_logps(logits, batch["labels"])
+        # one row per pair: logits only from the first position that predicts a response token
+        width = batch["input_ids"].shape[1]
+        start = int(batch["chosen_index"][:, 0].min())
+        logits = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            use_cache=False,
+            logits_to_keep=width - start,
+        ).logits  # [B, T - start, V]
+        sums, counts = [], []
+        for side in ("chosen", "rejected"):
+            index = (batch[f"{side}_index"] - start).clamp(min=0)  # [B, n]; padding reads any
+            picked = logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1]))
+            mask = batch[f"{side}_mask"]  # [B, n]
+            sums.append((token_logps(picked, batch[f"{side}_ids"]) * mask).sum(-1))
+            counts.append(mask.sum(-1))
+        return torch.cat(sums), torch.cat(counts)
 
     def _pair_terms(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-pair losses [B] and the per-pair quantities the metrics average."""
-        logps, counts = sequence_logps(self._logits(self.policy, batch), batch["labels"])  # [2B]
+        logps, counts = self._sides_logps(self.policy, batch)  # [2B]
         if "ref" in batch:
             ref = batch["ref"]  # [B, 2]
             ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
@@ -220,7 +251,7 @@ class DPO(AlgorithmBase):
         return batches
 
     def normaliser(self, batches: list[dict[str, Any]]) -> float:
-        return float(sum(b["input_ids"].shape[0] // 2 for b in batches))  # pairs in the step
+        return float(sum(b["pairs"] for b in batches))  # pairs in the step
 
     def loss(
         self, batch: dict[str, Any], normaliser: float

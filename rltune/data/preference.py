@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from rltune.data.formats import DataError, preference_parts
 from rltune.data.loading import Record
 from rltune.data.sft import collate_sft, encode_sft
 from rltune.losses import IGNORE_INDEX
 
 _NO_LIMIT = 1 << 30
+SIDES = ("chosen", "rejected")
 
 
 def _prompt_length(labels: list[int]) -> int:
@@ -76,3 +79,83 @@ def encode_pairs(
 def collate_pairs(pairs: list[dict], pad_token_id: int) -> dict[str, Any]:
     """One batch of 2B rows: the B chosen sides, then the B rejected sides (one forward pass)."""
     return collate_sft([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], pad_token_id)
+
+
+def shared_prompt(pair: dict) -> int | None:
+    """The length of the prompt that the pair's two sides begin with, or None when their
+    prompt tokens differ (then the pair needs a row per side)."""
+    chosen, rejected = pair["chosen"], pair["rejected"]
+    p = _prompt_length(chosen["labels"])
+    if (
+        p != _prompt_length(rejected["labels"])
+        or chosen["input_ids"][:p] != rejected["input_ids"][:p]
+    ):
+        return None
+    return p
+
+
+def collate_shared(pairs: list[dict], pad_token_id: int) -> dict[str, Any]:
+    """One row per pair: its prompt once, then the chosen, then the rejected response, so the
+    prompt is computed once instead of twice. Every pair must have a `shared_prompt`.
+
+    With p, c, r the three lengths, row b holds [prompt | chosen | rejected | padding] and:
+        position_ids    0..p-1, then p..p+c-1, then p..p+r-1 (the rejected side restarts where
+                        the prompt ends, as in its own row)
+        attention_mask  4-D boolean [B, 1, T, T]: causal, except that rejected tokens do not see
+                        chosen ones, and nothing sees padding
+        chosen_index    [B, Cmax] the position whose logits predict each chosen token (p-1+k)
+        rejected_index  [B, Rmax] the same for rejected tokens (p-1, then p+c+k-1)
+        chosen_ids, rejected_ids   [B, Cmax] / [B, Rmax] the tokens after the prompt
+        chosen_mask, rejected_mask 1 where a token is labelled (the response; not, e.g., the
+                                   template's newline after EOS)
+    """
+    rows, labelled = [], []
+    for pair in pairs:
+        p = shared_prompt(pair)
+        assert p is not None, "collate_shared needs pairs whose sides share their prompt"
+        prompt = pair["chosen"]["input_ids"][:p]
+        rows.append((prompt, pair["chosen"]["input_ids"][p:], pair["rejected"]["input_ids"][p:]))
+        labelled.append(
+            [[label != IGNORE_INDEX for label in pair[side]["labels"][p:]] for side in SIDES]
+        )
+    batch = len(rows)
+    width = max(len(a) + len(c) + len(r) for a, c, r in rows)
+    c_max, r_max = max(len(c) for _, c, _ in rows), max(len(r) for _, _, r in rows)
+    input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)  # [B, T]
+    position_ids = torch.zeros((batch, width), dtype=torch.long)  # [B, T]
+    segment = torch.full((batch, width), 3, dtype=torch.long)  # 0 prompt 1 chosen 2 rejected 3 pad
+    out = {
+        name: torch.zeros((batch, n), dtype=torch.long)
+        for name, n in (
+            ("chosen_index", c_max),
+            ("chosen_ids", c_max),
+            ("chosen_mask", c_max),
+            ("rejected_index", r_max),
+            ("rejected_ids", r_max),
+            ("rejected_mask", r_max),
+        )
+    }
+    for b, (prompt, chosen, rejected) in enumerate(rows):
+        p, c, r = len(prompt), len(chosen), len(rejected)
+        input_ids[b, : p + c + r] = torch.tensor(prompt + chosen + rejected)
+        position_ids[b, : p + c + r] = torch.cat([torch.arange(p + c), torch.arange(p, p + r)])
+        segment[b, :p], segment[b, p : p + c], segment[b, p + c : p + c + r] = 0, 1, 2
+        out["chosen_index"][b, :c] = torch.arange(p - 1, p + c - 1)
+        out["rejected_index"][b, :r] = torch.cat(
+            [torch.tensor([p - 1]), torch.arange(p + c, p + c + r - 1)]
+        )
+        out["chosen_ids"][b, :c], out["rejected_ids"][b, :r] = (
+            torch.tensor(chosen),
+            torch.tensor(rejected),
+        )
+        out["chosen_mask"][b, :c] = torch.tensor(labelled[b][0])
+        out["rejected_mask"][b, :r] = torch.tensor(labelled[b][1])
+    causal = torch.ones(width, width, dtype=torch.bool).tril()  # [T, T]
+    query, key = segment[:, :, None], segment[:, None, :]  # [B, T, 1], [B, 1, T]
+    allowed = causal & (key != 3) & ~((query == 2) & (key == 1))  # [B, T, T]
+    out.update(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        attention_mask=allowed[:, None],  # [B, 1, T, T]
+    )
+    return out
