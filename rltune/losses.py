@@ -19,14 +19,20 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
-def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_nll_sum(
+    logits: torch.Tensor, labels: torch.Tensor, *, chunk_above: int = 1 << 26
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed negative log-likelihood of the labelled tokens, and how many there are.
 
     `logits` [B, T, V] predict the *next* token; `labels` [B, T] are the input ids with -100
     where no loss is wanted (the shift happens here). The caller divides by the number of loss
     tokens of the whole optimizer step, so every token weighs the same however the step is split
-    into micro-batches.
+    into micro-batches. Logits of more than `chunk_above` elements (256 MiB in fp32) never get a
+    whole fp32 copy: the log-softmax runs a chunk of positions at a time (`token_logps`).
     """
+    if logits.numel() > chunk_above:
+        logps, count = sequence_logps(logits, labels)  # [B], [B]
+        return -logps.sum(), count.sum()
     targets = shift_labels(labels)  # [B, T]
     nll = F.cross_entropy(
         logits.float().flatten(0, 1),  # [B*T, V]

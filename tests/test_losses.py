@@ -24,9 +24,27 @@ def test_token_nll_sum_by_hand():
     """
     logits = torch.tensor([[[0.0, 0.0], [math.log(3.0), 0.0], [5.0, -5.0]]])
     labels = torch.tensor([[IGNORE_INDEX, 1, 1]])
-    nll, count = token_nll_sum(logits, labels)
-    assert count.item() == 2
-    assert math.isclose(nll.item(), math.log(8.0), rel_tol=1e-6)
+    for chunk_above in (1 << 26, 0):  # one fp32 cross-entropy, and chunked log-softmaxes
+        nll, count = token_nll_sum(logits, labels, chunk_above=chunk_above)
+        assert count.item() == 2
+        assert math.isclose(nll.item(), math.log(8.0), rel_tol=1e-6)
+
+
+def test_chunked_nll_has_the_same_value_and_gradient():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 11, requires_grad=True)
+    labels = torch.randint(0, 11, (3, 7))
+    labels[0, :3] = IGNORE_INDEX
+    grads = []
+    for chunk_above in (1 << 26, 0):
+        logits.grad = None
+        nll, count = token_nll_sum(logits, labels, chunk_above=chunk_above)
+        nll.backward()
+        grads.append((nll.detach(), count, logits.grad.clone()))
+    (a, ca, ga), (b, cb, gb) = grads
+    assert ca.item() == cb.item() == 3 * 6 - 2  # each row predicts 6; row 0 ignores 2 of them
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(ga, gb)
 
 
 def test_masked_tokens_do_not_contribute():
