@@ -34,6 +34,22 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+QWEN2_5_0_5B = dict(
+    vocab_size=151936,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    max_position_embeddings=32768,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+)
+"""Qwen2.5-0.5B's architecture (`Qwen2Config` keywords): the randomly initialised model that the
+GPU benchmarks and GPU tests use, since nothing is downloaded there."""
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """The compute dtype. auto: bf16 on a GPU that supports it, else fp32. (fp16 would need loss
     scaling, which bf16's range makes unnecessary, so it is not offered for training.)"""

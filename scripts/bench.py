@@ -57,7 +57,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from rltune.models import QWEN2_5_0_5B
+
 REPO = Path(__file__).resolve().parent.parent
+
 STEPS = 12
 WARMUP = 2
 
@@ -223,19 +226,8 @@ def run_trl(workload: str, steps: int, gradient_checkpointing: bool | None) -> l
 
 # ----------------------------------------------------------------------------- GPU workloads
 
-VOCAB_SIZE = 151936
-QWEN25_05B = dict(
-    vocab_size=VOCAB_SIZE,
-    hidden_size=896,
-    intermediate_size=4864,
-    num_hidden_layers=24,
-    num_attention_heads=14,
-    num_key_value_heads=2,
-    max_position_embeddings=32768,
-    rope_theta=1000000.0,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=True,
-)
+QWEN25_05B = QWEN2_5_0_5B
+VOCAB_SIZE = QWEN25_05B["vocab_size"]
 SMALL_SHAPE = dict(
     QWEN25_05B,
     hidden_size=64,

@@ -18,16 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import QWEN25_05B  # noqa: E402  (the one place the 0.5B shape is written down)
+from rltune.models import QWEN2_5_0_5B
 
-SMALL = dict(QWEN25_05B, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+SMALL = dict(QWEN2_5_0_5B, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
 
 
 def policy(shape: dict, device: torch.device) -> torch.nn.Module:
@@ -119,7 +117,7 @@ def main() -> None:
     from rltune.rollout import SamplingParams
 
     device = torch.device("cpu" if args.small else "cuda")
-    shape = SMALL if args.small else QWEN25_05B
+    shape = SMALL if args.small else QWEN2_5_0_5B
     prompts_n, width, group, new = (4, 16, 2, 8) if args.small else (16, 128, 8, 256)
     model = policy(shape, device)
     g = torch.Generator().manual_seed(0)

@@ -225,17 +225,10 @@ def test_graph_decoder_bf16_replica_logps_match_an_autocast_forward(tiny, device
 def _qwen05b_random(dtype):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    from rltune.models import QWEN2_5_0_5B
+
     config = Qwen2Config(
-        vocab_size=151936,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        max_position_embeddings=32768,
-        rope_theta=1000000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
+        **QWEN2_5_0_5B,
         bos_token_id=None,
         eos_token_id=151645,
         pad_token_id=151643,
