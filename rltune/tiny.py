@@ -138,15 +138,24 @@ def build_tokenizer(vocab_size: int = 512, *, seed: int = 0) -> PreTrainedTokeni
     trainer_backend.train_from_iterator(tokenizer_corpus(seed=seed), trainer=trainer)
     trained = json.loads(trainer_backend.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    return chatml_tokenizer(trained["vocab"], merges)
+
+
+def chatml_tokenizer(
+    vocab: dict[str, int], merges: list[tuple[str, str]], *, model_max_length: int = MAX_POSITIONS
+) -> PreTrainedTokenizerBase:
+    """A byte-level BPE `Qwen2Tokenizer` from `vocab` and `merges` with the ChatML specials and
+    chat template of Qwen2.5's instruct tokenizer: EOS <|im_end|>, pad <|endoftext|>, no BOS or
+    UNK. `vocab` must hold the specials."""
     return Qwen2Tokenizer(
-        vocab=trained["vocab"],
+        vocab=vocab,
         merges=merges,
         unk_token=None,
         bos_token=None,
         eos_token=IM_END,
         pad_token=PAD_TOKEN,
         extra_special_tokens=[IM_START, IM_END],
-        model_max_length=MAX_POSITIONS,
+        model_max_length=model_max_length,
         chat_template=CHAT_TEMPLATE,
     )
 

@@ -275,9 +275,8 @@ def synthetic_tokenizer():
     the ids survive save -> reload, and every digit is a token of its own.
     """
     from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import Qwen2Tokenizer
 
-    from rltune.tiny import CHAT_TEMPLATE, IM_END, IM_START, PAD_TOKEN
+    from rltune.tiny import chatml_tokenizer
 
     alphabet = sorted(ByteLevel.alphabet())
     pairs = [(a, b) for a in alphabet for b in alphabet]
@@ -287,17 +286,7 @@ def synthetic_tokenizer():
     tokens = alphabet + [a + b for a, b in merges]
     ids = [i for i in range(VOCAB_SIZE) if i not in SPECIAL_IDS.values()]
     vocab = dict(zip(tokens, ids, strict=True)) | SPECIAL_IDS
-    return Qwen2Tokenizer(
-        vocab=vocab,
-        merges=merges,
-        unk_token=None,
-        bos_token=None,
-        eos_token=IM_END,
-        pad_token=PAD_TOKEN,
-        extra_special_tokens=[IM_START, IM_END],
-        model_max_length=QWEN25_05B["max_position_embeddings"],
-        chat_template=CHAT_TEMPLATE,
-    )
+    return chatml_tokenizer(vocab, merges, model_max_length=QWEN25_05B["max_position_embeddings"])
 
 
 def save_model(folder: Path, shape: dict, tokenizer) -> int:
