@@ -125,7 +125,8 @@ def test_reward_model_trains_and_final_loads_and_scores(tmp_path):
     assert scores.shape == (2, 1) and torch.isfinite(scores).all()
 
 
-def test_shared_prompt_row_gives_each_sides_log_probs_and_gradients():
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_shared_prompt_row_gives_each_sides_log_probs_and_gradients(attention):
     """algo.share_prompt: one row [prompt | chosen | rejected] with a 4-D mask gives the same
     summed log-probs, token counts and gradients as a row per side (fp32, 1e-5); a rejected
     token that could see the chosen response would change its log-prob."""
@@ -134,10 +135,13 @@ def test_shared_prompt_row_gives_each_sides_log_probs_and_gradients():
     from rltune.algos.dpo import DPO
     from rltune.data.preference import collate_pairs, collate_shared, encode_pair, shared_prompt
     from rltune.models import SHIPPED
+    from rltune.prefix import mask_for
     from rltune.tasks.arith import rows
 
     tokenizer = AutoTokenizer.from_pretrained(SHIPPED["tiny"])
-    model = AutoModelForCausalLM.from_pretrained(SHIPPED["tiny"], dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        SHIPPED["tiny"], dtype=torch.float32, attn_implementation=attention
+    )
     pairs = [encode_pair(r, tokenizer) for r in rows("preference", 12, seed=0, split="train")]
     pad = tokenizer.pad_token_id
 
@@ -148,16 +152,17 @@ def test_shared_prompt_row_gives_each_sides_log_probs_and_gradients():
         return logps.detach(), counts, [p.grad.clone() for p in model.parameters()]
 
     rowwise, counts, grads = logps_and_grads(collate_pairs(pairs, pad))
-    shared, shared_counts, shared_grads = logps_and_grads(collate_shared(pairs, pad))
+    batch = collate_shared(pairs, pad)
+    batch["attention_mask"] = mask_for(model, batch["attention_mask"])
+    shared, shared_counts, shared_grads = logps_and_grads(batch)
     assert torch.equal(counts, shared_counts)
     torch.testing.assert_close(shared, rowwise, atol=1e-5, rtol=1e-5)
     for a, b in zip(grads, shared_grads, strict=True):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
 
     batch = collate_shared(pairs, pad)
-    batch["attention_mask"] = (
-        batch["attention_mask"] | torch.ones_like(batch["attention_mask"]).tril()
-    )  # let rejected tokens see the chosen ones
+    leak = batch["attention_mask"] | torch.ones_like(batch["attention_mask"]).tril()
+    batch["attention_mask"] = mask_for(model, leak)  # let rejected tokens see the chosen ones
     leaked, _ = DPO._sides_logps(model, batch)
     assert not torch.allclose(leaked[12:], rowwise[12:], atol=1e-3)
 

@@ -40,6 +40,7 @@ from rltune.data.stream import IndexStream
 from rltune.evaluation import get_task
 from rltune.losses import dpo_loss, sequence_logps, token_logps
 from rltune.models import Reference, autocast, load_policy, load_tokenizer
+from rltune.prefix import mask_for, takes_4d_mask
 
 log = logging.getLogger(__name__)
 
@@ -147,16 +148,17 @@ class DPO(AlgorithmBase):
     # --- forward and loss ---------------------------------------------------------------
 
     def _collate(self, pairs: list[dict]) -> dict[str, Any]:
-        attention = getattr(self.policy.config, "_attn_implementation", "sdpa")
         shared = (
             self.cfg.share_prompt
-            and attention in ("sdpa", "eager")  # the kernels that take any 4-D mask
+            and takes_4d_mask(self.policy)
             and all(shared_prompt(p) is not None for p in pairs)
         )
         collate = collate_shared if shared else collate_pairs
         batch = {
             k: v.to(self.ctx.device) for k, v in collate(pairs, self.tokenizer.pad_token_id).items()
         }
+        if shared:
+            batch["attention_mask"] = mask_for(self.policy, batch["attention_mask"])
         batch["num_tokens"] = sum(
             len(p[s]["input_ids"]) for p in pairs for s in ("chosen", "rejected")
         )

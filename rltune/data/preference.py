@@ -16,6 +16,7 @@ from rltune.data.formats import DataError, preference_parts
 from rltune.data.loading import Record
 from rltune.data.sft import collate_sft, encode_sft
 from rltune.losses import IGNORE_INDEX
+from rltune.prefix import PAD, branch_attention_mask
 
 _NO_LIMIT = 1 << 30
 SIDES = ("chosen", "rejected")
@@ -101,8 +102,9 @@ def collate_shared(pairs: list[dict], pad_token_id: int) -> dict[str, Any]:
     With p, c, r the three lengths, row b holds [prompt | chosen | rejected | padding] and:
         position_ids    0..p-1, then p..p+c-1, then p..p+r-1 (the rejected side restarts where
                         the prompt ends, as in its own row)
-        attention_mask  4-D boolean [B, 1, T, T]: causal, except that rejected tokens do not see
-                        chosen ones, and nothing sees padding
+        attention_mask  4-D boolean [B, 1, T, T] (rltune.prefix.branch_attention_mask):
+                        causal, except that rejected tokens do not see chosen ones, and nothing
+                        sees padding
         chosen_index    [B, Cmax] the position whose logits predict each chosen token (p-1+k)
         rejected_index  [B, Rmax] the same for rejected tokens (p-1, then p+c+k-1)
         chosen_ids, rejected_ids   [B, Cmax] / [B, Rmax] the tokens after the prompt
@@ -123,7 +125,7 @@ def collate_shared(pairs: list[dict], pad_token_id: int) -> dict[str, Any]:
     c_max, r_max = max(len(c) for _, c, _ in rows), max(len(r) for _, _, r in rows)
     input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)  # [B, T]
     position_ids = torch.zeros((batch, width), dtype=torch.long)  # [B, T]
-    segment = torch.full((batch, width), 3, dtype=torch.long)  # 0 prompt 1 chosen 2 rejected 3 pad
+    segment = torch.full((batch, width), PAD, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected
     out = {
         name: torch.zeros((batch, n), dtype=torch.long)
         for name, n in (
@@ -150,12 +152,9 @@ def collate_shared(pairs: list[dict], pad_token_id: int) -> dict[str, Any]:
         )
         out["chosen_mask"][b, :c] = torch.tensor(labelled[b][0])
         out["rejected_mask"][b, :r] = torch.tensor(labelled[b][1])
-    causal = torch.ones(width, width, dtype=torch.bool).tril()  # [T, T]
-    query, key = segment[:, :, None], segment[:, None, :]  # [B, T, 1], [B, 1, T]
-    allowed = causal & (key != 3) & ~((query == 2) & (key == 1))  # [B, T, T]
     out.update(
         input_ids=input_ids,
         position_ids=position_ids,
-        attention_mask=allowed[:, None],  # [B, 1, T, T]
+        attention_mask=branch_attention_mask(segment),  # [B, 1, T, T]
     )
     return out
