@@ -248,6 +248,8 @@ class GRPOConfig:
     """Leave completions that hit data.max_new_tokens out of the loss."""
     logprob_chunk_size: int = 1024
     """Positions whose fp32 log-softmax is computed at once (bounds memory for large vocabularies)."""
+    share_prompt: bool = True
+    """Train on a row per group, [prompt | completion 1 | ... ], so each prompt is computed once, not group_size times (same log-probs; sdpa/eager attention, micro_batch_size a multiple of group_size; else a row per completion)."""
     sample_every: int = 50
     """Write a few prompts, completions and rewards to samples.jsonl every N steps; 0 never."""
 

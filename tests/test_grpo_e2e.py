@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from rltune.cli import run
 from rltune.logging import read_metrics
+from rltune.models import SHIPPED
 
 pytestmark = pytest.mark.slow
 
@@ -61,6 +63,38 @@ def test_kl_builds_a_reference_and_logs_kl(tmp_path):
     rows = _rows(run_dir)
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy starts as the reference
     assert rows[-1]["kl"] > 0  # and moves away from it
+
+
+def test_a_row_per_group_trains_as_a_row_per_completion(tmp_path):
+    """algo.share_prompt (each group's prompt computed once) changes no number of a step: the
+    same rollout gives the same loss, KL to the reference, entropy and updated weights."""
+    from safetensors.torch import load_file
+
+    common = [*SMALL, "train.max_steps=1", "algo.kl_coef=0.04", "train.lr=1e-3"]
+    common += ["train.eval_samples=0", "train.save_every=1"]
+    runs = {
+        share: run([*common, f"algo.share_prompt={share}", f"hydra.run.dir={tmp_path / share}"])
+        for share in ("true", "false")
+    }
+    shared, alone = (_rows(runs[share])[0] for share in ("true", "false"))
+    assert shared["reward"] == alone["reward"]  # the same rollout
+    assert shared["num_tokens"] == alone["num_tokens"]
+    for key in ("loss", "kl", "entropy", "grad_norm"):
+        assert shared[key] == pytest.approx(alone[key], rel=1e-4, abs=1e-6), key
+    start = load_file(SHIPPED["tiny"] / "model.safetensors")
+    moved = {
+        share: torch.cat(
+            [
+                (w - start[k]).flatten()
+                for k, w in load_file(d / "final" / "model.safetensors").items()
+            ]
+        )
+        for share, d in runs.items()
+    }
+    # Adam moves a weight by ~lr whatever its gradient's size, so the few weights with a ~0
+    # gradient carry rounding noise; the update as a whole must agree
+    gap = (moved["true"] - moved["false"]).norm() / moved["false"].norm()
+    assert gap < 1e-3, gap
 
 
 def test_lora_reference_is_the_adapter_disabled_policy(tmp_path):

@@ -13,6 +13,12 @@ Batch semantics: train.batch_size counts completions (prompts per step x group_s
 into micro-batches of train.micro_batch_size completions; both the global batch and each
 process's share must be multiples of group_size (a group never straddles processes).
 
+Layout: with algo.share_prompt each micro-batch holds whole groups, one row per group with the
+prompt once and each completion in its own masked slot (rltune.prefix.group_rows); otherwise a
+row per completion. Either way micro-batches are sorted by length and cut to their own widest
+prompt and completion, and every loss is a sum over completions with step-level denominators,
+so the layout leaves the step's gradient as it is.
+
 With mu = 1 the policy that sampled is the policy being updated, so the ratio is exactly 1 and
 old log-probs are the current ones, detached: no extra forward pass. With mu > 1 the rollout's
 log-probs are computed once after sampling and reused by the mu steps. Log-probs use the
@@ -52,7 +58,7 @@ from rltune.losses import (
     loss_denominator,
     token_entropy,
 )
-from rltune.rollout import Rollout
+from rltune.prefix import takes_4d_mask
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +114,15 @@ class GRPO(OnlineAlgorithm):
             loss_mask[rollout.truncated] = 0
 
         kept = keep.nonzero().squeeze(-1).tolist()
+        if self.shares_prompt(micro_batch_size):
+            chunks = self.groups_sorted(rollout, kept, micro_batch_size, g)
+            inputs = [self.shared_rows(rollout, rows, g) for rows in chunks]
+        else:
+            chunks = self.length_sorted(rollout, kept, micro_batch_size)
+            inputs = [self.trimmed_rows(rollout, rows) for rows in chunks]
         batches = [
-            self._micro_batch(rollout, rows, loss_mask, advantages)
-            for rows in self.length_sorted(rollout, kept, micro_batch_size)
+            self._micro_batch(batch, rows, loss_mask, advantages)
+            for batch, rows in zip(inputs, chunks, strict=True)
         ]
         denominator = loss_denominator(
             [b["loss_mask"] for b in batches], self.cfg.loss_agg, max_tokens=self.max_new_tokens
@@ -131,12 +143,26 @@ class GRPO(OnlineAlgorithm):
         self._report = (metrics, self.samples(prompts, rollout, rewards_t, advantages, g))
         return batches
 
+    def shares_prompt(self, micro_batch_size: int) -> bool:
+        """Whether micro-batches hold whole groups as one row each (algo.share_prompt)."""
+        g = self.cfg.group_size
+        return (
+            self.cfg.share_prompt
+            and g > 1
+            and micro_batch_size % g == 0
+            and takes_4d_mask(self.policy)
+        )
+
     def _micro_batch(
-        self, rollout: Rollout, rows: list[int], loss_mask: torch.Tensor, advantages: torch.Tensor
+        self,
+        batch: dict[str, Any],
+        rows: list[int],
+        loss_mask: torch.Tensor,
+        advantages: torch.Tensor,
     ) -> dict[str, Any]:
-        """One micro-batch of `rows`, cut to its own widest prompt and completion, with the
-        log-probs that stay fixed during the update (reference; old ones when mu > 1)."""
-        batch = self.trimmed_rows(rollout, rows)
+        """The model inputs of `rows` (`shared_rows` or `trimmed_rows`) with their loss mask,
+        advantages and the log-probs that stay fixed during the update (reference; old ones
+        when mu > 1)."""
         width = batch["completion_ids"].shape[1]
         idx = torch.tensor(rows, device=loss_mask.device)
         batch["loss_mask"] = loss_mask[idx, :width].float()
@@ -192,7 +218,7 @@ class GRPO(OnlineAlgorithm):
                 "clip_ratio/low_mean": low,
                 "clip_ratio/high_mean": high,
                 "clip_ratio/region_mean": low + high,
-                "num_tokens": float(batch["attention_mask"].sum()),
+                "num_tokens": batch["num_tokens"],
             }
         )
         return loss, metrics

@@ -23,6 +23,7 @@ from rltune.decode import fast_sample
 from rltune.evaluation import get_task, render_prompt
 from rltune.losses import token_logps
 from rltune.models import Reference, autocast, load_policy, load_tokenizer
+from rltune.prefix import group_rows, mask_for
 from rltune.rollout import Rollout, SamplingParams, generate_greedy, position_ids, sample
 
 log = logging.getLogger(__name__)
@@ -222,13 +223,16 @@ class OnlineAlgorithm(AlgorithmBase):
     def forward_logits(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         """Logits [b, C, V] that predict the completion tokens (only those are computed)."""
         width = batch["completion_ids"].shape[1]
+        shared = "logits_index" in batch  # a row per group (rltune.prefix.group_rows)
         out = model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
             position_ids=batch["position_ids"],
             use_cache=False,
-            logits_to_keep=width + 1,
+            logits_to_keep=batch["logits_index"] if shared else width + 1,
         )
+        if shared:
+            return out.logits.reshape(-1, width, out.logits.shape[-1])  # [n, G*C, V] -> [n*G, C, V]
         return out.logits[:, :-1]  # position P-1+t predicts completion token t
 
     @torch.no_grad()
@@ -254,7 +258,39 @@ class OnlineAlgorithm(AlgorithmBase):
         order = sorted(rows, key=lambda i: (c_len[i], p_len[i]))
         return [order[s : s + size] for s in range(0, len(order), size)]
 
-    def trimmed_rows(self, rollout: Rollout, rows: list[int]) -> dict[str, torch.Tensor]:
+    @staticmethod
+    def groups_sorted(rollout: Rollout, rows: list[int], size: int, g: int) -> list[list[int]]:
+        """`rows` (whole groups of `g` adjacent rows) in micro-batches of `size` rows, groups
+        ordered by their longest completion then their prompt length (as `length_sorted`)."""
+        c_len = rollout.completion_mask.sum(-1).tolist()
+        p_len = rollout.prompt_mask.sum(-1).tolist()
+        starts = rows[::g]
+        assert rows == [s + j for s in starts for j in range(g)], "rows must be whole groups"
+        order = sorted(starts, key=lambda s: (max(c_len[s : s + g]), p_len[s]))
+        flat = [s + j for s in order for j in range(g)]
+        return [flat[s : s + size] for s in range(0, len(flat), size)]
+
+    def shared_rows(self, rollout: Rollout, rows: list[int], g: int) -> dict[str, Any]:
+        """The model inputs of `rows` (whole groups of `g`) with each group's prompt computed
+        once (`rltune.prefix.group_rows`), cut to the groups' widest prompt and completion."""
+        idx = torch.tensor(rows, device=rollout.prompt_ids.device)
+        heads = idx[::g]
+        prompt_mask, completion_mask = rollout.prompt_mask[heads], rollout.completion_mask[idx]
+        p = int(prompt_mask.sum(-1).max())
+        c = max(1, int(completion_mask.sum(-1).max()))
+        width = prompt_mask.shape[1]
+        n = len(heads)
+        batch = group_rows(
+            rollout.prompt_ids[heads, width - p :],
+            prompt_mask[:, width - p :],
+            rollout.completion_ids[idx, :c].view(n, g, c),
+            completion_mask[:, :c].view(n, g, c),
+        )
+        batch["attention_mask"] = mask_for(self.policy, batch["attention_mask"])
+        batch["num_tokens"] = float(g * prompt_mask.sum() + completion_mask.sum())
+        return {k: v.to(self.ctx.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def trimmed_rows(self, rollout: Rollout, rows: list[int]) -> dict[str, Any]:
         """The model inputs of `rows` of a rollout without the columns that are padding in
         every one of them (prompts are left-padded, completions right-padded)."""
         device = self.ctx.device
@@ -270,6 +306,7 @@ class OnlineAlgorithm(AlgorithmBase):
             "attention_mask": mask.to(device),
             "position_ids": position_ids(mask).to(device),
             "completion_ids": rollout.completion_ids[idx, :c].to(device),
+            "num_tokens": float(mask.sum()),
         }
 
     @torch.no_grad()

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one command, for a short lease on a CUDA machine:
+#   1. the CUDA tests (graph decoding equals generate; bf16 log-probs within tolerance)
+#   2. DESIGN.md's workloads A, B, C at full size (scripts/bench.py --gpu)
+#   3. the decode engines side by side (scripts/bench_decode.py)
+# Results (JSON and logs) go to $OUT (default ./gpu-out); the tables print as they come.
+#
+#   bash scripts/gpu_check.sh [WHEEL_DIR] [BUDGET_S]
+#
+# WHEEL_DIR: wheels to install first, without an index (a machine that reaches no registry:
+# carry transformers, peft, hydra-core, omegaconf, antlr4 wheels there). BUDGET_S (default 540)
+# bounds the whole script; each stage gets a share, so a hang in one still leaves the others.
+set -uo pipefail
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+if [ -n "${1:-}" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/rltune-site "$1"/*.whl || exit 1
+    export PYTHONPATH=/tmp/rltune-site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_DISABLE=1 WANDB_MODE=offline
+export TOKENIZERS_PARALLELISM=false
+BUDGET=${2:-540}
+START=$SECONDS
+left() { echo $((BUDGET - (SECONDS - START))); }
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" |
+    tee -a "$OUT/gpu.txt"
+
+echo "== CUDA tests (t=$((SECONDS - START)) s)"
+timeout $(($(left) / 6)) python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_rollout.py tests/test_prefix.py \
+    2>&1 | tail -5 | tee "$OUT/cuda_tests.txt"
+
+echo "== workloads A, B, C (t=$((SECONDS - START)) s)"
+timeout $(($(left) * 3 / 4)) python3 scripts/bench.py --gpu --json "$OUT/workloads.json" \
+    2>&1 | tee "$OUT/workloads.log" | grep -E "^\||^A:|GPU:|failed|rror"
+
+echo "== decode engines (t=$((SECONDS - START)) s)"
+timeout $(($(left) - 5)) python3 scripts/bench_decode.py --json "$OUT/decode.json" \
+    2>&1 | tee "$OUT/decode.log" | grep -E "^\||GPU|failed|rror"
+echo "== done (t=$((SECONDS - START)) s)"
