@@ -309,3 +309,21 @@ def test_compiled_forward_trains_like_the_eager_one(tmp_path):
 
     names = set(load_file(compiled / "final" / "model.safetensors"))
     assert names == set(load_file(eager / "final" / "model.safetensors"))
+
+
+def test_micro_batches_sorted_by_length_leave_the_step_as_it_is(tmp_path):
+    """A step's examples go to micro-batches by length (less padding); the loss is a sum over
+    the step's tokens, so 4 micro-batches of 4 give the loss and update of 1 batch of 16."""
+    common = ["algo=sft", "train.max_steps=2", "train.log_every=1", "train.eval_samples=0"]
+    common += ["train.batch_size=16", "train.lr=1e-3", "train.save_every=2"]
+    runs = {
+        m: run([*common, f"train.micro_batch_size={m}", f"hydra.run.dir={tmp_path / str(m)}"])
+        for m in (4, 16)
+    }
+    rows = {
+        m: [r for r in read_metrics(d / "metrics.jsonl") if "loss" in r] for m, d in runs.items()
+    }
+    for a, b in zip(rows[4], rows[16], strict=True):
+        assert a["num_tokens"] == b["num_tokens"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from rltune.config import ConfigError, TrainConfig
-from rltune.data.stream import IndexStream
+from rltune.data.stream import IndexStream, length_sorted
 from rltune.trainer import BatchPlan, lr_lambda
 
 
@@ -62,3 +62,25 @@ def test_stream_shards_between_ranks_without_overlap():
     got = [ranks[0].take(2), ranks[1].take(2)]
     assert set(got[0]).isdisjoint(got[1])
     assert len(set(got[0]) | set(got[1])) == 4
+
+
+def test_one_take_per_step_is_the_takes_per_micro_batch():
+    """Algorithms take a step's indices at once to sort them by length: the same indices as
+    one take per micro-batch, on every rank."""
+    for rank in range(2):
+        a = IndexStream(11, seed=5, rank=rank, world_size=2)
+        b = IndexStream(11, seed=5, rank=rank, world_size=2)
+        assert a.take(3 * 4) == b.take(3) + b.take(3) + b.take(3) + b.take(3)
+
+
+def test_length_sorted_micro_batches_pad_less():
+    lengths = [9, 2, 30, 3, 28, 8, 2, 31]
+    chunks = length_sorted(list(range(8)), 2, key=lambda i: lengths[i])
+    assert sorted(i for c in chunks for i in c) == list(range(8))  # every index, once
+    assert [[lengths[i] for i in c] for c in chunks] == [[2, 2], [3, 8], [9, 28], [30, 31]]
+
+    def padding(groups):  # tokens added to pad each micro-batch to its longest row
+        return sum(max(lengths[i] for i in g) * len(g) - sum(lengths[i] for i in g) for g in groups)
+
+    assert padding(chunks) == 0 + 5 + 19 + 1
+    assert padding([[0, 1], [2, 3], [4, 5], [6, 7]]) == 7 + 27 + 20 + 29

@@ -34,9 +34,15 @@ import torch
 from rltune.algos import AlgorithmBase, BuildContext
 from rltune.config import DPOConfig
 from rltune.data import DataError
-from rltune.data.preference import collate_pairs, collate_shared, encode_pairs, shared_prompt
+from rltune.data.preference import (
+    collate_pairs,
+    collate_shared,
+    encode_pairs,
+    pair_tokens,
+    shared_prompt,
+)
 from rltune.data.source import split_records
-from rltune.data.stream import IndexStream
+from rltune.data.stream import IndexStream, length_sorted
 from rltune.evaluation import get_task
 from rltune.losses import dpo_loss, sequence_logps, token_logps
 from rltune.models import Reference, autocast, load_policy, load_tokenizer
@@ -159,9 +165,7 @@ class DPO(AlgorithmBase):
         }
         if shared:
             batch["attention_mask"] = mask_for(self.policy, batch["attention_mask"])
-        batch["num_tokens"] = sum(
-            len(p[s]["input_ids"]) for p in pairs for s in ("chosen", "rejected")
-        )
+        batch["num_tokens"] = sum(pair_tokens(p) for p in pairs)
         batch["pairs"] = len(pairs)
         return batch
 
@@ -244,8 +248,8 @@ class DPO(AlgorithmBase):
 
     def next_batches(self, num_micro: int, micro_batch_size: int) -> list[dict[str, Any]]:
         batches = []
-        for _ in range(num_micro):
-            idx = self.stream.take(micro_batch_size)
+        step = self.stream.take(num_micro * micro_batch_size)
+        for idx in length_sorted(step, micro_batch_size, key=lambda i: pair_tokens(self.pairs[i])):
             batch = self._collate([self.pairs[i] for i in idx])
             if self.ref_cache is not None:
                 batch["ref"] = self.ref_cache["train"][idx].to(self.ctx.device)  # [B, 2]

@@ -50,6 +50,7 @@ from rltune.advantages import (
 from rltune.algos import BuildContext
 from rltune.algos.online import OnlineAlgorithm
 from rltune.config import ConfigError, GRPOConfig
+from rltune.data.stream import length_sorted
 from rltune.distributed import all_gather_cat
 from rltune.losses import (
     aggregate_loss,
@@ -118,7 +119,9 @@ class GRPO(OnlineAlgorithm):
             chunks = self.groups_sorted(rollout, kept, micro_batch_size, g)
             inputs = [self.shared_rows(rollout, rows, g) for rows in chunks]
         else:
-            chunks = self.length_sorted(rollout, kept, micro_batch_size)
+            c_len = rollout.completion_mask.sum(-1).tolist()
+            p_len = rollout.prompt_mask.sum(-1).tolist()
+            chunks = length_sorted(kept, micro_batch_size, key=lambda i: (c_len[i], p_len[i]))
             inputs = [self.trimmed_rows(rollout, rows) for rows in chunks]
         batches = [
             self._micro_batch(batch, rows, loss_mask, advantages)

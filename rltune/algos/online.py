@@ -248,20 +248,10 @@ class OnlineAlgorithm(AlgorithmBase):
             )
 
     @staticmethod
-    def length_sorted(rollout: Rollout, rows: list[int], size: int) -> list[list[int]]:
-        """`rows` in groups of `size`, ordered by completion then prompt length, so that each
-        group's padding (to its own longest row) is small. Every loss here is a sum over rows
-        with step-level denominators, so grouping rows differently leaves the step's gradient
-        as it is."""
-        c_len = rollout.completion_mask.sum(-1).tolist()
-        p_len = rollout.prompt_mask.sum(-1).tolist()
-        order = sorted(rows, key=lambda i: (c_len[i], p_len[i]))
-        return [order[s : s + size] for s in range(0, len(order), size)]
-
-    @staticmethod
     def groups_sorted(rollout: Rollout, rows: list[int], size: int, g: int) -> list[list[int]]:
         """`rows` (whole groups of `g` adjacent rows) in micro-batches of `size` rows, groups
-        ordered by their longest completion then their prompt length (as `length_sorted`)."""
+        ordered by their longest completion then their prompt length (as
+        `rltune.data.stream.length_sorted` orders rows)."""
         c_len = rollout.completion_mask.sum(-1).tolist()
         p_len = rollout.prompt_mask.sum(-1).tolist()
         starts = rows[::g]

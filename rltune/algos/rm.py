@@ -24,9 +24,9 @@ import torch
 from rltune.algos import AlgorithmBase, BuildContext
 from rltune.config import RMConfig
 from rltune.data import DataError
-from rltune.data.preference import collate_pairs, encode_pairs
+from rltune.data.preference import collate_pairs, encode_pairs, pair_tokens
 from rltune.data.source import split_records
-from rltune.data.stream import IndexStream
+from rltune.data.stream import IndexStream, length_sorted
 from rltune.losses import bradley_terry_loss
 from rltune.models import load_reward_model, load_tokenizer
 
@@ -79,9 +79,7 @@ class RewardModelTraining(AlgorithmBase):
         batch["margin"] = torch.tensor(
             [p.get("margin", 0.0) for p in pairs], device=self.ctx.device
         )  # [B]
-        batch["num_tokens"] = sum(
-            len(p[s]["input_ids"]) for p in pairs for s in ("chosen", "rejected")
-        )
+        batch["num_tokens"] = sum(pair_tokens(p) for p in pairs)
         return batch
 
     def scores(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,9 +108,12 @@ class RewardModelTraining(AlgorithmBase):
         return len(self.pairs)
 
     def next_batches(self, num_micro: int, micro_batch_size: int) -> list[dict[str, Any]]:
+        step = self.stream.take(num_micro * micro_batch_size)
         return [
-            self._collate([self.pairs[i] for i in self.stream.take(micro_batch_size)])
-            for _ in range(num_micro)
+            self._collate([self.pairs[i] for i in idx])
+            for idx in length_sorted(
+                step, micro_batch_size, key=lambda i: pair_tokens(self.pairs[i])
+            )
         ]
 
     def normaliser(self, batches: list[dict[str, Any]]) -> float:

@@ -24,7 +24,7 @@ from rltune.algos import AlgorithmBase, BuildContext
 from rltune.config import SFTConfig
 from rltune.data import SFT_FORMATS, DataError, Record, collate_sft, encode_sft_dataset
 from rltune.data.source import split_records
-from rltune.data.stream import IndexStream
+from rltune.data.stream import IndexStream, length_sorted
 from rltune.evaluation import get_task
 from rltune.losses import IGNORE_INDEX, shift_labels, token_accuracy_sum, token_nll_sum
 from rltune.models import load_policy, load_tokenizer
@@ -105,8 +105,11 @@ class SFT(AlgorithmBase):
 
     def next_batches(self, num_micro: int, micro_batch_size: int) -> list[dict[str, Any]]:
         batches = []
-        for _ in range(num_micro):
-            rows = [self.examples[i] for i in self.stream.take(micro_batch_size)]
+        step = self.stream.take(num_micro * micro_batch_size)
+        for idx in length_sorted(
+            step, micro_batch_size, key=lambda i: len(self.examples[i]["input_ids"])
+        ):
+            rows = [self.examples[i] for i in idx]
             batch: dict[str, Any] = {
                 k: v.to(self.ctx.device)
                 for k, v in collate_sft(rows, self.tokenizer.pad_token_id).items()

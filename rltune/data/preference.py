@@ -95,6 +95,11 @@ def shared_prompt(pair: dict) -> int | None:
     return p
 
 
+def pair_tokens(pair: dict) -> int:
+    """Tokens of an encoded pair, both sides (its prompt counted twice, as a row per side has it)."""
+    return sum(len(pair[side]["input_ids"]) for side in SIDES)
+
+
 def collate_shared(pairs: list[dict], pad_token_id: int) -> dict[str, Any]:
     """One row per pair: its prompt once, then the chosen, then the rejected response, so the
     prompt is computed once instead of twice. Every pair must have a `shared_prompt`.
