@@ -3,6 +3,7 @@
     python scripts/bench.py --cpu                    # the CPU workloads on the tiny model
     python scripts/bench.py --cpu --compare trl      # ... and TRL's trainers, same invocation
     python scripts/bench.py --gpu                    # DESIGN.md's workloads at full size (CUDA)
+    python scripts/bench.py --gpu --compare trl      # ... and TRL's trainers on them, same invocation
     python scripts/bench.py --gpu --small            # the same pipeline shrunk, on this CPU
     python scripts/bench.py ... --json out.json      # also write the table as JSON
     python scripts/bench.py ... --workloads C --extra train.gradient_checkpointing=true
@@ -31,7 +32,10 @@ splits digits apart):
 A random policy almost never samples EOS, so A's completions run to 256 tokens (their mean
 length is printed under the table). The table adds TRL 1.16's best H100 step time from DESIGN.md's performance
 anchors, so the ratio rltune / best TRL appears without TRL installed; it means something only
-when the GPU is an H100. `--gpu --small` keeps the vocabulary and tokenizer but shrinks the
+when the GPU is an H100. With `--compare trl` (TRL, datasets installed) TRL's trainers run the
+same workloads in the same invocation, set up as DESIGN.md's anchor script set them up (the
+model loaded in bf16, bf16 mixed precision, the same micro-batches, data and reward), and the
+ratio is taken against the faster of TRL's two runs instead. `--gpu --small` keeps the vocabulary and tokenizer but shrinks the
 model (hidden 64, 2 layers) and the lengths, to check the whole --gpu path on a CPU in a minute
 or two.
 
@@ -117,9 +121,20 @@ def run_rltune(overrides: list[str]) -> list[dict]:
 
 
 class _StepTimer:
-    def __init__(self):
+    """Seconds between the ends of consecutive optimizer steps of a transformers Trainer (the
+    first from its start); `cuda` waits for the GPU at each end."""
+
+    def __init__(self, cuda: bool = False):
         self.times: list[float] = []
         self._last = None
+        self.cuda = cuda
+
+    def _now(self) -> float:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
     def callback(self):
         from transformers import TrainerCallback
@@ -129,10 +144,10 @@ class _StepTimer:
         class Cb(TrainerCallback):
             def on_step_begin(self, args, state, control, **kw):
                 if timer._last is None:
-                    timer._last = time.perf_counter()
+                    timer._last = timer._now()
 
             def on_step_end(self, args, state, control, **kw):
-                now = time.perf_counter()
+                now = timer._now()
                 timer.times.append(now - timer._last)
                 timer._last = now
 
@@ -145,9 +160,57 @@ def _arith_rows(kind: str, n: int) -> list[dict]:
     return rows(kind, n, seed=0, split="train")
 
 
-def run_trl(workload: str, steps: int, gradient_checkpointing: bool | None) -> list[float]:
-    """TRL's trainer on the workload; gradient_checkpointing None keeps TRL's default."""
+def trl_steps(
+    workload: str, model, tokenizer, rows: list[dict], args: dict, **knobs
+) -> list[float]:
+    """Train `model` with TRL's trainer for `workload` (GRPO, DPO or SFT) on `rows`; `args` are
+    the TrainingArguments all three take, `knobs` the trainer's own (GRPO's `reward` function
+    among them). Returns the optimizer steps' times."""
     from datasets import Dataset
+
+    timer = _StepTimer(cuda=not args.get("use_cpu", False))
+    kw = dict(
+        model=model,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        callbacks=[timer.callback()],
+    )
+    if workload == "A":
+        from trl import GRPOConfig, GRPOTrainer
+
+        reward = knobs.pop("reward")
+        trainer = GRPOTrainer(reward_funcs=reward, args=GRPOConfig(**args, **knobs), **kw)
+    elif workload == "B":
+        from trl import DPOConfig, DPOTrainer
+
+        trainer = DPOTrainer(args=DPOConfig(**args, **knobs), **kw)
+    else:
+        from trl import SFTConfig, SFTTrainer
+
+        trainer = SFTTrainer(args=SFTConfig(**args, **knobs), **kw)
+    trainer.train()
+    return timer.times
+
+
+def trl_args(output_dir: str, steps: int, gradient_checkpointing: bool | None, cuda: bool) -> dict:
+    """The TrainingArguments every TRL run here shares; gradient_checkpointing None keeps TRL's
+    default (on)."""
+    extra = {} if gradient_checkpointing is None else {"gradient_checkpointing": False}
+    return dict(
+        output_dir=output_dir,
+        max_steps=steps,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=not cuda,
+        bf16=cuda,
+        dataloader_num_workers=0,
+        **extra,
+    )
+
+
+def run_trl(workload: str, steps: int, gradient_checkpointing: bool | None) -> list[float]:
+    """TRL's trainer on a CPU workload (the tiny model, the arithmetic task)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rltune.models import SHIPPED
@@ -156,72 +219,92 @@ def run_trl(workload: str, steps: int, gradient_checkpointing: bool | None) -> l
     path = str(SHIPPED["tiny"])
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
-    timer = _StepTimer()
-    extra = {} if gradient_checkpointing is None else {"gradient_checkpointing": False}
     with tempfile.TemporaryDirectory() as tmp:
-        common = dict(
-            output_dir=tmp,
-            max_steps=steps,
-            learning_rate=1e-4,
-            logging_steps=1,
-            report_to=[],
-            save_strategy="no",
-            use_cpu=True,
-            bf16=False,
-            dataloader_num_workers=0,
-            **extra,
-        )
+        args = trl_args(tmp, steps, gradient_checkpointing, cuda=False) | {"learning_rate": 1e-4}
         if workload == "A":
-            from trl import GRPOConfig, GRPOTrainer
 
             def reward(prompts, completions, answer, **kw):
                 texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
                 return [float(is_correct(t, a)) for t, a in zip(texts, answer, strict=True)]
 
-            data = Dataset.from_list(_arith_rows("prompt_answer", 16 * (steps + 2)))
-            args = GRPOConfig(
+            rows = _arith_rows("prompt_answer", 16 * (steps + 2))
+            knobs = dict(
                 per_device_train_batch_size=32,
                 gradient_accumulation_steps=4,
                 num_generations=8,
                 max_completion_length=16,
                 beta=0.04,
                 temperature=1.0,
-                **common,
-            )
-            trainer = GRPOTrainer(
-                model=model,
-                reward_funcs=reward,
-                args=args,
-                train_dataset=data,
-                processing_class=tokenizer,
-                callbacks=[timer.callback()],
+                reward=reward,
             )
         elif workload == "B":
-            from trl import DPOConfig, DPOTrainer
-
-            data = Dataset.from_list(_arith_rows("preference", 16 * (steps + 2)))
-            args = DPOConfig(per_device_train_batch_size=16, beta=0.1, **common)
-            trainer = DPOTrainer(
-                model=model,
-                args=args,
-                train_dataset=data,
-                processing_class=tokenizer,
-                callbacks=[timer.callback()],
-            )
+            rows = _arith_rows("preference", 16 * (steps + 2))
+            knobs = dict(per_device_train_batch_size=16, beta=0.1)
         else:
-            from trl import SFTConfig, SFTTrainer
+            rows = _arith_rows("prompt_completion", 120 * (steps + 2))
+            knobs = dict(per_device_train_batch_size=16, packing=True, max_length=128)
+        return trl_steps(workload, model, tokenizer, rows, args, **knobs)
 
-            data = Dataset.from_list(_arith_rows("prompt_completion", 120 * (steps + 2)))
-            args = SFTConfig(per_device_train_batch_size=16, packing=True, max_length=128, **common)
-            trainer = SFTTrainer(
-                model=model,
-                args=args,
-                train_dataset=data,
-                processing_class=tokenizer,
-                callbacks=[timer.callback()],
-            )
-        trainer.train()
-    return timer.times
+
+def run_trl_gpu(
+    workload: str, steps: int, workdir: Path, small: bool, gradient_checkpointing: bool | None
+) -> dict:
+    """TRL's trainer on a GPU workload, set up as DESIGN.md's anchor script set it up: the model
+    loaded in bf16 (fp32 for --small on a CPU), bf16 mixed precision, the same micro-batches and
+    accumulation as rltune's run, lr 1e-6, the same data and reward."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    s = SIZES["small" if small else "full"][workload]
+    cuda = torch.cuda.is_available() and not small
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
+    model = AutoModelForCausalLM.from_pretrained(
+        workdir / "model", dtype=torch.bfloat16 if cuda else torch.float32
+    )
+    if cuda:
+        model = model.cuda()
+    rows = [json.loads(line) for line in (workdir / f"{workload}.jsonl").read_text().splitlines()]
+    if workload == "A":
+        per_step = s["prompts"] * s["group_size"]
+        knobs = dict(
+            gradient_accumulation_steps=per_step // s["micro"],
+            num_generations=s["group_size"],
+            max_completion_length=s["new_tokens"],
+            beta=0.04,
+            temperature=1.0,
+            reward=digit_fraction,
+        )
+    elif workload == "B":
+        per_step = s["pairs"]
+        knobs = dict(
+            gradient_accumulation_steps=per_step // s["micro"],
+            max_length=s["prompt_len"] + s["response_len"] + 1,
+            beta=0.1,
+        )
+    else:
+        per_step = s["rows"]
+        knobs = dict(
+            gradient_accumulation_steps=per_step // s["micro"],
+            max_length=s["row_len"],
+            dataset_text_field="text",
+        )
+    rows = rows * (1 + per_step * (steps + 1) // len(rows))  # enough for every step
+    with tempfile.TemporaryDirectory() as tmp:
+        args = trl_args(tmp, steps, gradient_checkpointing, cuda) | {"learning_rate": 1e-6}
+        args["per_device_train_batch_size"] = s["micro"]
+        times = trl_steps(workload, model, tokenizer, rows, args, **knobs)
+    timed = times[WARMUP:] or times
+    return {
+        "framework": "trl",
+        "workload": workload,
+        "setting": "default" if gradient_checkpointing is None else "no_gc",
+        "step_time_s": statistics.median(timed),
+        "steps_measured": len(timed),
+        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch": torch.__version__,
+    }
 
 
 # ----------------------------------------------------------------------------- GPU workloads
@@ -529,7 +612,7 @@ def main() -> None:
     mode.add_argument("--cpu", action="store_true", help="the CPU workloads on the tiny model")
     mode.add_argument("--gpu", action="store_true", help="DESIGN.md's workloads at full size")
     parser.add_argument("--small", action="store_true", help="--gpu shrunk to run on a CPU")
-    parser.add_argument("--compare", choices=["trl"], help="also run TRL's trainers (--cpu)")
+    parser.add_argument("--compare", choices=["trl"], help="also run TRL's trainers")
     parser.add_argument("--workloads", default="ABC")
     parser.add_argument(
         "--steps", type=int, help=f"steps per run (default {STEPS}; --gpu: {GPU_STEPS})"
@@ -548,9 +631,13 @@ def main() -> None:
 
         torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
         if args.gpu:
-            workload = args.one.split(":")[1]
+            framework, workload, setting = args.one.split(":")
             steps = args.steps or GPU_STEPS["small" if args.small else "full"][workload]
-            result = measure_gpu(workload, steps, args.workdir, args.small, args.extra)
+            if framework == "trl":
+                gc = None if setting == "default" else False
+                result = run_trl_gpu(workload, steps, args.workdir, args.small, gc)
+            else:
+                result = measure_gpu(workload, steps, args.workdir, args.small, args.extra)
         else:
             result = one(args.one, args.steps or STEPS, args.extra)
         print("BENCH " + json.dumps(result))
@@ -573,11 +660,6 @@ def main() -> None:
 def main_gpu(parser: argparse.ArgumentParser, args) -> None:
     import torch
 
-    if args.compare:
-        parser.error(
-            "--gpu reports TRL's H100 numbers from DESIGN.md; for a live TRL run on a GPU use "
-            "../shared/anchors/trl_gpu_anchor.py"
-        )
     if not args.small and not torch.cuda.is_available():
         parser.error("--gpu needs a CUDA device; --gpu --small runs the same pipeline on a CPU")
     size = "small" if args.small else "full"
@@ -595,8 +677,11 @@ def main_gpu(parser: argparse.ArgumentParser, args) -> None:
             f"{time.perf_counter() - started:.1f} s; lengths {lengths}",
             file=sys.stderr,
         )
-        for w in args.workloads:
-            argv = ["--gpu", "--one", f"rltune:{w}:{size}", "--workdir", str(workdir)]
+        specs = [f"rltune:{w}:{size}" for w in args.workloads]
+        if args.compare == "trl":
+            specs += [f"trl:{w}:{s}" for w in args.workloads for s in ("default", "no_gc")]
+        for spec in specs:
+            argv = ["--gpu", "--one", spec, "--workdir", str(workdir)]
             argv += ["--small"] if args.small else []
             argv += ["--steps", str(args.steps)] if args.steps else []
             result = spawn([*argv, "--extra", *args.extra])
@@ -671,37 +756,52 @@ def report_gpu(results: list[dict], args, n_params: int, lengths: dict[str, int]
         "B": f"B DPO: {b['pairs']} pairs of {lengths['B_chosen']} tokens, micro {b['micro']}",
         "C": f"C SFT: {c['rows']} x {lengths['C_row']} tokens, micro {c['micro']}",
     }
+    if args.compare:
+        header += (
+            "; TRL: the model loaded in "
+            + ("fp32" if args.small else "bf16")
+            + ", bf16 mixed precision on CUDA, defaults (gradient checkpointing on) and no_gc"
+        )
     print(header)
     print(
-        "| workload | step (s) | throughput | generate / train / other (s) | peak memory | "
-        "TRL 1.16, DESIGN.md anchor, H100 (s) | rltune / best TRL |"
+        "| workload | framework | step (s) | throughput | generate / train / other (s) | "
+        "peak memory | TRL 1.16, DESIGN.md anchor, H100 (s) | rltune / best TRL |"
     )
-    print("|---|---|---|---|---|---|---|")
-    for r in results:
-        w, step = r["workload"], r["step_time_s"]
-        if w == "A":
-            rate = (
-                f"{r['completion_tokens_per_s']:,.0f} completion tok/s, "
-                f"{r['completions_per_s']:,.1f} completions/s"
+    print("|---|---|---|---|---|---|---|---|")
+    for w in args.workloads:
+        rows = [r for r in results if r["workload"] == w]
+        live = min((r["step_time_s"] for r in rows if r["framework"] == "trl"), default=None)
+        for r in rows:
+            step, split = r["step_time_s"], ""
+            if w == "A":
+                rate = (
+                    f"{r['completion_tokens_per_s']:,.0f} completion tok/s, "
+                    f"{r['completions_per_s']:,.1f} completions/s"
+                )
+                if r["framework"] == "rltune":
+                    other = step - r["time_generate_s"] - r["time_reward_s"] - r["time_train_s"]
+                    split = f"{r['time_generate_s']:.2f} / {r['time_train_s']:.2f} / {other:.2f}"
+            elif w == "B":
+                rate = f"{r['pairs_per_s']:,.1f} pairs/s"
+            else:
+                rate = f"{r['tokens_per_s']:,.0f} tok/s, MFU {100 * r['mfu']:.1f}%"
+            memory = (
+                f"{r['peak_gpu_gib']:.1f} GiB GPU"
+                if r["peak_gpu_gib"] is not None
+                else f"{r['peak_rss_mib']:,.0f} MiB RSS"
             )
-            other = step - r["time_generate_s"] - r["time_reward_s"] - r["time_train_s"]
-            split = f"{r['time_generate_s']:.2f} / {r['time_train_s']:.2f} / {other:.2f}"
-        elif w == "B":
-            rate, split = f"{r['pairs_per_s']:,.1f} pairs/s", ""
-        else:
-            rate, split = f"{r['tokens_per_s']:,.0f} tok/s, MFU {100 * r['mfu']:.1f}%", ""
-        memory = (
-            f"{r['peak_gpu_gib']:.1f} GiB GPU"
-            if r["peak_gpu_gib"] is not None
-            else f"{r['peak_rss_mib']:,.0f} MiB RSS"
-        )
-        ratio = "n/a (--small)" if args.small else f"{r['rltune_over_best_trl']:.2f}"
-        print(
-            f"| {labels[w]} | {step:.3f} | {rate} | {split} | {memory} | "
-            f"{r['trl_h100_best_s']:.2f} | {ratio} |"
-        )
+            ratio = ""
+            if r["framework"] == "rltune" and live:
+                ratio = f"{step / live:.2f} (TRL of this run)"
+            elif r["framework"] == "rltune":
+                ratio = "n/a (--small)" if args.small else f"{r['rltune_over_best_trl']:.2f}"
+            name = r["framework"] + ("" if r["framework"] == "rltune" else f" {r['setting']}")
+            print(
+                f"| {labels[w]} | {name} | {step:.3f} | {rate} | {split} | {memory} | "
+                f"{r['trl_h100_best_s']:.2f} | {ratio} |"
+            )
     for r in results:
-        if r["workload"] == "A" and r["completion_mean_length"] is not None:
+        if r["workload"] == "A" and r.get("completion_mean_length") is not None:
             length = r["completion_mean_length"]
             print(f"A: completions averaged {length:.1f} of {a['new_tokens']} tokens")
     if args.json:

@@ -3,12 +3,15 @@
 #   1. the CUDA tests (graph decoding equals generate; bf16 log-probs within tolerance)
 #   2. DESIGN.md's workloads A, B, C at full size (scripts/bench.py --gpu)
 #   3. the decode engines side by side (scripts/bench_decode.py)
+#   4. where trl and datasets import, 2. again beside TRL's trainers (--compare trl), last, as
+#      the stage most likely to run out of time
 # Results (JSON and logs) go to $OUT (default ./gpu-out); the tables print as they come.
 #
 #   bash scripts/gpu_check.sh [WHEEL_DIR] [BUDGET_S]
 #
 # WHEEL_DIR: wheels to install first, without an index (a machine that reaches no registry:
-# carry transformers, peft, hydra-core, omegaconf, antlr4 wheels there). BUDGET_S (default 540)
+# carry transformers, peft, hydra-core, omegaconf, antlr4 wheels there; for stage 4 also trl,
+# datasets, dill, multiprocess). BUDGET_S (default 540)
 # bounds the whole script; each stage gets a share, so a hang in one still leaves the others.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
@@ -39,6 +42,11 @@ timeout $(($(left) * 3 / 4)) python3 scripts/bench.py --gpu --json "$OUT/workloa
     2>&1 | tee "$OUT/workloads.log" | grep -E "^\||^A:|GPU:|failed|rror"
 
 echo "== decode engines (t=$((SECONDS - START)) s)"
-timeout $(($(left) - 5)) python3 scripts/bench_decode.py --json "$OUT/decode.json" \
+timeout $(($(left) / 2)) python3 scripts/bench_decode.py --json "$OUT/decode.json" \
     2>&1 | tee "$OUT/decode.log" | grep -E "^\||GPU|failed|rror"
+if python3 -c "import trl, datasets" 2>/dev/null; then
+    echo "== workloads beside TRL (t=$((SECONDS - START)) s)"
+    timeout $(($(left) - 5)) python3 scripts/bench.py --gpu --compare trl --json "$OUT/trl.json" \
+        2>&1 | tee "$OUT/trl.log" | grep -E "^\||done|failed|rror"
+fi
 echo "== done (t=$((SECONDS - START)) s)"
