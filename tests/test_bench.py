@@ -1,21 +1,18 @@
-"""scripts/bench.py --gpu: the synthetic tokenizer of the Qwen2.5 vocabulary, and the exact
+"""scripts/bench.py --gpu (bench_gpu.py): the synthetic tokenizer of the Qwen2.5 vocabulary, and the exact
 token counts of the GPU workloads. No model is built: these checks take seconds."""
 
-import importlib.util
 import os
 import random
+import sys
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
+import bench_gpu as bench  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
-
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
-_spec = importlib.util.spec_from_file_location("bench", SCRIPT)
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
 
 SAMPLES = [
     "1234567890" * 3,
