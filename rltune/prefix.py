@@ -22,18 +22,21 @@ PAD = -1
 """Segment id of padding: no token attends to it."""
 
 
+def _attention(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
+
+
 def takes_4d_mask(model: nn.Module) -> bool:
-    """Whether `model`'s attention implementation accepts an arbitrary 4-D boolean mask."""
-    config = getattr(model, "config", None)
-    return getattr(config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
+    """Whether `model`'s attention implementation accepts an arbitrary 4-D mask (`sdpa`,
+    `eager`; a model that does not say which it uses gets a row per continuation)."""
+    return _attention(model) in ("sdpa", "eager")
 
 
 def mask_for(model: nn.Module, allowed: torch.Tensor) -> torch.Tensor:
     """A boolean 4-D mask in the form `model`'s attention takes it: boolean for `sdpa`;
     additive (0 where allowed, the fp32 minimum elsewhere) for `eager`, which adds the mask to
     the attention scores."""
-    config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", "sdpa") != "eager":
+    if _attention(model) != "eager":
         return allowed
     return torch.zeros(allowed.shape, device=allowed.device).masked_fill(
         ~allowed, torch.finfo(torch.float32).min

@@ -76,6 +76,8 @@ def test_a_row_per_group_trains_as_a_row_per_completion(tmp_path):
         share: run([*common, f"algo.share_prompt={share}", f"hydra.run.dir={tmp_path / share}"])
         for share in ("true", "false")
     }
+    assert "training rows: one per group" in (runs["true"] / "cli.log").read_text()
+    assert "training rows: one per group" not in (runs["false"] / "cli.log").read_text()
     shared, alone = (_rows(runs[share])[0] for share in ("true", "false"))
     assert shared["reward"] == alone["reward"]  # the same rollout
     assert shared["num_tokens"] == alone["num_tokens"]

@@ -76,6 +76,7 @@ class GRPO(OnlineAlgorithm):
         self.buffer: list[dict[str, Any]] = []
         self.buffer_uses = 0
         self.baseline: float | None = None  # algo.estimator=reinforce's running mean
+        self._log_layout()
 
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
         """One advantage per completion of this rank's rollout [N] (NaN: none), per
@@ -145,6 +146,18 @@ class GRPO(OnlineAlgorithm):
             metrics["filtered_groups"] = float(zero_std.sum())
         self._report = (metrics, self.samples(prompts, rollout, rewards_t, advantages, g))
         return batches
+
+    def _log_layout(self) -> None:
+        m = self.ctx.plan.micro_batch_size
+        if self.shares_prompt(m):
+            log.info("training rows: one per group, the prompt once (algo.share_prompt)")
+        elif self.cfg.share_prompt and self.cfg.group_size > 1:
+            log.info(
+                "training rows: one per completion (algo.share_prompt needs micro_batch_size %d "
+                "to be a multiple of group_size %d, and sdpa or eager attention)",
+                m,
+                self.cfg.group_size,
+            )
 
     def shares_prompt(self, micro_batch_size: int) -> bool:
         """Whether micro-batches hold whole groups as one row each (algo.share_prompt)."""
