@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from rltune.distributed import gathered
+from rltune.prefix import full_attention_only
 from rltune.rollout import (
     Rollout,
     SamplingParams,
@@ -281,6 +282,19 @@ def is_partitioned(model: nn.Module) -> bool:
 # ----------------------------------------------------------------------------- sampling
 
 
+def static_cache_fits(model: nn.Module) -> bool:
+    """Whether `StaticDecoder` can run `model`: its parameters are whole (not ZeRO-3 shards)
+    and every layer attends in full (the static cache and its 4-D mask assume that; a
+    sliding-window layer would see too far back)."""
+    return not is_partitioned(model) and full_attention_only(model)
+
+
+def auto_decoder(model: nn.Module) -> str:
+    """`graph` on CUDA where `static_cache_fits`, else `dynamic`."""
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    return "graph" if on_cuda and static_cache_fits(model) else "dynamic"
+
+
 @torch.no_grad()
 def fast_sample(
     model: nn.Module,
@@ -298,13 +312,11 @@ def fast_sample(
     returns the sampled tokens' log-probs [N, C] under softmax(logits / temperature), the
     distribution the loss uses.
 
-    `decoder`: auto (graph on CUDA unless ZeRO-3 partitions the model, else dynamic), graph
+    `decoder`: auto (`auto_decoder`: graph on CUDA for most models, else dynamic), graph
     (the replica and a reused `StaticDecoder`; captured on CUDA only), static (a fresh
     `StaticDecoder` on the model itself, never captured), or dynamic. `dtype`: the compute dtype for the graph (default: the parameters' own)."""
-    device = next(model.parameters()).device
     if decoder == "auto":
-        use_graph = device.type == "cuda" and not is_partitioned(model)
-        decoder = "graph" if use_graph else "dynamic"
+        decoder = auto_decoder(model)
     per_call = max(1, batch_size // group_size)
     parts = [
         _fast_sample(

@@ -9,8 +9,9 @@ every continuation, each continuation's logits are those of a row of its own (te
 tests/test_prefix.py and tests/test_dpo_rm_e2e.py).
 
 Only attention kernels that take an arbitrary 4-D mask can run such rows: transformers' `sdpa`
-and `eager` (`mask_for` gives each its form). `flash_attention_2` and the like keep a row per
-continuation (`takes_4d_mask`).
+and `eager` (`mask_for` gives each its form), and only models whose layers all attend in full
+(a 4-D mask replaces transformers' sliding-window masks). Others keep a row per continuation
+(`takes_4d_mask`).
 """
 
 from __future__ import annotations
@@ -26,10 +27,23 @@ def _attention(model: nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "_attn_implementation", None)
 
 
+def full_attention_only(model: nn.Module) -> bool:
+    """Whether every layer of `model` attends to the whole sequence. transformers uses a 4-D
+    mask as it is given, so under one a sliding-window (or chunked) layer would silently see
+    too far back; rltune.decode's static cache assumes full layers too."""
+    config = getattr(model, "config", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return all(t == "full_attention" for t in layer_types)
+    window = getattr(config, "sliding_window", None)
+    return window is None or not getattr(config, "use_sliding_window", True)
+
+
 def takes_4d_mask(model: nn.Module) -> bool:
-    """Whether `model`'s attention implementation accepts an arbitrary 4-D mask (`sdpa`,
-    `eager`; a model that does not say which it uses gets a row per continuation)."""
-    return _attention(model) in ("sdpa", "eager")
+    """Whether shared-prefix rows can run on `model`: its attention implementation accepts an
+    arbitrary 4-D mask (`sdpa`, `eager`) and all its layers attend in full. Otherwise (or when
+    the model does not say) every continuation gets its own row."""
+    return _attention(model) in ("sdpa", "eager") and full_attention_only(model)
 
 
 def mask_for(model: nn.Module, allowed: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 from rltune.algos.online import OnlineAlgorithm
 from rltune.losses import token_logps
 from rltune.models import SHIPPED
-from rltune.prefix import PAD, branch_attention_mask, group_rows, mask_for
+from rltune.prefix import PAD, branch_attention_mask, group_rows, mask_for, takes_4d_mask
 from rltune.rollout import Rollout
 
 G = 4
@@ -136,3 +136,21 @@ def test_groups_sorted_keeps_groups_whole_and_orders_them_by_length():
     assert ordered == sorted(ordered)
     with pytest.raises(AssertionError, match="whole groups"):
         OnlineAlgorithm.groups_sorted(rollout, [0, 1, 2, 4], G, G)
+
+
+def test_only_full_attention_sdpa_or_eager_models_take_shared_rows():
+    from transformers import Qwen2Config
+
+    def model(**config):
+        shape = dict(hidden_size=8, num_attention_heads=2, num_hidden_layers=2, **config)
+        return SimpleNamespace(config=Qwen2Config(**shape))
+
+    sdpa = {"attn_implementation": "sdpa"}
+    assert takes_4d_mask(model(**sdpa))
+    assert takes_4d_mask(model(attn_implementation="eager"))
+    assert not takes_4d_mask(model(attn_implementation="flash_attention_2"))
+    # a sliding-window layer would ignore its window under a 4-D mask
+    window = dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    assert model(**window).config.layer_types == ["full_attention", "sliding_attention"]
+    assert not takes_4d_mask(model(**window, **sdpa))
+    assert not takes_4d_mask(SimpleNamespace())  # says nothing: a row per continuation

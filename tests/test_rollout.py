@@ -296,3 +296,20 @@ def test_filter_logits_top_k_top_p_min_p():
     assert keep(top_p=0.7) == [True, True, False, False]  # 0.5 < 0.7, 0.5 + 0.3 crosses it
     assert keep(top_p=0.45) == [True, False, False, False]  # the first token alone suffices
     assert keep(min_p=0.25) == [True, True, True, False]  # 0.05 < 0.25 x 0.5
+
+
+def test_the_static_cache_is_only_used_where_every_layer_attends_in_full(tiny):
+    """A sliding-window layer under the static decoder's 4-D mask would see past its window, so
+    such models (and ZeRO-3 shards) decode with the dynamic cache."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from rltune.decode import auto_decoder, static_cache_fits
+
+    model, _ = tiny
+    assert static_cache_fits(model)
+    assert auto_decoder(model) == "dynamic"  # on CPU always
+    window = dict(use_sliding_window=True, sliding_window=8, max_window_layers=2)
+    shape = {k: v for k, v in model.config.to_dict().items() if k not in window}
+    windowed = Qwen2Config(**{**shape, "layer_types": None, **window})
+    assert "sliding_attention" in windowed.layer_types
+    assert not static_cache_fits(AutoModelForCausalLM.from_config(windowed))
