@@ -154,7 +154,8 @@ class GRPO(OnlineAlgorithm):
         elif self.cfg.share_prompt and self.cfg.group_size > 1:
             log.info(
                 "training rows: one per completion (algo.share_prompt needs micro_batch_size %d "
-                "to be a multiple of group_size %d, and sdpa or eager attention)",
+                "to be a multiple of group_size %d, sdpa or eager attention, and no "
+                "sliding-window layers)",
                 m,
                 self.cfg.group_size,
             )

@@ -273,8 +273,8 @@ class OnlineAlgorithm(AlgorithmBase):
         batch = group_rows(
             rollout.prompt_ids[heads, width - p :],
             prompt_mask[:, width - p :],
-            rollout.completion_ids[idx, :c].view(n, g, c),
-            completion_mask[:, :c].view(n, g, c),
+            rollout.completion_ids[idx, :c].reshape(n, g, c),
+            completion_mask[:, :c].reshape(n, g, c),
         )
         batch["attention_mask"] = mask_for(self.policy, batch["attention_mask"])
         batch["num_tokens"] = float(g * prompt_mask.sum() + completion_mask.sum())
