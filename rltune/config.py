@@ -180,6 +180,8 @@ class SFTConfig:
     """Default learning rate with peft=lora."""
     completion_only: bool = True
     """Loss on completion/assistant tokens only; raw text always gets the full loss."""
+    fused_ce: bool = True
+    """Take the loss from the last hidden states, the output layer applied to labelled positions only, a chunk at a time: the [tokens, vocabulary] logits never exist (same loss; falls back to logits where the output layer is not a plain Linear)."""
 
 
 @dataclass

@@ -43,6 +43,61 @@ def token_nll_sum(
     return nll, (targets != IGNORE_INDEX).sum()
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed NLL of `targets` [N] under softmax(hidden [N, H] @ weight [V, H]^T), and how many
+    the argmax gets right, `chunk` rows at a time. The gradients are worked out chunk by chunk
+    in the forward pass (dNLL/dlogits = softmax - onehot), so no [N, V] logits outlive a chunk
+    and nothing is recomputed in backward, which only scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk: int):
+        w = weight.to(hidden.dtype)  # the compute dtype (bf16 under autocast)
+        grad_hidden = torch.empty_like(hidden)
+        need_weight = ctx.needs_input_grad[1]  # not for a frozen head (LoRA)
+        grad_weight = torch.zeros(
+            weight.shape if need_weight else (0,), dtype=torch.float32, device=weight.device
+        )
+        nll = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+        for s in range(0, hidden.shape[0], chunk):
+            h, t = hidden[s : s + chunk], targets[s : s + chunk]  # [n, H], [n]
+            logits = (h @ w.T).float()  # [n, V]
+            lse = logits.logsumexp(-1)  # [n]
+            rows = torch.arange(len(t), device=t.device)
+            nll += (lse - logits[rows, t]).sum()
+            correct += (logits.argmax(-1) == t).sum()
+            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            probs[rows, t] -= 1.0  # dNLL/dlogits
+            g = probs.to(hidden.dtype)
+            grad_hidden[s : s + chunk] = g @ w
+            if need_weight:
+                grad_weight += (g.T @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        ctx.mark_non_differentiable(correct)
+        return nll, correct
+
+    @staticmethod
+    def backward(ctx, grad_nll, _grad_correct):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_weight = grad_weight * grad_nll if ctx.needs_input_grad[1] else None
+        return grad_hidden * grad_nll, grad_weight, None, None
+
+
+def linear_nll_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, chunk_size: int = 2048
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`token_nll_sum` and `token_accuracy_sum` from the last hidden states [B, T, H] and the
+    output layer's weight [V, H] instead of logits: only the labelled positions go through the
+    output layer, `chunk_size` at a time, so the [B, T, V] logits never exist. Returns (summed
+    NLL, labelled tokens, correctly predicted tokens)."""
+    targets = shift_labels(labels).flatten()  # [B*T]
+    keep = (targets != IGNORE_INDEX).nonzero().squeeze(-1)  # [N]
+    nll, correct = _LinearCrossEntropy.apply(
+        hidden.flatten(0, 1)[keep], weight, targets[keep], chunk_size
+    )
+    return nll, keep.new_tensor(len(keep)), correct
+
+
 def token_accuracy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """How many labelled next tokens the argmax of `logits` [B, T, V] gets right."""
     targets = shift_labels(labels)  # [B, T]

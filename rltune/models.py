@@ -256,6 +256,38 @@ def load_value_model(path: str, model_cfg: ModelConfig, *, device: torch.device)
     return load_scalar_model(path, model_cfg, device=device)
 
 
+NO_LOGITS = torch.zeros(0, dtype=torch.long)
+"""`logits_to_keep` that keeps no position: the forward pass stops before the output layer."""
+
+
+def last_hidden(model: nn.Module, **inputs) -> torch.Tensor:
+    """The final (normed) hidden states [B, T, H] of a causal LM, without computing logits."""
+    device = inputs["input_ids"].device
+    out = model(**inputs, output_hidden_states=True, logits_to_keep=NO_LOGITS.to(device))
+    return out.hidden_states[-1]
+
+
+def plain_output_layer(model: nn.Module) -> nn.Linear | None:
+    """The output layer of `model` when logits are exactly `layer(last_hidden(...))`: a
+    bias-free, whole (not ZeRO-3-partitioned, not LoRA-wrapped) `nn.Linear`, checked on a few
+    tokens against the model's own logits (architectures that scale or cap logits fail it).
+    None otherwise."""
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear or head.bias is not None or hasattr(head.weight, "ds_id"):
+        return None  # ZeRO-3 parameters (ds_id) are whole only inside their module's call
+    device = head.weight.device
+    ids = torch.arange(3, 11, device=device)[None] % head.weight.shape[0]  # [1, 8]
+    was_training = model.training
+    model.eval()  # no dropout between the two passes
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids, use_cache=False).logits.float()
+            mine = head(last_hidden(model, input_ids=ids, use_cache=False)).float()
+    finally:
+        model.train(was_training)
+    return head if torch.allclose(mine, logits, atol=1e-3, rtol=1e-3) else None
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

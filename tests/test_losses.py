@@ -4,7 +4,13 @@ import math
 
 import torch
 
-from rltune.losses import IGNORE_INDEX, shift_labels, token_accuracy_sum, token_nll_sum
+from rltune.losses import (
+    IGNORE_INDEX,
+    linear_nll_sum,
+    shift_labels,
+    token_accuracy_sum,
+    token_nll_sum,
+)
 
 
 def test_shift_labels_moves_targets_one_left():
@@ -72,3 +78,31 @@ def test_token_accuracy_counts_only_labelled_positions():
     logits = torch.tensor([[[2.0, 0.0], [0.0, 2.0], [2.0, 0.0]]])  # argmax 0, 1, 0
     labels = torch.tensor([[IGNORE_INDEX, 0, 0]])  # targets 0 (pos 0) and 0 (pos 1)
     assert token_accuracy_sum(logits, labels).item() == 1
+
+
+def test_nll_from_hidden_states_equals_the_logits_path_with_gradients():
+    """algo.fused_ce: the NLL, token count, correct count and the gradients of the hidden states
+    and of the output weight equal those of the logits path, with chunks that split the
+    labelled positions unevenly; unlabelled positions get no gradient."""
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 9, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 9))
+    labels[:, :4] = IGNORE_INDEX  # a prompt
+    labels[2, 6:] = IGNORE_INDEX
+    with torch.no_grad():
+        labels[1, 6] = (hidden[1, 5] @ weight.T).argmax()  # at least one right prediction
+
+    logits = hidden @ weight.T  # [3, 9, 50]
+    nll, count = token_nll_sum(logits, labels)
+    correct = token_accuracy_sum(logits, labels)
+    grads = torch.autograd.grad(nll, (hidden, weight))
+
+    fused, fused_count, fused_correct = linear_nll_sum(hidden, weight, labels, chunk_size=4)
+    fused_grads = torch.autograd.grad(2.0 * fused, (hidden, weight))  # backward scales
+    assert fused_count.item() == count.item() == 5 + 5 + 2  # labels 4-8, 4-8, 4-5
+    assert fused_correct.item() == correct.item() >= 1
+    torch.testing.assert_close(fused, nll, rtol=1e-6, atol=1e-5)
+    for a, b in zip(grads, fused_grads, strict=True):
+        torch.testing.assert_close(b, 2.0 * a, rtol=1e-5, atol=1e-5)
+    assert fused_grads[0][:, :3].abs().max() == 0  # positions that predict prompt tokens

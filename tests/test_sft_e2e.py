@@ -327,3 +327,49 @@ def test_micro_batches_sorted_by_length_leave_the_step_as_it_is(tmp_path):
         assert a["num_tokens"] == b["num_tokens"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_fused_ce_trains_like_the_logits_path(tmp_path):
+    """algo.fused_ce (the default: loss from hidden states, no logits): the same losses, token
+    accuracy and gradient norms as the logits path over 3 steps, packed and not."""
+    common = ["algo=sft", "train.max_steps=3", "train.log_every=1", "train.eval_samples=0"]
+    for packing in ("false", "true"):
+        runs = {
+            fused: run(
+                [*common, f"data.packing={packing}", f"algo.fused_ce={fused}"]
+                + [f"hydra.run.dir={tmp_path / packing / fused}"]
+            )
+            for fused in ("true", "false")
+        }
+        assert "from hidden states, no logits" in (runs["true"] / "cli.log").read_text()
+        rows = {
+            f: [r for r in read_metrics(d / "metrics.jsonl") if "loss" in r]
+            for f, d in runs.items()
+        }
+        assert len(rows["true"]) == len(rows["false"]) == 3
+        for a, b in zip(rows["true"], rows["false"], strict=True):
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+            assert a["mean_token_accuracy"] == b["mean_token_accuracy"]
+
+
+def test_fused_ce_needs_a_plain_output_layer():
+    """A head with a bias, or one that LoRA wraps, is not `layer(hidden)` alone: no fused loss."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rltune.models import SHIPPED, plain_output_layer
+
+    model = AutoModelForCausalLM.from_pretrained(SHIPPED["tiny"])
+    assert plain_output_layer(model) is model.lm_head
+    lora = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(SHIPPED["tiny"]),
+        LoraConfig(target_modules=["q_proj", "lm_head"]),
+    )
+    assert plain_output_layer(lora) is None
+    model.lm_head = torch.nn.Linear(128, 512, bias=True)
+    assert plain_output_layer(model) is None
+    lora_body = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(SHIPPED["tiny"]), LoraConfig(target_modules=["q_proj"])
+    )
+    assert plain_output_layer(lora_body) is not None  # adapters in the body are fine

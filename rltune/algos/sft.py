@@ -26,8 +26,14 @@ from rltune.data import SFT_FORMATS, DataError, Record, collate_sft, encode_sft_
 from rltune.data.source import split_records
 from rltune.data.stream import IndexStream, length_sorted
 from rltune.evaluation import get_task
-from rltune.losses import IGNORE_INDEX, shift_labels, token_accuracy_sum, token_nll_sum
-from rltune.models import load_policy, load_tokenizer
+from rltune.losses import (
+    IGNORE_INDEX,
+    linear_nll_sum,
+    shift_labels,
+    token_accuracy_sum,
+    token_nll_sum,
+)
+from rltune.models import last_hidden, load_policy, load_tokenizer, plain_output_layer
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +66,26 @@ class SFT(AlgorithmBase):
         self.stream = IndexStream(
             len(self.examples), seed=ctx.cfg.train.seed, rank=ctx.rank, world_size=ctx.world_size
         )
+        self.head: torch.nn.Linear | None = None
+        self._head_checked = not cfg.fused_ce
+
+    def _output_layer(self) -> torch.nn.Linear | None:
+        """algo.fused_ce's output layer, or None for the logits path. Decided at the first
+        step, once DeepSpeed has wrapped (and under ZeRO-3 partitioned) the model."""
+        if not self._head_checked:
+            self._head_checked = True
+            with torch.autocast(self.ctx.device.type, enabled=False):
+                self.head = plain_output_layer(self.policy)
+            log.info(
+                "loss: %s",
+                "from hidden states, no logits (algo.fused_ce)"
+                if self.head is not None
+                else "from logits: algo.fused_ce needs a plain, whole output layer that gives "
+                "the model's own logits",
+            )
+        return self.head
+
+    INPUTS = ("input_ids", "attention_mask", "position_ids")
 
     def _encode(self, records: list[Record], fmt: str, split: str, *, packing: bool) -> list[dict]:
         max_length = self.ctx.cfg.data.max_length
@@ -124,17 +150,21 @@ class SFT(AlgorithmBase):
     def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         # no attention_mask for packed rows: transformers then builds block-diagonal attention from
         # position_ids, but only with use_cache=False (see rltune/data/sft.py)
-        inputs = {
-            k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch
-        }
+        inputs = {k: batch[k] for k in self.INPUTS if k in batch}
         return self.policy(**inputs, use_cache=False).logits  # [B, T, V]
 
     def loss(
         self, batch: dict[str, torch.Tensor], normaliser: float
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = self._forward(batch)  # [B, T, V]
-        nll, _ = token_nll_sum(logits, batch["labels"])
-        correct = token_accuracy_sum(logits.detach(), batch["labels"])
+        head = self._output_layer()
+        if head is not None:  # algo.fused_ce: no logits
+            inputs = {k: batch[k] for k in self.INPUTS if k in batch}
+            hidden = last_hidden(self.policy, **inputs, use_cache=False)  # [B, T, H]
+            nll, _, correct = linear_nll_sum(hidden, head.weight, batch["labels"])
+        else:
+            logits = self._forward(batch)  # [B, T, V]
+            nll, _ = token_nll_sum(logits, batch["labels"])
+            correct = token_accuracy_sum(logits.detach(), batch["labels"])
         loss = nll / normaliser
         metrics = {
             "loss": loss.item(),
