@@ -202,6 +202,8 @@ class DPOConfig:
     """Weight of an NLL term on the chosen responses (RPO); 0 disables it."""
     precompute_ref: bool = False
     """Compute reference log-probs once before training (cached in the run dir); no reference model in memory."""
+    fused_logps: bool = True
+    """Take the responses' log-probs from the last hidden states, the output layer applied a chunk of positions at a time (recomputed in backward): the [tokens, vocabulary] logits never exist (same numbers; falls back to logits where the output layer is not a plain Linear)."""
     share_prompt: bool = True
     """One row per pair: the prompt once, then the chosen and the rejected response, which do not see each other (a 4-D attention mask); false gives each side its own row."""
 
@@ -250,6 +252,8 @@ class GRPOConfig:
     """Leave completions that hit data.max_new_tokens out of the loss."""
     logprob_chunk_size: int = 1024
     """Positions whose fp32 log-softmax is computed at once (bounds memory for large vocabularies)."""
+    fused_logps: bool = True
+    """Take log-probs and entropies from the last hidden states, the output layer applied a chunk of positions at a time (recomputed in backward): the [tokens, vocabulary] logits never exist (same numbers; falls back to logits where the output layer is not a plain Linear)."""
     share_prompt: bool = True
     """Train on a row per group, [prompt | completion 1 | ... ], so each prompt is computed once, not group_size times (same log-probs; sdpa/eager attention, micro_batch_size a multiple of group_size; else a row per completion)."""
     sample_every: int = 50
@@ -325,6 +329,8 @@ class PPOConfig:
     """Weight of an entropy bonus in the loss (entropy is always logged)."""
     logprob_chunk_size: int = 1024
     """Positions whose fp32 log-softmax is computed at once."""
+    fused_logps: bool = True
+    """Take log-probs and entropies from the last hidden states, the output layer applied a chunk of positions at a time (recomputed in backward): the [tokens, vocabulary] logits never exist (same numbers; falls back to logits where the output layer is not a plain Linear)."""
     sample_every: int = 50
     """Write a few prompts, completions and rewards to samples.jsonl every N steps; 0 never."""
 
@@ -359,6 +365,8 @@ class RSConfig:
     """Keep a prompt's best completion only when its reward is at least this."""
     prompts_per_round: int = 256
     """Prompts sampled in one round; the accepted completions feed the next SFT steps."""
+    fused_logps: bool = True
+    """Take log-probs and entropies from the last hidden states, the output layer applied a chunk of positions at a time (recomputed in backward): the [tokens, vocabulary] logits never exist (same numbers; falls back to logits where the output layer is not a plain Linear)."""
     sample_every: int = 50
     """Write a few prompts, completions and rewards to samples.jsonl every N steps; 0 never."""
 

@@ -212,19 +212,131 @@ def token_logps(
     return torch.cat(out).view_as(targets)
 
 
-@torch.no_grad()
+def _chunk_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    logp = (logits.float() / temperature).log_softmax(-1)  # [n, V]
+    return -(logp.exp() * logp).sum(-1)  # [n]
+
+
 def token_entropy(
     logits: torch.Tensor, *, temperature: float = 1.0, chunk_size: int = 1024
 ) -> torch.Tensor:
-    """Entropy of softmax(logits / temperature) per position, [B, T, V] -> [B, T] (a metric:
-    no gradient), computed `chunk_size` positions at a time."""
+    """Entropy of softmax(logits / temperature) per position, [B, T, V] -> [B, T] fp32,
+    computed `chunk_size` positions at a time; with gradients (an entropy bonus) each chunk is
+    recomputed in backward, as in `token_logps`."""
     flat = logits.flatten(0, 1)  # [B*T, V]
+    grad = torch.is_grad_enabled() and logits.requires_grad
     out = []
     for start in range(0, flat.shape[0], chunk_size):
-        x = flat[start : start + chunk_size].float() / temperature  # [n, V]
-        logp = x.log_softmax(-1)
-        out.append(-(logp.exp() * logp).sum(-1))  # [n]
+        part = flat[start : start + chunk_size]
+        if grad:
+            out.append(
+                torch.utils.checkpoint.checkpoint(
+                    _chunk_entropy, part, temperature, use_reentrant=False
+                )
+            )
+        else:
+            out.append(_chunk_entropy(part, temperature))
     return torch.cat(out).view(logits.shape[:-1])
+
+
+class _LinearLogps(torch.autograd.Function):
+    """log p(target) and the entropy per position under softmax(hidden [N, H] @ weight [V, H]^T
+    / temperature), `chunk` rows at a time: no [N, V] logits outlive a chunk. Backward recomputes
+    each chunk's logits (one more output-layer matmul, as activation checkpointing would) from
+    the saved hidden states and log-normalisers.
+
+    With x = logits / T, logp = x - logsumexp(x), p = softmax(x) and H = -sum p logp:
+    dlogp_t/dx = onehot(t) - p and dH/dx = -p (logp + H), each divided by T for the logits.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature: float, chunk: int, with_entropy: bool):
+        device = hidden.device
+        dtype = (  # the matmul's dtype: autocast's when it is on, the hidden states' otherwise
+            torch.get_autocast_dtype(device.type)
+            if torch.is_autocast_enabled(device.type)
+            else hidden.dtype
+        )
+        n = hidden.shape[0]
+        logps = torch.empty(n, dtype=torch.float32, device=device)
+        lse = torch.empty(n, dtype=torch.float32, device=device)
+        entropy = torch.empty(n if with_entropy else 0, dtype=torch.float32, device=device)
+        w = weight.to(dtype)
+        with torch.autocast(device.type, enabled=False):
+            for s in range(0, n, chunk):
+                h, t = hidden[s : s + chunk].to(dtype), targets[s : s + chunk]  # [n, H], [n]
+                x = (h @ w.T).float().div_(temperature)  # [n, V]
+                norm = x.logsumexp(-1)  # [n]
+                lse[s : s + chunk] = norm
+                logps[s : s + chunk] = x.gather(-1, t[:, None]).squeeze(-1) - norm
+                if with_entropy:
+                    logp = x.sub_(norm[:, None])  # in place of the logits
+                    entropy[s : s + chunk] = -(logp.exp() * logp).sum(-1)
+        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
+        ctx.dtype, ctx.temperature, ctx.chunk = dtype, temperature, chunk
+        ctx.set_materialize_grads(False)  # an unused entropy's gradient stays None, not zeros
+        return logps, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logps, grad_entropy):
+        hidden, weight, targets, lse, entropy = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        use_entropy = grad_entropy is not None and entropy.numel() > 0
+        if grad_logps is None:
+            grad_logps = torch.zeros_like(lse)
+        w = weight.to(ctx.dtype)
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        inv_t = 1.0 / ctx.temperature
+        with torch.autocast(hidden.device.type, enabled=False):
+            for s in range(0, hidden.shape[0], ctx.chunk):
+                h, t = hidden[s : s + ctx.chunk].to(ctx.dtype), targets[s : s + ctx.chunk]
+                rows = torch.arange(len(t), device=t.device)
+                x = (h @ w.T).float().mul_(inv_t)  # [n, V]
+                logp = x.sub_(lse[s : s + ctx.chunk, None])  # [n, V]
+                p = logp.exp()  # [n, V]
+                g = grad_logps[s : s + ctx.chunk, None] * inv_t  # [n, 1]
+                if use_entropy:  # p (-g_H (logp + H) - g) : both terms share p
+                    g_h = grad_entropy[s : s + ctx.chunk, None] * inv_t  # [n, 1]
+                    coef = logp.add_(entropy[s : s + ctx.chunk, None]).mul_(-g_h).sub_(g)
+                    grad_x = p.mul_(coef)
+                else:
+                    grad_x = p.mul_(-g)
+                grad_x[rows, t] += g.squeeze(-1)  # the onehot term
+                grad_x = grad_x.to(ctx.dtype)
+                if need_hidden:
+                    grad_hidden[s : s + ctx.chunk] = grad_x @ w
+                if need_weight:
+                    grad_weight += (grad_x.T @ h).float()
+        if need_weight:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def linear_token_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`token_logps` (and `token_entropy` when asked) from the last hidden states [..., H] and
+    the output layer's weight [V, H] instead of logits [..., V]: the output layer runs
+    `chunk_size` positions at a time and the logits never exist whole, in the forward pass or
+    in backward. Returns fp32 log-probs [...] and entropies [...] (None unless `entropy`); both
+    carry gradients (the entropy's serves an entropy bonus)."""
+    shape = targets.shape
+    logps, ent = _LinearLogps.apply(
+        hidden.reshape(-1, hidden.shape[-1]),
+        weight,
+        targets.reshape(-1),
+        temperature,
+        chunk_size,
+        entropy,
+    )
+    return logps.view(shape), ent.view(shape) if entropy else None
 
 
 def kl_k3(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:

@@ -288,6 +288,38 @@ def plain_output_layer(model: nn.Module) -> nn.Linear | None:
     return head if torch.allclose(mine, logits, atol=1e-3, rtol=1e-3) else None
 
 
+class HiddenStateHead:
+    """A flag's choice (algo.fused_ce, algo.fused_logps) between losses from the last hidden
+    states and losses from logits, made per model at its first use: after DeepSpeed has wrapped
+    (and under ZeRO-3 partitioned) it, which is when `plain_output_layer` can tell. Logged once
+    per model, as `what: from hidden states ...` or `what: from logits: ...`."""
+
+    def __init__(self, flag: str, enabled: bool):
+        self.flag, self.enabled = flag, enabled
+        self._heads: dict[int, nn.Linear | None] = {}
+
+    def __call__(self, model: nn.Module, what: str) -> nn.Linear | None:
+        """`model`'s plain output layer when the flag is on and it qualifies, else None."""
+        if not self.enabled:
+            return None
+        known = self._heads.get(id(model), False)
+        if known is False or (known is not None and hasattr(known.weight, "ds_id")):
+            # not seen yet, or ZeRO-3 has partitioned it since (DPO's precompute_ref runs first)
+            device = next(model.parameters()).device
+            with torch.autocast(device.type, enabled=False):
+                head = plain_output_layer(model)
+            self._heads[id(model)] = head
+            log.info(
+                "%s: %s",
+                what,
+                f"from hidden states, no logits ({self.flag})"
+                if head is not None
+                else f"from logits: {self.flag} needs a plain, whole output layer that gives "
+                "the model's own logits",
+            )
+        return self._heads[id(model)]
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

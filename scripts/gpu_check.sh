@@ -5,6 +5,8 @@
 #   3. the decode engines side by side (scripts/bench_decode.py)
 #   3b. A again with bf16 weights and gradient checkpointing: rltune's peak memory at its leanest,
 #      beside TRL's (whose defaults are bf16 weights and checkpointing)
+#   3c. A and B on the logits path (algo.fused_logps=false), to weigh log-probs from hidden
+#      states against it in time and memory
 #   4. where trl and datasets import, 2. again beside TRL's trainers (--compare trl), last, as
 #      the stage most likely to run out of time
 # Results go to $OUT (default ./gpu-out): gpu_check.log and one JSON per benchmark; the tables
@@ -19,7 +21,7 @@
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
-LOG=$OUT/gpu_check.log  # everything printed; the tables also as JSON beside it (5 files in all)
+LOG=$OUT/gpu_check.log  # everything printed; the tables also as JSON beside it (6 files in all)
 if [ -n "${1:-}" ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/rltune-site "$1"/*.whl || exit 1
@@ -52,6 +54,9 @@ echo "== A with the least memory: bf16 weights, gradient checkpointing (t=$((SEC
 timeout $(($(left) / 3)) python3 scripts/bench.py --gpu --workloads A --json "$OUT/a_lean.json" \
     --extra model.dtype=bf16 train.gradient_checkpointing=true \
     2>&1 | tee -a "$LOG" | grep -E "^\||failed|rror"
+echo "== A and B from logits, algo.fused_logps=false (t=$((SECONDS - START)) s)"
+timeout $(($(left) / 3)) python3 scripts/bench.py --gpu --workloads AB --json "$OUT/logits_path.json" \
+    --extra algo.fused_logps=false 2>&1 | tee -a "$LOG" | grep -E "^\||failed|rror"
 
 if python3 -c "import trl, datasets" 2>/dev/null; then
     echo "== workloads beside TRL (t=$((SECONDS - START)) s)"

@@ -125,14 +125,16 @@ def test_reward_model_trains_and_final_loads_and_scores(tmp_path):
     assert scores.shape == (2, 1) and torch.isfinite(scores).all()
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["logits", "fused_logps"])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_shared_prompt_row_gives_each_sides_log_probs_and_gradients(attention):
+def test_shared_prompt_row_gives_each_sides_log_probs_and_gradients(attention, fused):
     """algo.share_prompt: one row [prompt | chosen | rejected] with a 4-D mask gives the same
     summed log-probs, token counts and gradients as a row per side (fp32, 1e-5); a rejected
-    token that could see the chosen response would change its log-prob."""
+    token that could see the chosen response would change its log-prob. With algo.fused_logps
+    (log-probs from hidden states) both layouts also equal the logits path."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rltune.algos.dpo import DPO
+    from rltune.algos.dpo import response_logps
     from rltune.data.preference import collate_pairs, collate_shared, encode_pair, shared_prompt
     from rltune.models import SHIPPED
     from rltune.prefix import mask_for
@@ -144,14 +146,21 @@ def test_shared_prompt_row_gives_each_sides_log_probs_and_gradients(attention):
     )
     pairs = [encode_pair(r, tokenizer) for r in rows("preference", 12, seed=0, split="train")]
     pad = tokenizer.pad_token_id
+    head = model.lm_head if fused else None
 
-    def logps_and_grads(batch):
+    def logps_and_grads(batch, head=head):
         model.zero_grad()
-        logps, counts = DPO._sides_logps(model, batch)
+        logps, counts = response_logps(model, batch, head)
         logps.sum().backward()
         return logps.detach(), counts, [p.grad.clone() for p in model.parameters()]
 
     rowwise, counts, grads = logps_and_grads(collate_pairs(pairs, pad))
+    if fused:  # the logits path, a row per side
+        plain, plain_counts, plain_grads = logps_and_grads(collate_pairs(pairs, pad), head=None)
+        assert torch.equal(counts, plain_counts)
+        torch.testing.assert_close(rowwise, plain, atol=1e-5, rtol=1e-5)
+        for a, b in zip(plain_grads, grads, strict=True):
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
     batch = collate_shared(pairs, pad)
     batch["attention_mask"] = mask_for(model, batch["attention_mask"])
     shared, shared_counts, shared_grads = logps_and_grads(batch)
@@ -163,7 +172,7 @@ def test_shared_prompt_row_gives_each_sides_log_probs_and_gradients(attention):
     batch = collate_shared(pairs, pad)
     leak = batch["attention_mask"] | torch.ones_like(batch["attention_mask"]).tril()
     batch["attention_mask"] = mask_for(model, leak)  # let rejected tokens see the chosen ones
-    leaked, _ = DPO._sides_logps(model, batch)
+    leaked, _ = response_logps(model, batch, head)
     assert not torch.allclose(leaked[12:], rowwise[12:], atol=1e-3)
 
     other = {**pairs[0], "rejected": dict(pairs[1]["rejected"])}  # a different prompt

@@ -99,6 +99,28 @@ def test_a_row_per_group_trains_as_a_row_per_completion(tmp_path):
     assert gap < 1e-3, gap
 
 
+def test_log_probs_from_hidden_states_train_as_logits(tmp_path):
+    """algo.fused_logps (the default: no [tokens, vocabulary] logits) gives the policy, the
+    reference and the old log-probs (num_iterations=2) of the logits path: the same loss, KL,
+    entropy and gradient norm over 2 steps, and says so in the log."""
+    common = [*SMALL, "train.max_steps=2", "algo.kl_coef=0.04", "algo.num_iterations=2"]
+    common += ["train.eval_samples=0"]
+    runs = {
+        fused: run([*common, f"algo.fused_logps={fused}", f"hydra.run.dir={tmp_path / fused}"])
+        for fused in ("true", "false")
+    }
+    log = (runs["true"] / "cli.log").read_text()
+    assert "log-probs: from hidden states, no logits (algo.fused_logps)" in log
+    assert "reference log-probs: from hidden states" in log
+    assert "from hidden states" not in (runs["false"] / "cli.log").read_text()
+    fused, plain = (_rows(runs[f]) for f in ("true", "false"))
+    assert len(fused) == len(plain) == 2
+    for a, b in zip(fused, plain, strict=True):
+        for key in ("loss", "kl", "entropy", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    assert fused[1]["kl"] > 0  # the second step trains on a moved policy
+
+
 def test_lora_reference_is_the_adapter_disabled_policy(tmp_path):
     run_dir = run(
         [*SMALL, "train.max_steps=2", "algo.kl_coef=0.04", "peft=lora", f"hydra.run.dir={tmp_path}"]

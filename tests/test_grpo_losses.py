@@ -10,6 +10,7 @@ from rltune.losses import (
     aggregate_loss,
     clipped_surrogate,
     kl_k3,
+    linear_token_logps,
     loss_denominator,
     token_entropy,
     token_logps,
@@ -190,3 +191,69 @@ def test_token_entropy_of_uniform_and_peaked_distributions():
     torch.testing.assert_close(
         token_entropy(logits, chunk_size=1), torch.tensor([[math.log(8), 0.0]])
     )
+
+
+def test_token_entropy_gradient_in_chunks_equals_the_direct_one():
+    """PPO's entropy bonus: H = -sum p log p per position, differentiated through checkpointed
+    chunks (15 rows: 4 + 4 + 4 + 3) as through one softmax."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11, requires_grad=True)
+    logp = (logits / 0.7).log_softmax(-1)
+    direct = -(logp.exp() * logp).sum(-1)
+    (g_direct,) = torch.autograd.grad(direct.sum(), logits)
+    chunked = token_entropy(logits, temperature=0.7, chunk_size=4)
+    (g_chunked,) = torch.autograd.grad(chunked.sum(), logits)
+    torch.testing.assert_close(chunked, direct)
+    torch.testing.assert_close(g_chunked, g_direct)
+
+
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_log_probs_from_hidden_states_equal_the_logits_path(with_entropy):
+    """algo.fused_logps: log-probs and entropies from hidden states [3, 5, 16] and an output
+    weight [50, 16], 4 positions at a time (15 = 4 + 4 + 4 + 3), at temperature 0.7, equal
+    token_logps and token_entropy on the logits hidden @ weight.T, and so do the gradients of
+    a loss that weighs each log-prob and each entropy differently (the backward pass
+    recomputes each chunk's logits)."""
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 5, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (3, 5))
+    a, b = torch.randn(3, 5), torch.randn(3, 5)
+
+    logits = hidden @ weight.T
+    logps = token_logps(logits, targets, temperature=0.7)
+    entropy = token_entropy(logits, temperature=0.7)
+    loss = (a * logps).sum() + (b * entropy).sum() * with_entropy
+    grads = torch.autograd.grad(loss, (hidden, weight))
+
+    fused, fused_entropy = linear_token_logps(
+        hidden, weight, targets, temperature=0.7, chunk_size=4, entropy=with_entropy
+    )
+    torch.testing.assert_close(fused, logps, rtol=1e-5, atol=1e-5)
+    if with_entropy:
+        torch.testing.assert_close(fused_entropy, entropy, rtol=1e-5, atol=1e-5)
+        fused_loss = (a * fused).sum() + (b * fused_entropy).sum()
+    else:
+        assert fused_entropy is None
+        fused_loss = (a * fused).sum()
+    fused_grads = torch.autograd.grad(fused_loss, (hidden, weight))
+    for plain, mine in zip(grads, fused_grads, strict=True):
+        torch.testing.assert_close(mine, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_log_probs_from_hidden_states_under_bf16_autocast():
+    """Under autocast the output layer runs in bf16 as the model's own lm_head would, and the
+    gradients come back in each input's dtype (fp32 master weights)."""
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 6, 16, requires_grad=True)
+    weight = torch.randn(40, 16, requires_grad=True)
+    targets = torch.randint(0, 40, (2, 6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logps = token_logps(hidden @ weight.T, targets)
+        fused, _ = linear_token_logps(hidden, weight, targets, chunk_size=5)
+    torch.testing.assert_close(fused, logps)  # the same bf16 logits, the same fp32 softmax
+    grads = torch.autograd.grad(logps.sum(), (hidden, weight))
+    fused_grads = torch.autograd.grad(fused.sum(), (hidden, weight))
+    for plain, mine in zip(grads, fused_grads, strict=True):
+        assert mine.dtype == torch.float32
+        torch.testing.assert_close(mine, plain, rtol=2e-2, atol=2e-2)

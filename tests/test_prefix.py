@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from rltune.algos.online import OnlineAlgorithm
-from rltune.losses import token_logps
-from rltune.models import SHIPPED
+from rltune.models import SHIPPED, HiddenStateHead
 from rltune.prefix import PAD, branch_attention_mask, group_rows, mask_for, takes_4d_mask
 from rltune.rollout import Rollout
 
@@ -80,32 +79,48 @@ def _rollout(seed: int = 0) -> Rollout:
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["logits", "fused_logps"])
 @pytest.mark.parametrize(
     "attention, device",
     [("sdpa", "cpu"), ("eager", "cpu"), pytest.param("sdpa", "cuda", marks=cuda)],
 )
-def test_a_group_row_gives_each_completions_log_probs_and_gradients(attention, device):
+def test_a_group_row_gives_each_completions_log_probs_and_gradients(attention, device, fused):
     """One row per group and a row per completion: the same completion log-probs (fp32, 1e-5)
     and the same gradients; letting slots see each other changes them. On CUDA the 4-D mask
-    runs SDPA's memory-efficient kernel."""
+    runs SDPA's memory-efficient kernel. With algo.fused_logps (from hidden states) the
+    row-per-completion numbers also equal the logits path's."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
         SHIPPED["tiny"], dtype=torch.float32, attn_implementation=attention
     ).to(device)
-    algo = SimpleNamespace(ctx=SimpleNamespace(device=torch.device(device)), policy=model)
+    algo = SimpleNamespace(
+        ctx=SimpleNamespace(device=torch.device(device)),
+        policy=model,
+        params=SimpleNamespace(temperature=0.9),
+        logprob_chunk_size=16,
+        hidden_head=HiddenStateHead("algo.fused_logps", fused),
+    )
     rollout = _rollout()
     rows = list(range(len(rollout.completions)))
 
-    def logps_and_grads(batch):
+    def logps_and_grads(batch, algo=algo):
         model.zero_grad()
-        logits = OnlineAlgorithm.forward_logits(algo, model, batch)  # [N, C, V]
-        logps = token_logps(logits, batch["completion_ids"])
+        logps, _ = OnlineAlgorithm.completion_logps(algo, model, batch)  # [N, C]
         mask = rollout.completion_mask[:, : logps.shape[1]].to(device)
         (logps * mask).sum().backward()
         return (logps * mask).cpu(), [p.grad.cpu().clone() for p in model.parameters()]
 
     alone, grads = logps_and_grads(OnlineAlgorithm.trimmed_rows(algo, rollout, rows))
+    if fused:
+        assert algo.hidden_head(model, "log-probs") is model.lm_head
+        plain = SimpleNamespace(**{**vars(algo), "hidden_head": HiddenStateHead("x", False)})
+        logits_path, logits_grads = logps_and_grads(
+            OnlineAlgorithm.trimmed_rows(algo, rollout, rows), algo=plain
+        )
+        torch.testing.assert_close(alone, logits_path, atol=1e-5, rtol=1e-5)
+        for a, b in zip(logits_grads, grads, strict=True):
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
     batch = OnlineAlgorithm.shared_rows(algo, rollout, rows, G)
     assert batch["input_ids"].shape == (3, 9 + G * 6)  # vs 12 rows of 9 + 6
     assert batch["num_tokens"] == float(rollout.attention_mask.sum())

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from rltune.algos import AlgorithmBase, BuildContext
 from rltune.config import DPOConfig
@@ -44,8 +45,22 @@ from rltune.data.preference import (
 from rltune.data.source import split_records
 from rltune.data.stream import IndexStream, length_sorted
 from rltune.evaluation import get_task
-from rltune.losses import dpo_loss, sequence_logps, token_logps
-from rltune.models import Reference, autocast, load_policy, load_tokenizer
+from rltune.losses import (
+    IGNORE_INDEX,
+    dpo_loss,
+    linear_token_logps,
+    sequence_logps,
+    shift_labels,
+    token_logps,
+)
+from rltune.models import (
+    HiddenStateHead,
+    Reference,
+    autocast,
+    last_hidden,
+    load_policy,
+    load_tokenizer,
+)
 from rltune.prefix import mask_for, takes_4d_mask
 
 log = logging.getLogger(__name__)
@@ -77,6 +92,7 @@ class DPO(AlgorithmBase):
             device=ctx.device,
             gradient_checkpointing=ctx.cfg.train.gradient_checkpointing,
         )
+        self.hidden_head = HiddenStateHead("algo.fused_logps", cfg.fused_logps)
         self.ref_cache: dict[str, torch.Tensor] | None = None
         if cfg.precompute_ref:
             self.reference = Reference(
@@ -169,34 +185,11 @@ class DPO(AlgorithmBase):
         batch["pairs"] = len(pairs)
         return batch
 
-    @staticmethod
-    def _sides_logps(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
-        """Summed response log-probs [2B] (the B chosen, then the B rejected) and response
-        token counts [2B], from either batch layout."""
-        if "chosen_index" not in batch:  # a row per side
-            inputs = {
-                k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch
-            }
-            logits = model(**inputs, use_cache=False).logits  # [2B, T, V]
-            return sequence_logps(logits, batch["labels"])
-        # one row per pair: logits only from the first position that predicts a response token
-        width = batch["input_ids"].shape[1]
-        start = int(batch["chosen_index"][:, 0].min())
-        logits = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=batch["position_ids"],
-            use_cache=False,
-            logits_to_keep=width - start,
-        ).logits  # [B, T - start, V]
-        sums, counts = [], []
-        for side in ("chosen", "rejected"):
-            index = (batch[f"{side}_index"] - start).clamp(min=0)  # [B, n]; padding reads any
-            picked = logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1]))
-            mask = batch[f"{side}_mask"]  # [B, n]
-            sums.append((token_logps(picked, batch[f"{side}_ids"]) * mask).sum(-1))
-            counts.append(mask.sum(-1))
-        return torch.cat(sums), torch.cat(counts)
+    def _sides_logps(
+        self, model: torch.nn.Module, batch: dict[str, Any]
+    ) -> tuple[torch.Tensor, ...]:
+        what = "log-probs" if model is self.policy else "reference log-probs"
+        return response_logps(model, batch, self.hidden_head(model, what))
 
     def _pair_terms(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-pair losses [B] and the per-pair quantities the metrics average."""
@@ -301,3 +294,42 @@ class DPO(AlgorithmBase):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.stream.load_state_dict(state["stream"])
+
+
+def response_logps(
+    model: nn.Module, batch: dict[str, Any], head: nn.Linear | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs [2B] (the B chosen, then the B rejected) and response token
+    counts [2B], from either batch layout. Given `head`, the model's plain output layer
+    (algo.fused_logps), they come from the last hidden states and no [rows, T, V] logits
+    exist; otherwise from logits."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    if "chosen_index" not in batch:  # a row per side
+        if head is None:
+            logits = model(**inputs, use_cache=False).logits  # [2B, T, V]
+            return sequence_logps(logits, batch["labels"])
+        hidden = last_hidden(model, **inputs, use_cache=False)  # [2B, T, H]
+        targets = shift_labels(batch["labels"])  # [2B, T]
+        rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)  # [N] each
+        logps, _ = linear_token_logps(hidden[rows, cols], head.weight, targets[rows, cols])
+        sums = logps.new_zeros(len(targets)).index_add(0, rows, logps)  # [2B]
+        return sums, (targets != IGNORE_INDEX).sum(-1)
+    # one row per pair: only positions from the first that predicts a response token
+    width = batch["input_ids"].shape[1]
+    start = int(batch["chosen_index"][:, 0].min())
+    if head is None:
+        states = model(**inputs, use_cache=False, logits_to_keep=width - start).logits
+    else:
+        states = last_hidden(model, **inputs, use_cache=False)[:, start:]  # [B, T - start, H]
+    sums, counts = [], []
+    for side in ("chosen", "rejected"):
+        index = (batch[f"{side}_index"] - start).clamp(min=0)  # [B, n]; padding reads any
+        picked = states.gather(1, index[..., None].expand(-1, -1, states.shape[-1]))
+        mask = batch[f"{side}_mask"]  # [B, n]
+        if head is None:  # picked: logits [B, n, V]
+            logps = token_logps(picked, batch[f"{side}_ids"])
+        else:  # picked: hidden states [B, n, H]
+            logps, _ = linear_token_logps(picked, head.weight, batch[f"{side}_ids"])
+        sums.append((logps * mask).sum(-1))
+        counts.append(mask.sum(-1))
+    return torch.cat(sums), torch.cat(counts)

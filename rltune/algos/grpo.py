@@ -57,7 +57,6 @@ from rltune.losses import (
     clipped_surrogate,
     kl_k3,
     loss_denominator,
-    token_entropy,
 )
 from rltune.prefix import takes_4d_mask
 
@@ -205,8 +204,7 @@ class GRPO(OnlineAlgorithm):
     def loss(
         self, batch: dict[str, Any], normaliser: float
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        logits, logps = self.policy_logps(batch)  # [b, C, V], [b, C]
-        t = self.params.temperature
+        logps, entropy = self.policy_logps(batch)  # [b, C] each
         old = batch.get("old_logps", logps.detach())
         mask = batch["loss_mask"]  # [b, C]
         eps = self.cfg.epsilon
@@ -226,12 +224,11 @@ class GRPO(OnlineAlgorithm):
             per_token = per_token + self.cfg.kl_coef * kl
             metrics["kl"] = (kl.detach() * mask).sum().item() / tokens
         loss = aggregate_loss(per_token, mask, self.cfg.loss_agg, normaliser)
-        entropy = token_entropy(logits.detach(), temperature=t, chunk_size=self.logprob_chunk_size)
         low, high = (clipped[k].sum().item() / tokens for k in ("low", "high"))
         metrics.update(
             {
                 "loss": loss.item(),
-                "entropy": (entropy * mask).sum().item() / tokens,
+                "entropy": (entropy.detach() * mask).sum().item() / tokens,
                 "clip_ratio/low_mean": low,
                 "clip_ratio/high_mean": high,
                 "clip_ratio/region_mean": low + high,

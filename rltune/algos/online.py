@@ -21,8 +21,15 @@ from rltune.data.source import split_records
 from rltune.data.stream import IndexStream
 from rltune.decode import fast_sample
 from rltune.evaluation import get_task, render_prompt
-from rltune.losses import token_logps
-from rltune.models import Reference, autocast, load_policy, load_tokenizer
+from rltune.losses import linear_token_logps, token_entropy, token_logps
+from rltune.models import (
+    HiddenStateHead,
+    Reference,
+    autocast,
+    last_hidden,
+    load_policy,
+    load_tokenizer,
+)
 from rltune.prefix import group_rows, mask_for
 from rltune.rollout import Rollout, SamplingParams, generate_greedy, position_ids, sample
 
@@ -85,6 +92,7 @@ class OnlineAlgorithm(AlgorithmBase):
             device=ctx.device,
             gradient_checkpointing=c.train.gradient_checkpointing,
         )
+        self.hidden_head = HiddenStateHead("algo.fused_logps", cfg.fused_logps)
         self.reference: Reference | None = None
         if getattr(cfg, "kl_coef", 0) > 0:
             self.reference = Reference(self.policy, c.model, device=ctx.device)
@@ -220,32 +228,51 @@ class OnlineAlgorithm(AlgorithmBase):
             timeout_s=self.ctx.cfg.reward.timeout_s,
         )
 
-    def forward_logits(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        """Logits [b, C, V] that predict the completion tokens (only those are computed)."""
+    def completion_logps(
+        self,
+        model: torch.nn.Module,
+        batch: dict[str, Any],
+        *,
+        entropy: bool = False,
+        temperature: float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probs [b, C] of the completion tokens at the sampling temperature (or the one
+        given), and their entropies [b, C] when asked, from either row layout; both carry
+        gradients when grad is enabled. With algo.fused_logps and a plain output layer they come
+        from the last hidden states a chunk at a time, and no [b, C, V] logits exist."""
         width = batch["completion_ids"].shape[1]
         shared = "logits_index" in batch  # a row per group (rltune.prefix.group_rows)
-        out = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=batch["position_ids"],
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+        kwargs = {
+            "temperature": self.params.temperature if temperature is None else temperature,
+            "chunk_size": self.logprob_chunk_size,
+        }
+        head = self.hidden_head(
+            model, "log-probs" if model is self.policy else "reference log-probs"
+        )
+        if head is not None:
+            hidden = last_hidden(model, **inputs, use_cache=False)  # [rows, T, H]
+            # the positions that predict completion tokens: slot by slot, or the last C + 1 but one
+            picked = hidden[:, batch["logits_index"]] if shared else hidden[:, -width - 1 : -1]
+            picked = picked.reshape(-1, width, hidden.shape[-1])  # [b, C, H]
+            return linear_token_logps(
+                picked, head.weight, batch["completion_ids"], entropy=entropy, **kwargs
+            )
+        logits = model(
+            **inputs,
             use_cache=False,
             logits_to_keep=batch["logits_index"] if shared else width + 1,
-        )
-        if shared:
-            return out.logits.reshape(-1, width, out.logits.shape[-1])  # [n, G*C, V] -> [n*G, C, V]
-        return out.logits[:, :-1]  # position P-1+t predicts completion token t
+        ).logits
+        # [n, G*C, V] -> [n*G, C, V]; or position P-1+t predicts completion token t
+        logits = logits.reshape(-1, width, logits.shape[-1]) if shared else logits[:, :-1]
+        logps = token_logps(logits, batch["completion_ids"], **kwargs)
+        return logps, token_entropy(logits, **kwargs) if entropy else None
 
     @torch.no_grad()
     def logps(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         """Completion-token log-probs [b, C] at the sampling temperature, without gradients."""
         with autocast(self.ctx.device, self.ctx.dtype):
-            logits = self.forward_logits(model, batch)
-            return token_logps(
-                logits,
-                batch["completion_ids"],
-                temperature=self.params.temperature,
-                chunk_size=self.logprob_chunk_size,
-            )
+            return self.completion_logps(model, batch)[0]
 
     @staticmethod
     def groups_sorted(rollout: Rollout, rows: list[int], size: int, g: int) -> list[list[int]]:
@@ -361,16 +388,11 @@ class OnlineAlgorithm(AlgorithmBase):
         return batches[0]["denominator"] if batches else 1.0
 
     def policy_logps(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits [b, C, V], completion-token log-probs [b, C] at the sampling temperature),
-        with gradients: the start of every online loss."""
-        logits = self.forward_logits(self.policy, batch)
-        logps = token_logps(
-            logits,
-            batch["completion_ids"],
-            temperature=self.params.temperature,
-            chunk_size=self.logprob_chunk_size,
-        )
-        return logits, logps
+        """(completion-token log-probs [b, C] at the sampling temperature, their entropies
+        [b, C]), with gradients: the start of every online loss."""
+        logps, entropy = self.completion_logps(self.policy, batch, entropy=True)
+        assert entropy is not None
+        return logps, entropy
 
     @torch.no_grad()
     def evaluate(self) -> tuple[dict[str, float], list[dict[str, Any]]]:

@@ -42,7 +42,6 @@ from rltune.losses import (
     clipped_surrogate,
     clipped_value_loss,
     loss_denominator,
-    token_entropy,
 )
 from rltune.models import autocast, load_value_model
 from rltune.rewards import MODEL_REWARD
@@ -209,8 +208,7 @@ class PPO(OnlineAlgorithm):
     def loss(
         self, batch: dict[str, Any], normaliser: float
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        logits, logps = self.policy_logps(batch)  # [b, C, V], [b, C]
-        t = self.params.temperature
+        logps, entropy = self.policy_logps(batch)  # [b, C] each
         mask = batch["loss_mask"]
         pg, clipped = clipped_surrogate(
             logps,
@@ -225,14 +223,11 @@ class PPO(OnlineAlgorithm):
             values, batch["old_values"], batch["returns"], cliprange=self.cfg.cliprange_value
         )
         policy_terms = pg
-        if self.cfg.entropy_coef:
-            logp_all = torch.log_softmax(logits.float() / t, -1)
-            entropy_grad = -(logp_all.exp() * logp_all).sum(-1)  # [b, C]
-            policy_terms = pg - self.cfg.entropy_coef * entropy_grad
+        if self.cfg.entropy_coef:  # the bonus: entropy carries its gradient
+            policy_terms = pg - self.cfg.entropy_coef * entropy
         # one loss per trained model (DeepSpeed runs an engine for each); they add up to the total
         policy_loss = aggregate_loss(policy_terms, mask, "token_mean", normaliser)
         value_loss = aggregate_loss(self.cfg.vf_coef * vf, mask, "token_mean", normaliser)
-        entropy = token_entropy(logits.detach(), temperature=t, chunk_size=self.logprob_chunk_size)
         share = lambda x: (x.detach().float() * mask).sum().item() / normaliser  # noqa: E731
         approx_kl = share(0.5 * (logps - batch["old_logps"]) ** 2)
         self.last_approx_kl += approx_kl

@@ -23,7 +23,6 @@ from rltune.algos import BuildContext
 from rltune.algos.online import OnlineAlgorithm
 from rltune.config import RSConfig
 from rltune.distributed import all_reduce_sum
-from rltune.losses import token_logps
 from rltune.rollout import left_pad, position_ids
 
 log = logging.getLogger(__name__)
@@ -118,10 +117,8 @@ class RejectionSampling(OnlineAlgorithm):
     def loss(
         self, batch: dict[str, Any], normaliser: float
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = self.forward_logits(self.policy, batch)  # [b, C, V]
-        logps = token_logps(
-            logits, batch["completion_ids"], chunk_size=self.logprob_chunk_size
-        )  # [b, C] at temperature 1: the plain SFT loss
+        # [b, C] at temperature 1: the plain SFT loss
+        logps, _ = self.completion_logps(self.policy, batch, temperature=1.0)
         loss = -(logps * batch["loss_mask"]).sum() / normaliser
         return loss, {"loss": loss.item(), "num_tokens": float(batch["attention_mask"].sum())}
 

@@ -33,7 +33,7 @@ from rltune.losses import (
     token_accuracy_sum,
     token_nll_sum,
 )
-from rltune.models import last_hidden, load_policy, load_tokenizer, plain_output_layer
+from rltune.models import HiddenStateHead, last_hidden, load_policy, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -66,24 +66,7 @@ class SFT(AlgorithmBase):
         self.stream = IndexStream(
             len(self.examples), seed=ctx.cfg.train.seed, rank=ctx.rank, world_size=ctx.world_size
         )
-        self.head: torch.nn.Linear | None = None
-        self._head_checked = not cfg.fused_ce
-
-    def _output_layer(self) -> torch.nn.Linear | None:
-        """algo.fused_ce's output layer, or None for the logits path. Decided at the first
-        step, once DeepSpeed has wrapped (and under ZeRO-3 partitioned) the model."""
-        if not self._head_checked:
-            self._head_checked = True
-            with torch.autocast(self.ctx.device.type, enabled=False):
-                self.head = plain_output_layer(self.policy)
-            log.info(
-                "loss: %s",
-                "from hidden states, no logits (algo.fused_ce)"
-                if self.head is not None
-                else "from logits: algo.fused_ce needs a plain, whole output layer that gives "
-                "the model's own logits",
-            )
-        return self.head
+        self.head = HiddenStateHead("algo.fused_ce", cfg.fused_ce)
 
     INPUTS = ("input_ids", "attention_mask", "position_ids")
 
@@ -156,7 +139,7 @@ class SFT(AlgorithmBase):
     def loss(
         self, batch: dict[str, torch.Tensor], normaliser: float
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        head = self._output_layer()
+        head = self.head(self.policy, "loss")
         if head is not None:  # algo.fused_ce: no logits
             inputs = {k: batch[k] for k in self.INPUTS if k in batch}
             hidden = last_hidden(self.policy, **inputs, use_cache=False)  # [B, T, H]
