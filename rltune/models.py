@@ -261,7 +261,13 @@ NO_LOGITS = torch.zeros(0, dtype=torch.long)
 
 
 def last_hidden(model: nn.Module, **inputs) -> torch.Tensor:
-    """The final (normed) hidden states [B, T, H] of a causal LM, without computing logits."""
+    """The final (normed) hidden states [B, T, H] of a causal LM, without computing logits:
+    from its decoder stack (`get_decoder()`, through PEFT's wrappers too), or else from the
+    whole model with `output_hidden_states` (which also keeps every layer's output until it
+    returns) and no position kept for logits. `plain_output_layer` checks the result."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is not None and decoder is not model:
+        return decoder(**inputs).last_hidden_state
     device = inputs["input_ids"].device
     out = model(**inputs, output_hidden_states=True, logits_to_keep=NO_LOGITS.to(device))
     return out.hidden_states[-1]
