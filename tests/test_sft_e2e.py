@@ -373,3 +373,11 @@ def test_fused_ce_needs_a_plain_output_layer():
         AutoModelForCausalLM.from_pretrained(SHIPPED["tiny"]), LoraConfig(target_modules=["q_proj"])
     )
     assert plain_output_layer(lora_body) is not None  # adapters in the body are fine
+
+    class NeedsMore(torch.nn.Module):  # a decoder stack that cannot run on input ids alone
+        def forward(self, input_ids, encoder_hidden_states, **kwargs):
+            raise AssertionError("not reached")
+
+    odd = AutoModelForCausalLM.from_pretrained(SHIPPED["tiny"])
+    odd.get_decoder = NeedsMore
+    assert plain_output_layer(odd) is None
