@@ -48,6 +48,7 @@ ratio column is rltune's step time over the best TRL one (below 1 means rltune i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -205,7 +206,11 @@ def spawn(argv: list[str]) -> dict | None:
         return None
     result = json.loads(line[0][6:])
     name = f"{result['framework']} {result['workload']} {result['setting']}"
-    print(f"done {name}: {result['step_time_s']:.3f} s/step", file=sys.stderr)
+    memory = result.get("peak_gpu_gib")
+    memory = (
+        f"{memory:.1f} GiB GPU" if memory is not None else f"{result['peak_rss_mib']:,.0f} MiB RSS"
+    )
+    print(f"done {name}: {result['step_time_s']:.3f} s/step, peak {memory}", file=sys.stderr)
     return result
 
 
@@ -225,7 +230,9 @@ def main() -> None:
         "--extra", nargs="*", default=[], help="more rltune overrides, for every rltune run"
     )
     parser.add_argument("--one", help=argparse.SUPPRESS)
-    parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--workdir", type=Path, help="--gpu: build the model and data here once, and keep them"
+    )
     args = parser.parse_args()
     if args.small and not args.gpu:
         parser.error("--small shrinks the --gpu workloads; pass --gpu --small")
@@ -267,16 +274,24 @@ def main_gpu(parser: argparse.ArgumentParser, args) -> None:
         parser.error("--gpu needs a CUDA device; --gpu --small runs the same pipeline on a CPU")
     size = "small" if args.small else "full"
     results = []
-    with tempfile.TemporaryDirectory(prefix="rltune-bench-") as tmp:
-        workdir = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        if args.workdir:  # kept: built once per size, reused by later invocations
+            workdir = args.workdir / size
+            workdir.mkdir(parents=True, exist_ok=True)
+        else:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rltune-")))
         started = time.perf_counter()
-        n_params = save_model(
-            workdir / "model", SMALL_SHAPE if args.small else QWEN25_05B, synthetic_tokenizer()
-        )
-        write_data(workdir, SIZES[size])
+        built = workdir / "built.json"
+        if built.exists():
+            n_params = json.loads(built.read_text())["parameters"]
+        else:
+            shape = SMALL_SHAPE if args.small else QWEN25_05B
+            n_params = save_model(workdir / "model", shape, synthetic_tokenizer())
+            write_data(workdir, SIZES[size])
+            built.write_text(json.dumps({"parameters": n_params}))
         lengths = check_lengths(workdir, SIZES[size])
         print(
-            f"model ({n_params:,} parameters), tokenizer and data built in "
+            f"model ({n_params:,} parameters), tokenizer and data ready in "
             f"{time.perf_counter() - started:.1f} s; lengths {lengths}",
             file=sys.stderr,
         )
@@ -290,6 +305,8 @@ def main_gpu(parser: argparse.ArgumentParser, args) -> None:
             result = spawn([*argv, "--extra", *args.extra])
             if result:
                 results.append(result | throughput(result, SIZES[size], n_params, small=args.small))
+                if args.json:  # so far, in case a later run hangs past the caller's timeout
+                    args.json.write_text(json.dumps({"partial": True, "results": results}))
     report_gpu(results, args, n_params, lengths)
 
 

@@ -172,7 +172,7 @@ def digit_fraction(prompts: list, completions: list[str], **columns) -> list[flo
     return [sum(ch.isdigit() for ch in text) / max(1, len(text)) for text in completions]
 
 
-def gpu_overrides(workload: str, steps: int, workdir: Path, small: bool) -> list[str]:
+def gpu_overrides(workload: str, steps: int, workdir: Path, small: bool, run_dir: str) -> list[str]:
     s = SIZES["small" if small else "full"][workload]
     device = ["train.device=cpu"] if small else ["train.device=cuda", "train.dtype=bf16"]
     common = [
@@ -185,7 +185,7 @@ def gpu_overrides(workload: str, steps: int, workdir: Path, small: bool) -> list
         "train.eval_samples=0",
         "train.lr=1e-6",
         *device,
-        f"hydra.run.dir={workdir / f'run_{workload}'}",
+        f"hydra.run.dir={run_dir}",
     ]
     if workload == "A":
         return [
@@ -221,7 +221,8 @@ def measure_gpu(workload: str, steps: int, workdir: Path, small: bool, extra: li
     import torch
     import transformers
 
-    rows = run_rltune(gpu_overrides(workload, steps, workdir, small) + extra)
+    with tempfile.TemporaryDirectory(prefix=f"run-{workload}-") as run_dir:
+        rows = run_rltune(gpu_overrides(workload, steps, workdir, small, run_dir) + extra)
     timed = rows[WARMUP:] or rows
 
     def median(key: str) -> float | None:

@@ -1,23 +1,25 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one command, for a short lease on a CUDA machine:
-#   1. the CUDA tests (graph decoding equals generate; bf16 log-probs within tolerance)
-#   2. DESIGN.md's workloads A, B, C at full size (scripts/bench.py --gpu)
-#   3. the decode engines side by side (scripts/bench_decode.py)
-#   3b. A again with bf16 weights and gradient checkpointing: rltune's peak memory at its leanest,
-#      beside TRL's (whose defaults are bf16 weights and checkpointing)
-#   3c. A and B on the logits path (algo.fused_logps=false), to weigh log-probs from hidden
+# Everything that needs a GPU, in one command, for a short lease on a CUDA machine, most
+# important first, each stage capped so that a hang in one still leaves the rest:
+#   1. DESIGN.md's workloads A, B, C at full size with rltune's defaults (scripts/bench.py --gpu)
+#   2. the CUDA tests (graph decoding equals generate; bf16 log-probs within tolerance)
+#   3. A and B on the logits path (algo.fused_logps=false), to weigh log-probs from hidden
 #      states against it in time and memory
-#   4. where trl and datasets import, 2. again beside TRL's trainers (--compare trl), last, as
-#      the stage most likely to run out of time
-# Results go to $OUT (default ./gpu-out): gpu_check.log and one JSON per benchmark; the tables
-# print as they come.
+#   4. A with the least memory: bf16 weights and gradient checkpointing (TRL's defaults are
+#      bf16 weights and checkpointing)
+#   5. where trl and datasets import, A beside TRL's GRPO trainer (--compare trl, 5 steps),
+#      for the step ratio and peak memory of the same invocation
+#   6. B and C with train.compile=true
+#   7. the decode engines side by side (scripts/bench_decode.py), if time is left
+# The model and data are built once (bench.py --workdir) and shared by every stage. Results go
+# to $OUT (default ./gpu-out): gpu_check.log and one JSON per benchmark (7 files at most); the
+# tables print as they come, and each JSON holds the runs done so far if a stage is cut off.
 #
 #   bash scripts/gpu_check.sh [WHEEL_DIR] [BUDGET_S]
 #
 # WHEEL_DIR: wheels to install first, without an index (a machine that reaches no registry:
-# carry transformers, peft, hydra-core, omegaconf, antlr4 wheels there; for stage 4 also trl,
-# datasets, dill, multiprocess). BUDGET_S (default 540)
-# bounds the whole script; each stage gets a share, so a hang in one still leaves the others.
+# carry transformers, peft, hydra-core, omegaconf, antlr4 wheels there; for stage 5 also trl,
+# datasets, dill, multiprocess). BUDGET_S (default 540) bounds the whole script.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -39,28 +41,32 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" |
     tee -a "$LOG"
 
-echo "== CUDA tests (t=$((SECONDS - START)) s)"
-timeout $(($(left) / 6)) python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_rollout.py tests/test_prefix.py \
-    2>&1 | tail -5 | tee -a "$LOG"
+WORK=$(mktemp -d)
+bench() {  # bench CAP_S NAME ARGS...: one bench.py --gpu invocation, capped, JSON to $OUT/NAME.json
+    local cap=$1 name=$2
+    shift 2
+    [ "$cap" -gt "$(left)" ] && cap=$(left)
+    [ "$cap" -lt 20 ] && { echo "skipped $name: $(left) s left" | tee -a "$LOG"; return; }
+    echo "== $name (t=$((SECONDS - START)) s, cap $cap s): $*" | tee -a "$LOG"
+    timeout "$cap" python3 scripts/bench.py --gpu --workdir "$WORK" --json "$OUT/$name.json" "$@" \
+        2>&1 | tee -a "$LOG" | grep -E "^\||^A:|GPU:|done|failed|rror"
+}
 
-echo "== workloads A, B, C (t=$((SECONDS - START)) s)"
-timeout $(($(left) * 3 / 4)) python3 scripts/bench.py --gpu --json "$OUT/workloads.json" \
-    2>&1 | tee -a "$LOG" | grep -E "^\||^A:|GPU:|failed|rror"
-
-echo "== decode engines (t=$((SECONDS - START)) s)"
-timeout $(($(left) / 2)) python3 scripts/bench_decode.py --json "$OUT/decode.json" \
-    2>&1 | tee -a "$LOG" | grep -E "^\||GPU|failed|rror"
-echo "== A with the least memory: bf16 weights, gradient checkpointing (t=$((SECONDS - START)) s)"
-timeout $(($(left) / 3)) python3 scripts/bench.py --gpu --workloads A --json "$OUT/a_lean.json" \
-    --extra model.dtype=bf16 train.gradient_checkpointing=true \
-    2>&1 | tee -a "$LOG" | grep -E "^\||failed|rror"
-echo "== A and B from logits, algo.fused_logps=false (t=$((SECONDS - START)) s)"
-timeout $(($(left) / 3)) python3 scripts/bench.py --gpu --workloads AB --json "$OUT/logits_path.json" \
-    --extra algo.fused_logps=false 2>&1 | tee -a "$LOG" | grep -E "^\||failed|rror"
-
+bench 200 workloads
+echo "== CUDA tests (t=$((SECONDS - START)) s)" | tee -a "$LOG"
+timeout 75 python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_rollout.py tests/test_prefix.py \
+    tests/test_grpo_losses.py 2>&1 | tail -8 | tee -a "$LOG"
+bench 110 logits_path --workloads AB --extra algo.fused_logps=false
+bench 60 a_lean --workloads A --extra model.dtype=bf16 train.gradient_checkpointing=true
 if python3 -c "import trl, datasets" 2>/dev/null; then
-    echo "== workloads beside TRL (t=$((SECONDS - START)) s)"
-    timeout $(($(left) - 5)) python3 scripts/bench.py --gpu --compare trl --json "$OUT/trl.json" \
-        2>&1 | tee -a "$LOG" | grep -E "^\||done|failed|rror"
+    bench 200 trl_a --workloads A --compare trl --steps 5
+else
+    echo "no TRL here: $(python3 -c 'import trl, datasets' 2>&1 | tail -1)" | tee -a "$LOG"
 fi
-echo "== done (t=$((SECONDS - START)) s)"
+bench 120 compiled --workloads BC --extra train.compile=true
+if [ "$(left)" -gt 60 ]; then
+    echo "== decode engines (t=$((SECONDS - START)) s)" | tee -a "$LOG"
+    timeout $(($(left) - 5)) python3 scripts/bench_decode.py --json "$OUT/decode.json" \
+        2>&1 | tee -a "$LOG" | grep -E "^\||GPU|failed|rror"
+fi
+echo "== done (t=$((SECONDS - START)) s)" | tee -a "$LOG"
