@@ -75,7 +75,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory (slower)."""
     compile: bool = False
-    """torch.compile each model's forward (not with DeepSpeed); each new input shape compiles once, so it pays off with fixed lengths (packed SFT)."""
+    """torch.compile each model's decoder stack for training (not with DeepSpeed; decoding stays eager); each new input shape compiles once, so it pays off with fixed lengths (packed SFT, DPO)."""
     fail_at_step: int | None = None
     """Testing aid: end the process abruptly (os._exit) right after this step, saving nothing."""
 

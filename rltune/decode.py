@@ -296,6 +296,9 @@ def auto_decoder(model: nn.Module) -> str:
 
 
 @torch.no_grad()
+# train.compile compiles for the training shapes; decoding changes shape every token (and the
+# CUDA graph captures eager kernels), so it runs the models uncompiled
+@torch.compiler.set_stance("force_eager")
 def fast_sample(
     model: nn.Module,
     tokenizer,

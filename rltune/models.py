@@ -273,6 +273,19 @@ def last_hidden(model: nn.Module, **inputs) -> torch.Tensor:
     return out.hidden_states[-1]
 
 
+def compile_stack(model: nn.Module, **options) -> nn.Module:
+    """train.compile: `torch.compile` in place (parameter names unchanged) the part of `model`
+    that every loss runs: its decoder stack where it has one, since the losses from hidden
+    states (algo.fused_ce, algo.fused_logps) call that stack directly, past the model's own
+    forward, which compiling the whole model would leave eager. Else the whole model. The
+    output layer stays eager: a matmul gains nothing from fusion. Returns what was compiled."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    target = decoder if isinstance(decoder, nn.Module) and decoder is not model else model
+    target.compile(**options)
+    return target
+
+
+@torch.compiler.set_stance("force_eager")  # a one-off check of 8 tokens: nothing to compile
 def plain_output_layer(model: nn.Module) -> nn.Linear | None:
     """The output layer of `model` when logits are exactly `layer(last_hidden(...))`: a
     bias-free, whole (not ZeRO-3-partitioned, not LoRA-wrapped) `nn.Linear`, checked on a few

@@ -148,6 +148,7 @@ def finish(
 
 
 @torch.no_grad()
+@torch.compiler.set_stance("force_eager")  # train.compile: see fast_sample
 def sample(
     model: nn.Module,
     tokenizer,
@@ -199,6 +200,7 @@ def sample(
 
 
 @torch.no_grad()
+@torch.compiler.set_stance("force_eager")  # train.compile: see fast_sample
 def generate_greedy(
     model: nn.Module,
     tokenizer,

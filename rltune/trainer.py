@@ -36,7 +36,7 @@ from rltune.distributed import (
 )
 from rltune.engines import MAIN, DeepSpeedEngine, PlainEngine, make_optimizer
 from rltune.logging import MetricsLogger, NullLogger
-from rltune.models import autocast, count_parameters, resolve_device, resolve_dtype
+from rltune.models import autocast, compile_stack, count_parameters, resolve_device, resolve_dtype
 
 log = logging.getLogger("rltune")
 
@@ -141,8 +141,9 @@ def train(
         seed_everything(t.seed + d.rank)  # from here on each rank samples its own completions
     trained = algo.trained  # the policy (or the reward model for algo=rm)
     if t.compile:  # in place: parameter names, checkpoints and exports stay as they are
-        for model in algo.models().values():
-            model.compile()
+        for role, model in algo.models().items():
+            compiled = compile_stack(model)
+            log.info("train.compile: %s's %s compiled", role, type(compiled).__name__)
     for role, model in algo.models().items():
         trainable, total = count_parameters(model)
         log.info(

@@ -313,3 +313,33 @@ def test_the_static_cache_is_only_used_where_every_layer_attends_in_full(tiny):
     windowed = Qwen2Config(**{**shape, "layer_types": None, **window})
     assert "sliding_attention" in windowed.layer_types
     assert not static_cache_fits(AutoModelForCausalLM.from_config(windowed))
+
+
+def test_decoding_runs_a_compiled_model_uncompiled():
+    """train.compile compiles the decoder stack for training; decoding changes shape every token,
+    so `fast_sample`, `sample` and `generate_greedy` run it uncompiled: nothing is traced, and
+    the tokens are those of the plain model."""
+    from torch._dynamo.utils import counters
+
+    from rltune.decode import fast_sample
+    from rltune.models import compile_stack
+    from rltune.rollout import generate_greedy
+
+    tokenizer = AutoTokenizer.from_pretrained(SHIPPED["tiny"])
+    model = AutoModelForCausalLM.from_pretrained(SHIPPED["tiny"], dtype=torch.float32)
+    prompts = _prompt_ids(tokenizer, ["12+7=", "3*4="])
+    plain = generate_greedy(model, tokenizer, prompts, max_new_tokens=6)
+    compile_stack(model, backend="eager")  # dynamo's tracing without inductor's code generation
+    counters.clear()
+    model.get_decoder()(input_ids=torch.tensor([prompts[0]]))
+    assert counters["stats"]["unique_graphs"] == 1  # compiled: a forward call is traced
+
+    counters.clear()
+    assert generate_greedy(model, tokenizer, prompts, max_new_tokens=6) == plain
+    rollout, _ = fast_sample(
+        model, tokenizer, prompts, SamplingParams(max_new_tokens=6), greedy=True
+    )
+    assert rollout.completions == plain
+    torch.manual_seed(0)
+    sample(model, tokenizer, prompts, SamplingParams(max_new_tokens=6), group_size=2)
+    assert not counters["stats"], dict(counters["stats"])

@@ -287,8 +287,12 @@ def test_non_finite_gradients_skip_the_update_instead_of_poisoning_weights(tmp_p
 
 
 def test_compiled_forward_trains_like_the_eager_one(tmp_path):
-    """train.compile=true (torch.compile on each model's forward): the same packed SFT steps give
-    the same losses as eager to 1e-4, and final/ keeps plain parameter names."""
+    """train.compile=true (torch.compile on each model's decoder stack): the same packed SFT
+    steps give the same losses as eager to 1e-4, final/ keeps plain parameter names, and the
+    compiled stack is what the loss ran (SFT's loss from hidden states calls the decoder stack
+    directly, so compiling the model's own forward would have compiled nothing that runs)."""
+    from torch._dynamo.utils import counters
+
     common = [
         "algo=sft",
         "data.packing=true",
@@ -299,7 +303,10 @@ def test_compiled_forward_trains_like_the_eager_one(tmp_path):
         "train.micro_batch_size=8",
     ]
     eager = run([*common, f"hydra.run.dir={tmp_path / 'eager'}"])
+    counters.clear()
     compiled = run([*common, "train.compile=true", f"hydra.run.dir={tmp_path / 'compiled'}"])
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo traced what ran
+    assert "train.compile: policy's Qwen2Model compiled" in (compiled / "cli.log").read_text()
     a, b = losses(eager), losses(compiled)
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for step in a:
