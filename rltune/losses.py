@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
 IGNORE_INDEX = -100
 
@@ -178,9 +177,101 @@ def bradley_terry_loss(
 # ----------------------------------------------------------------------------- policy gradient
 
 
-def _chunk_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    x = logits.float() / temperature  # [n, V]
-    return x.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - x.logsumexp(-1)  # [n]
+# Log-probs and entropies a chunk of positions at a time. With x = logits / T, logp = x -
+# logsumexp(x), p = softmax(x) and H = -sum p logp: dlogp_t/dx = onehot(t) - p and
+# dH/dx = -p (logp + H), each divided by T for the logits. The autograd Functions below save the
+# log-normalisers and recompute each chunk's softmax in backward, writing its gradient into one
+# preallocated tensor, so no [N, V] fp32 tensor outlives a chunk in either pass (and no chunk's
+# gradient is padded out to the whole [N, V], as slicing a tensor under autograd would).
+
+
+def _chunk_stats(x: torch.Tensor, t: torch.Tensor, entropy: torch.Tensor | None):
+    """Of fp32 logits / T `x` [n, V] (overwritten), and targets `t` [n]: the targets' log-probs
+    [n] and the log-normalisers [n]; the entropies [n] go into `entropy` when it is given."""
+    norm = x.logsumexp(-1)  # [n]
+    logp_t = x.gather(-1, t[:, None]).squeeze(-1) - norm
+    if entropy is not None:
+        logp = x.sub_(norm[:, None])  # in place of the logits
+        entropy.copy_(-(logp.exp() * logp).sum(-1))
+    return logp_t, norm
+
+
+def _chunk_grad(x, t, norm, entropy, g, g_h) -> torch.Tensor:
+    """The gradient for the logits of a chunk, in place of its fp32 logits / T `x` [n, V], given
+    the log-normalisers `norm` [n], the entropies [n], and the loss's gradients for the targets'
+    log-probs `g` [n, 1] and for the entropies `g_h` [n, 1] (None: no entropy term), both
+    already divided by T."""
+    logp = x.sub_(norm[:, None])  # [n, V]
+    p = logp.exp()  # [n, V]
+    # p (-g_H (logp + H) - g): both terms share p
+    coef = -g if g_h is None else logp.add_(entropy[:, None]).mul_(-g_h).sub_(g)
+    grad = p.mul_(coef)
+    grad[torch.arange(len(t), device=t.device), t] += g.squeeze(-1)  # the onehot term
+    return grad
+
+
+class _LogitsLogps(torch.autograd.Function):
+    """log p(target) and the entropy per position under softmax(logits [N, V] / temperature),
+    `chunk` rows at a time (see the note above `_chunk_stats`)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, temperature: float, chunk: int, with_entropy: bool):
+        n, device = logits.shape[0], logits.device
+        logps = torch.empty(n, dtype=torch.float32, device=device)
+        norms = torch.empty(n, dtype=torch.float32, device=device)
+        entropy = torch.empty(n if with_entropy else 0, dtype=torch.float32, device=device)
+        with torch.autocast(device.type, enabled=False):
+            for s in range(0, n, chunk):
+                x = logits[s : s + chunk].float() / temperature  # a fresh [n, V] tensor
+                part = entropy[s : s + chunk] if with_entropy else None
+                logps[s : s + chunk], norms[s : s + chunk] = _chunk_stats(
+                    x, targets[s : s + chunk], part
+                )
+        ctx.save_for_backward(logits, targets, norms, entropy)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.set_materialize_grads(False)  # an unused entropy's gradient stays None, not zeros
+        return logps, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logps, grad_entropy):
+        logits, targets, norms, entropy = ctx.saved_tensors
+        use_entropy = grad_entropy is not None and entropy.numel() > 0
+        if grad_logps is None:
+            grad_logps = torch.zeros_like(norms)
+        grad_logits = torch.empty_like(logits)
+        inv_t, c = 1.0 / ctx.temperature, ctx.chunk
+        with torch.autocast(logits.device.type, enabled=False):
+            for s in range(0, logits.shape[0], c):
+                x = logits[s : s + c].float() * inv_t
+                g_h = grad_entropy[s : s + c, None] * inv_t if use_entropy else None
+                grad_logits[s : s + c] = _chunk_grad(
+                    x,
+                    targets[s : s + c],
+                    norms[s : s + c],
+                    entropy[s : s + c] if use_entropy else None,
+                    grad_logps[s : s + c, None] * inv_t,
+                    g_h,
+                )
+        return grad_logits, None, None, None, None
+
+
+def logits_token_logps(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(target) per position under softmax(logits / temperature), and the entropy when
+    asked; logits [..., V] (any dtype), targets [...] -> fp32 [...] and [...] (or None). The fp32
+    softmax exists `chunk_size` positions at a time, in the forward pass and in backward; the
+    autograd graph keeps only the logits themselves and a log-normaliser per position."""
+    shape = targets.shape
+    logps, ent = _LogitsLogps.apply(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), temperature, chunk_size, entropy
+    )
+    return logps.view(shape), ent.view(shape) if entropy else None
 
 
 def token_logps(
@@ -191,63 +282,29 @@ def token_logps(
     chunk_size: int = 1024,
 ) -> torch.Tensor:
     """log p(target) per position under softmax(logits / temperature); logits [B, T, V] (any
-    dtype), targets [B, T] -> [B, T] fp32.
-
-    The fp32 softmax exists `chunk_size` positions at a time. With gradients each chunk is
-    recomputed in backward (activation checkpointing), so the autograd graph keeps only the
-    logits themselves, never a [B, T, V] fp32 copy.
-    """
-    flat_logits, flat_targets = logits.flatten(0, 1), targets.flatten()  # [B*T, V], [B*T]
-    out = []
-    for start in range(0, flat_logits.shape[0], chunk_size):
-        part = (flat_logits[start : start + chunk_size], flat_targets[start : start + chunk_size])
-        if torch.is_grad_enabled() and logits.requires_grad:
-            out.append(
-                torch.utils.checkpoint.checkpoint(
-                    _chunk_logps, *part, temperature, use_reentrant=False
-                )
-            )
-        else:
-            out.append(_chunk_logps(*part, temperature))
-    return torch.cat(out).view_as(targets)
-
-
-def _chunk_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    logp = (logits.float() / temperature).log_softmax(-1)  # [n, V]
-    return -(logp.exp() * logp).sum(-1)  # [n]
+    dtype), targets [B, T] -> [B, T] fp32, a chunk of positions at a time
+    (`logits_token_logps`)."""
+    logps, _ = logits_token_logps(logits, targets, temperature=temperature, chunk_size=chunk_size)
+    return logps
 
 
 def token_entropy(
     logits: torch.Tensor, *, temperature: float = 1.0, chunk_size: int = 1024
 ) -> torch.Tensor:
-    """Entropy of softmax(logits / temperature) per position, [B, T, V] -> [B, T] fp32,
-    computed `chunk_size` positions at a time; with gradients (an entropy bonus) each chunk is
-    recomputed in backward, as in `token_logps`."""
-    flat = logits.flatten(0, 1)  # [B*T, V]
-    grad = torch.is_grad_enabled() and logits.requires_grad
-    out = []
-    for start in range(0, flat.shape[0], chunk_size):
-        part = flat[start : start + chunk_size]
-        if grad:
-            out.append(
-                torch.utils.checkpoint.checkpoint(
-                    _chunk_entropy, part, temperature, use_reentrant=False
-                )
-            )
-        else:
-            out.append(_chunk_entropy(part, temperature))
-    return torch.cat(out).view(logits.shape[:-1])
+    """Entropy of softmax(logits / temperature) per position, [B, T, V] -> [B, T] fp32, a chunk
+    of positions at a time, with its gradient (an entropy bonus) when the logits have one."""
+    targets = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
+    _, ent = logits_token_logps(
+        logits, targets, temperature=temperature, chunk_size=chunk_size, entropy=True
+    )
+    return ent
 
 
 class _LinearLogps(torch.autograd.Function):
     """log p(target) and the entropy per position under softmax(hidden [N, H] @ weight [V, H]^T
     / temperature), `chunk` rows at a time: no [N, V] logits outlive a chunk. Backward recomputes
     each chunk's logits (one more output-layer matmul, as activation checkpointing would) from
-    the saved hidden states and log-normalisers.
-
-    With x = logits / T, logp = x - logsumexp(x), p = softmax(x) and H = -sum p logp:
-    dlogp_t/dx = onehot(t) - p and dH/dx = -p (logp + H), each divided by T for the logits.
-    """
+    the saved hidden states and log-normalisers (see the note above `_chunk_stats`)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature: float, chunk: int, with_entropy: bool):
@@ -259,53 +316,47 @@ class _LinearLogps(torch.autograd.Function):
         )
         n = hidden.shape[0]
         logps = torch.empty(n, dtype=torch.float32, device=device)
-        lse = torch.empty(n, dtype=torch.float32, device=device)
+        norms = torch.empty(n, dtype=torch.float32, device=device)
         entropy = torch.empty(n if with_entropy else 0, dtype=torch.float32, device=device)
         w = weight.to(dtype)
         with torch.autocast(device.type, enabled=False):
             for s in range(0, n, chunk):
-                h, t = hidden[s : s + chunk].to(dtype), targets[s : s + chunk]  # [n, H], [n]
+                h = hidden[s : s + chunk].to(dtype)  # [n, H]
                 x = (h @ w.T).float().div_(temperature)  # [n, V]
-                norm = x.logsumexp(-1)  # [n]
-                lse[s : s + chunk] = norm
-                logps[s : s + chunk] = x.gather(-1, t[:, None]).squeeze(-1) - norm
-                if with_entropy:
-                    logp = x.sub_(norm[:, None])  # in place of the logits
-                    entropy[s : s + chunk] = -(logp.exp() * logp).sum(-1)
-        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
+                part = entropy[s : s + chunk] if with_entropy else None
+                logps[s : s + chunk], norms[s : s + chunk] = _chunk_stats(
+                    x, targets[s : s + chunk], part
+                )
+        ctx.save_for_backward(hidden, weight, targets, norms, entropy)
         ctx.dtype, ctx.temperature, ctx.chunk = dtype, temperature, chunk
         ctx.set_materialize_grads(False)  # an unused entropy's gradient stays None, not zeros
         return logps, entropy
 
     @staticmethod
     def backward(ctx, grad_logps, grad_entropy):
-        hidden, weight, targets, lse, entropy = ctx.saved_tensors
+        hidden, weight, targets, norms, entropy = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         use_entropy = grad_entropy is not None and entropy.numel() > 0
         if grad_logps is None:
-            grad_logps = torch.zeros_like(lse)
+            grad_logps = torch.zeros_like(norms)
         w = weight.to(ctx.dtype)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
-        inv_t = 1.0 / ctx.temperature
+        inv_t, c = 1.0 / ctx.temperature, ctx.chunk
         with torch.autocast(hidden.device.type, enabled=False):
-            for s in range(0, hidden.shape[0], ctx.chunk):
-                h, t = hidden[s : s + ctx.chunk].to(ctx.dtype), targets[s : s + ctx.chunk]
-                rows = torch.arange(len(t), device=t.device)
-                x = (h @ w.T).float().mul_(inv_t)  # [n, V]
-                logp = x.sub_(lse[s : s + ctx.chunk, None])  # [n, V]
-                p = logp.exp()  # [n, V]
-                g = grad_logps[s : s + ctx.chunk, None] * inv_t  # [n, 1]
-                if use_entropy:  # p (-g_H (logp + H) - g) : both terms share p
-                    g_h = grad_entropy[s : s + ctx.chunk, None] * inv_t  # [n, 1]
-                    coef = logp.add_(entropy[s : s + ctx.chunk, None]).mul_(-g_h).sub_(g)
-                    grad_x = p.mul_(coef)
-                else:
-                    grad_x = p.mul_(-g)
-                grad_x[rows, t] += g.squeeze(-1)  # the onehot term
-                grad_x = grad_x.to(ctx.dtype)
+            for s in range(0, hidden.shape[0], c):
+                h = hidden[s : s + c].to(ctx.dtype)
+                g_h = grad_entropy[s : s + c, None] * inv_t if use_entropy else None
+                grad_x = _chunk_grad(
+                    (h @ w.T).float().mul_(inv_t),  # [n, V]
+                    targets[s : s + c],
+                    norms[s : s + c],
+                    entropy[s : s + c] if use_entropy else None,
+                    grad_logps[s : s + c, None] * inv_t,
+                    g_h,
+                ).to(ctx.dtype)
                 if need_hidden:
-                    grad_hidden[s : s + ctx.chunk] = grad_x @ w
+                    grad_hidden[s : s + c] = grad_x @ w
                 if need_weight:
                     grad_weight += (grad_x.T @ h).float()
         if need_weight:

@@ -194,8 +194,8 @@ def test_token_entropy_of_uniform_and_peaked_distributions():
 
 
 def test_token_entropy_gradient_in_chunks_equals_the_direct_one():
-    """PPO's entropy bonus: H = -sum p log p per position, differentiated through checkpointed
-    chunks (15 rows: 4 + 4 + 4 + 3) as through one softmax."""
+    """PPO's entropy bonus: H = -sum p log p per position, differentiated chunk by chunk
+    (15 rows: 4 + 4 + 4 + 3) as through one softmax."""
     torch.manual_seed(0)
     logits = torch.randn(3, 5, 11, requires_grad=True)
     logp = (logits / 0.7).log_softmax(-1)
@@ -205,6 +205,36 @@ def test_token_entropy_gradient_in_chunks_equals_the_direct_one():
     (g_chunked,) = torch.autograd.grad(chunked.sum(), logits)
     torch.testing.assert_close(chunked, direct)
     torch.testing.assert_close(g_chunked, g_direct)
+
+
+def _direct(logits, targets, temperature):
+    """Log-probs of the targets and entropies from one whole log_softmax: the reference."""
+    logp = (logits.float() / temperature).log_softmax(-1)
+    return logp.gather(-1, targets[..., None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_log_probs_and_entropies_from_logits_in_chunks_with_weighted_gradients(dtype):
+    """The logits path (algo.fused_logps=false, and models whose output layer is not plain):
+    log-probs and entropies of logits [3, 5, 11] 4 positions at a time at temperature 0.7
+    equal one whole log_softmax, and so does the gradient of a loss that weighs each log-prob
+    and each entropy differently; the gradient comes back in the logits' dtype."""
+    from rltune.losses import logits_token_logps
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11).to(dtype).requires_grad_()
+    targets = torch.randint(0, 11, (3, 5))
+    a, b = torch.randn(3, 5), torch.randn(3, 5)
+    logps, entropy = _direct(logits, targets, 0.7)
+    (grad,) = torch.autograd.grad((a * logps).sum() + (b * entropy).sum(), logits)
+    mine, mine_entropy = logits_token_logps(
+        logits, targets, temperature=0.7, chunk_size=4, entropy=True
+    )
+    torch.testing.assert_close(mine, logps)
+    torch.testing.assert_close(mine_entropy, entropy)
+    (mine_grad,) = torch.autograd.grad((a * mine).sum() + (b * mine_entropy).sum(), logits)
+    assert mine_grad.dtype == dtype
+    torch.testing.assert_close(mine_grad, grad)
 
 
 @pytest.mark.parametrize("with_entropy", [False, True])
@@ -220,9 +250,7 @@ def test_log_probs_from_hidden_states_equal_the_logits_path(with_entropy):
     targets = torch.randint(0, 50, (3, 5))
     a, b = torch.randn(3, 5), torch.randn(3, 5)
 
-    logits = hidden @ weight.T
-    logps = token_logps(logits, targets, temperature=0.7)
-    entropy = token_entropy(logits, temperature=0.7)
+    logps, entropy = _direct(hidden @ weight.T, targets, 0.7)
     loss = (a * logps).sum() + (b * entropy).sum() * with_entropy
     grads = torch.autograd.grad(loss, (hidden, weight))
 
