@@ -9,8 +9,9 @@ drawn on the device, and the loop stops once every row has ended. Two decoders r
 - `StaticDecoder`: a KV cache of fixed shape [rows, heads, prompt width + max_new_tokens, dim], so
   every decode step has the same shapes and addresses. On CUDA the whole step (every layer) is
   captured once in a CUDA graph and replayed per token: one launch instead of ~40 per layer. The
-  graph reads a replica of the policy in the compute dtype, refreshed in place from the trained
-  weights before each rollout, so one capture serves every later rollout of the same shape.
+  graph reads the trained weights themselves where they are in the compute dtype, else a copy
+  in that dtype refreshed in place before each rollout (`_Replica`), so one capture serves
+  every later rollout of the same shape.
 
 Between steps the host only enqueues work: the early-exit test (`finished.all()`, a sync) runs
 every `SYNC_EVERY` tokens on CUDA.
@@ -240,19 +241,39 @@ class StaticDecoder:
 
 
 class _Replica:
-    """The policy as the graph reads it: a frozen copy in the compute dtype whose tensors never
-    move, refreshed in place from the trained weights before each rollout. (The trained fp32
-    weights under autocast would be cast anew into temporary tensors, which a graph cannot
-    hold on to.) The last `StaticDecoder` is kept for reuse while its shape still fits."""
+    """The policy as the graph reads it: tensors that never move, in the compute dtype.
+
+    Where the trained weights are already in that dtype (`model.dtype=bf16`), the graph reads
+    them: the optimizer updates them in place, and `refresh` checks that none has moved (a
+    moved one means a new capture). Otherwise (fp32 master weights under autocast, which would
+    be cast anew into temporary tensors that a graph cannot hold on to) the graph reads a frozen
+    copy in the compute dtype, refreshed in place from the trained weights before each rollout.
+    The last `StaticDecoder` is kept for reuse while its shape still fits."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype):
-        self.model = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
-        self.pairs = list(zip(self.model.parameters(), model.parameters(), strict=True))
+        floating = [p for p in model.parameters() if p.is_floating_point()]
+        self.shared = all(p.dtype == dtype for p in floating)
+        if self.shared:  # a proxy: the entry in _REPLICAS must not keep its key alive
+            self.model = weakref.proxy(model)
+            self.pairs = []
+        else:
+            self.model = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
+            self.pairs = list(zip(self.model.parameters(), model.parameters(), strict=True))
+        self.dtype = dtype
+        self.pointers = self._pointers()
         self.decoder: StaticDecoder | None = None
 
+    def _pointers(self) -> list[int]:
+        return [p.data_ptr() for p in self.model.parameters()]
+
     def refresh(self) -> None:
-        with torch.no_grad():
-            torch._foreach_copy_([r for r, _ in self.pairs], [p for _, p in self.pairs])
+        if self.pairs:
+            with torch.no_grad():
+                torch._foreach_copy_([r for r, _ in self.pairs], [p for _, p in self.pairs])
+            return
+        pointers = self._pointers()
+        if pointers != self.pointers:  # a weight was replaced, not updated in place
+            self.decoder, self.pointers = None, pointers
 
     def decoder_for(self, rows: int, width: int, length: int) -> StaticDecoder:
         d = self.decoder
@@ -268,7 +289,7 @@ _REPLICAS: weakref.WeakKeyDictionary[nn.Module, _Replica] = weakref.WeakKeyDicti
 
 def _replica(model: nn.Module, dtype: torch.dtype) -> _Replica:
     replica = _REPLICAS.get(model)
-    if replica is None or next(replica.model.parameters()).dtype != dtype:
+    if replica is None or replica.dtype != dtype:
         replica = _REPLICAS[model] = _Replica(model, dtype)
     replica.refresh()
     return replica

@@ -197,13 +197,17 @@ def test_graph_decoder_equals_generate_reuses_its_graph_and_follows_weight_updat
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     assert check() is first  # same decoder (and graph), new weights
+    # the weights are in the compute dtype (fp32 here): the graph reads them, no copy
+    assert _REPLICAS[model].shared and _REPLICAS[model].pairs == []
+    model.lm_head.weight.data = model.lm_head.weight.data.clone() * 1.1  # a weight moved
+    assert check() is not first  # a new decoder (and capture) on the new addresses
 
 
 @pytest.mark.parametrize("device", devices)
 def test_graph_decoder_bf16_replica_logps_match_an_autocast_forward(tiny, device):
     """fp32 master weights under bf16 autocast: the decoder samples from a bf16 replica, and
     its log-probs match a fresh autocast forward within bf16 tolerance."""
-    from rltune.decode import fast_sample
+    from rltune.decode import _REPLICAS, fast_sample
     from rltune.models import autocast
 
     cpu_model, tokenizer = tiny
@@ -220,6 +224,8 @@ def test_graph_decoder_bf16_replica_logps_match_an_autocast_forward(tiny, device
     err = (logps - fresh).abs()[rollout.completion_mask.bool()]
     print(f"bf16 log-prob error: mean {err.mean():.4f}, max {err.max():.4f}")
     assert err.mean() < 0.03 and err.max() < 0.5, (err.mean(), err.max())
+    replica = _REPLICAS[model]  # fp32 weights: the graph reads a bf16 copy, refreshed per rollout
+    assert not replica.shared and next(replica.model.parameters()).dtype == torch.bfloat16
 
 
 def _qwen05b_random(dtype):
