@@ -393,7 +393,7 @@ class RolloutConfig:
     batch_size: int = 256
     """Completions generated per generate call (bounds the KV cache's memory)."""
     cuda_graphs: bool = True
-    """engine=fast on CUDA: a static KV cache and the decode step replayed from a CUDA graph (needs a compute-dtype copy of the policy's weights); false runs eager steps."""
+    """engine=fast on CUDA: a static KV cache and the decode step replayed from a CUDA graph (reads the policy's weights where they are in the compute dtype, as with model.dtype=bf16, else a copy in that dtype); false runs eager steps."""
 
 
 @dataclass
