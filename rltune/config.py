@@ -76,6 +76,8 @@ class TrainConfig:
     """Recompute activations in backward to save memory (slower)."""
     compile: bool = False
     """torch.compile each model's decoder stack for training (not with DeepSpeed; decoding stays eager); each new input shape compiles once, so it pays off with fixed lengths (packed SFT, DPO)."""
+    profile_step: int = 0
+    """Run optimizer step N under torch.profiler (0: never): profile.txt in the run directory gets the operators (and CUDA kernels) by their own time, profile_trace.json a Chrome trace."""
     fail_at_step: int | None = None
     """Testing aid: end the process abruptly (os._exit) right after this step, saving nothing."""
 
@@ -571,6 +573,11 @@ def validate(cfg: RLTuneConfig) -> None:
             raise ConfigError(f"{key}={value} must be >= 1")
     if t.max_steps == 0 or t.max_steps < -1:
         raise ConfigError(f"train.max_steps={t.max_steps} must be -1 (use train.epochs) or >= 1")
+    if t.profile_step < 0 or (t.max_steps > 0 and t.profile_step > t.max_steps):
+        raise ConfigError(
+            f"train.profile_step={t.profile_step} must be 0 (off) or a step from 1 to "
+            f"train.max_steps={t.max_steps}"
+        )
     if t.max_steps == -1 and t.epochs <= 0:
         raise ConfigError(f"train.epochs={t.epochs} must be > 0 when train.max_steps is -1")
     for key in ("eval_every", "save_every", "keep_checkpoints", "eval_samples"):

@@ -37,6 +37,7 @@ from rltune.distributed import (
 from rltune.engines import MAIN, DeepSpeedEngine, PlainEngine, make_optimizer
 from rltune.logging import MetricsLogger, NullLogger
 from rltune.models import autocast, compile_stack, count_parameters, resolve_device, resolve_dtype
+from rltune.profiling import StepProfile
 
 log = logging.getLogger("rltune")
 
@@ -234,6 +235,7 @@ def train(
         model.train()
     with _SignalFlag() as stop:
         while step < max_steps:
+            profile = StepProfile(device).start() if step + 1 == t.profile_step and d.main else None
             started = time.perf_counter()
             batches = algo.next_batches(plan.grad_accum, plan.micro_batch_size)
             # what preparing the batches measured (rollout rewards, generation time, ...)
@@ -263,6 +265,8 @@ def train(
             tokens = step_metrics.pop("num_tokens", 0.0)
             total_tokens += tokens
             step_metrics.update(tokens_per_s=tokens / elapsed, step_time_s=elapsed)
+            if profile is not None:  # after the step's timing: writing the files is not the step
+                profile.finish(run_dir, step)
             # metrics are averaged over the steps since the last log that reported them, like the
             # peers' `loss` (with algo.num_iterations > 1 rollout metrics come every few steps)
             for k, v in step_metrics.items():

@@ -223,6 +223,8 @@ def measure_gpu(workload: str, steps: int, workdir: Path, small: bool, extra: li
 
     with tempfile.TemporaryDirectory(prefix=f"run-{workload}-") as run_dir:
         rows = run_rltune(gpu_overrides(workload, steps, workdir, small, run_dir) + extra)
+        table = Path(run_dir) / "profile.txt"  # with --extra train.profile_step=N
+        profile = table.read_text() if table.exists() else None
     timed = rows[WARMUP:] or rows
 
     def median(key: str) -> float | None:
@@ -247,6 +249,7 @@ def measure_gpu(workload: str, steps: int, workdir: Path, small: bool, extra: li
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "profile": profile,
     }
 
 

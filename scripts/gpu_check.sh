@@ -3,16 +3,16 @@
 # important first, each stage capped so that a hang in one still leaves the rest:
 #   1. DESIGN.md's workloads A, B, C at full size with rltune's defaults (scripts/bench.py --gpu)
 #   2. the CUDA tests (graph decoding equals generate; bf16 log-probs within tolerance)
-#   3. A and B on the logits path (algo.fused_logps=false), to weigh log-probs from hidden
-#      states against it in time and memory
-#   4. A with the least memory: bf16 weights and gradient checkpointing (TRL's defaults are
+#   3. B and C with train.compile=true
+#   4. B and C with one step profiled (train.profile_step): their kernels by time
+#   5. A with the least memory: bf16 weights and gradient checkpointing (TRL's defaults are
 #      bf16 weights and checkpointing)
-#   5. where trl and datasets import, A beside TRL's GRPO trainer (--compare trl, 5 steps),
+#   6. where trl and datasets import, A beside TRL's GRPO trainer (--compare trl, 5 steps),
 #      for the step ratio and peak memory of the same invocation
-#   6. B and C with train.compile=true
-#   7. the decode engines side by side (scripts/bench_decode.py), if time is left
+#   7. A and B on the logits path (algo.fused_logps=false), against log-probs from hidden states
+#   8. the decode engines side by side (scripts/bench_decode.py), if time is left
 # The model and data are built once (bench.py --workdir) and shared by every stage. Results go
-# to $OUT (default ./gpu-out): gpu_check.log and one JSON per benchmark (7 files at most); the
+# to $OUT (default ./gpu-out): gpu_check.log and one JSON per benchmark (8 files at most); the
 # tables print as they come, and each JSON holds the runs done so far if a stage is cut off.
 #
 #   bash scripts/gpu_check.sh [WHEEL_DIR] [BUDGET_S]
@@ -23,7 +23,7 @@
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
-LOG=$OUT/gpu_check.log  # everything printed; the tables also as JSON beside it (6 files in all)
+LOG=$OUT/gpu_check.log  # everything printed; the tables also as JSON beside it
 if [ -n "${1:-}" ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/rltune-site "$1"/*.whl || exit 1
@@ -56,14 +56,16 @@ bench 200 workloads
 echo "== CUDA tests (t=$((SECONDS - START)) s)" | tee -a "$LOG"
 timeout 75 python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_rollout.py tests/test_prefix.py \
     tests/test_grpo_losses.py 2>&1 | tail -8 | tee -a "$LOG"
-bench 110 logits_path --workloads AB --extra algo.fused_logps=false
+bench 120 compiled --workloads BC --extra train.compile=true
+# where B's and C's steps go: the CUDA kernels of step 3 by their own time, in profile.json
+bench 90 profile --workloads BC --steps 3 --extra train.profile_step=3
 bench 60 a_lean --workloads A --extra model.dtype=bf16 train.gradient_checkpointing=true
 if python3 -c "import trl, datasets" 2>/dev/null; then
     bench 200 trl_a --workloads A --compare trl --steps 5
 else
     echo "no TRL here: $(python3 -c 'import trl, datasets' 2>&1 | tail -1)" | tee -a "$LOG"
 fi
-bench 120 compiled --workloads BC --extra train.compile=true
+bench 110 logits_path --workloads AB --extra algo.fused_logps=false
 if [ "$(left)" -gt 60 ]; then
     echo "== decode engines (t=$((SECONDS - START)) s)" | tee -a "$LOG"
     timeout $(($(left) - 5)) python3 scripts/bench_decode.py --json "$OUT/decode.json" \

@@ -93,6 +93,10 @@ def test_qlora_without_cuda_fails_before_loading(tmp_path, cli):
             "train.compile=true deepspeed=zero2",
             "train.compile=true does not combine with deepspeed=zero2",
         ),
+        (
+            "train.max_steps=3 train.profile_step=5",
+            "train.profile_step=5 must be 0 (off) or a step from 1 to train.max_steps=3",
+        ),
     ],
 )
 def test_missing_reward_model_or_deepspeed_config_fails_before_loading(

@@ -318,6 +318,29 @@ def test_compiled_forward_trains_like_the_eager_one(tmp_path):
     assert names == set(load_file(eager / "final" / "model.safetensors"))
 
 
+def test_profile_step_writes_that_steps_operators_and_a_trace(tmp_path):
+    """train.profile_step=2: profile.txt names step 2 and lists the operators the step ran (the
+    model's matmuls, the fused AdamW update) by their own time; profile_trace.json is a Chrome
+    trace; the run's metrics are written as without it."""
+    run_dir = run(
+        [
+            "algo=sft",
+            "train.max_steps=3",
+            "train.log_every=1",
+            "train.eval_samples=0",
+            "train.profile_step=2",
+            f"hydra.run.dir={tmp_path}",
+        ]
+    )
+    table = (run_dir / "profile.txt").read_text()
+    assert table.startswith("step 2, sorted by self_cpu_time_total")
+    assert "aten::mm" in table and "aten::_fused_adamw_" in table
+    trace = json.loads((run_dir / "profile_trace.json").read_text())
+    assert any(e.get("name") == "aten::mm" for e in trace["traceEvents"])
+    assert sorted(losses(run_dir)) == [1, 2, 3]
+    assert "step 2 profiled" in (run_dir / "cli.log").read_text()
+
+
 def test_micro_batches_sorted_by_length_leave_the_step_as_it_is(tmp_path):
     """A step's examples go to micro-batches by length (less padding); the loss is a sum over
     the step's tokens, so 4 micro-batches of 4 give the loss and update of 1 batch of 16."""
