@@ -75,7 +75,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory (slower)."""
     compile: bool = False
-    """torch.compile each model's decoder stack for training (not with DeepSpeed; decoding stays eager); each new input shape compiles once, so it pays off with fixed lengths (packed SFT, DPO)."""
+    """torch.compile each model's decoder stack for training (not with DeepSpeed; decoding runs it eager, see rollout.compile); each new input shape compiles once, so it pays off with fixed lengths (packed SFT, DPO)."""
     profile_step: int = 0
     """Run optimizer step N under torch.profiler (0: never): profile.txt in the run directory gets the operators (and CUDA kernels) by their own time, profile_trace.json a Chrome trace."""
     fail_at_step: int | None = None
@@ -396,6 +396,8 @@ class RolloutConfig:
     """Completions generated per generate call (bounds the KV cache's memory)."""
     cuda_graphs: bool = True
     """engine=fast on CUDA: a static KV cache and the decode step replayed from a CUDA graph (reads the policy's weights where they are in the compute dtype, as with model.dtype=bf16, else a copy in that dtype); false runs eager steps."""
+    compile: bool = False
+    """engine=fast: the static-cache decode step compiled by torch.compile (before its CUDA graph is captured), fusing its norms, rotary embeddings and activations; compiles once per rollout shape (tens of seconds on a GPU). Also on CPU, where it uses the static cache uncaptured."""
 
 
 @dataclass
@@ -601,6 +603,12 @@ def validate(cfg: RLTuneConfig) -> None:
     if r.top_k < 0 or not 0.0 <= r.min_p < 1.0 or r.batch_size < 1:
         raise ConfigError(
             "rollout.top_k must be >= 0, rollout.min_p in [0, 1), rollout.batch_size >= 1"
+        )
+    if r.compile and (r.engine == "hf" or not r.cuda_graphs):
+        raise ConfigError(
+            f"rollout.compile=true compiles the static-cache decode step, which "
+            f"rollout.engine={r.engine} rollout.cuda_graphs={r.cuda_graphs} does not run: "
+            "set rollout.engine=fast (or auto) and rollout.cuda_graphs=true"
         )
     if cfg.peft.method == "qlora":
         from rltune.models import check_qlora

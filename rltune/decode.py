@@ -13,6 +13,9 @@ drawn on the device, and the loop stops once every row has ended. Two decoders r
   in that dtype refreshed in place before each rollout (`_Replica`), so one capture serves
   every later rollout of the same shape.
 
+With `rollout.compile`, the static decoder's step is compiled by torch.compile (inductor fuses
+the elementwise work between the matmuls) and the compiled step is what the graph captures.
+
 Between steps the host only enqueues work: the early-exit test (`finished.all()`, a sync) runs
 every `SYNC_EVERY` tokens on CUDA.
 """
@@ -88,6 +91,12 @@ def _quiet():
         yield
 
 
+def _compiled(compiled: bool):
+    """Lifts `fast_sample`'s force-eager stance for the decode step that `rollout.compile`
+    compiled."""
+    return torch.compiler.set_stance("default") if compiled else nullcontext()
+
+
 class DynamicDecoder:
     """Eager steps on a `DynamicCache` that grows by one position per token."""
 
@@ -145,6 +154,7 @@ class StaticDecoder:
         length: int,
         *,
         capture: bool,
+        compile: bool = False,
     ) -> None:
         from transformers import StaticCache
 
@@ -164,7 +174,9 @@ class StaticDecoder:
         self.ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.mask = torch.zeros(rows, 1, 1, length, dtype=torch.bool, device=device)
-        self.capture = capture
+        self.capture, self.compiled = capture, compile
+        # the fused step: dynamo guards on the cache's addresses, so each decoder compiles once
+        self._run = torch.compile(self._forward, dynamic=False) if compile else self._forward
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 
@@ -202,7 +214,8 @@ class StaticDecoder:
         self.ids.copy_(token[:, None])
         self.mask[:, 0, 0, self.t] = True
         if not self.capture:
-            logits = self._forward()
+            with _compiled(self.compiled):
+                logits = self._run()
         else:
             if self.graph is None:
                 self._capture()
@@ -229,15 +242,15 @@ class StaticDecoder:
         lengths = [layer.cumulative_length.clone() for layer in self.cache.layers]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._forward()
+        with torch.cuda.stream(stream), _compiled(self.compiled):
+            for _ in range(2):  # the first call compiles (rollout.compile)
+                self._run()
         torch.cuda.current_stream().wait_stream(stream)
         for layer, n in zip(self.cache.layers, lengths, strict=True):
             layer.cumulative_length.copy_(n)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):  # its own memory pool, freed with the graph
-            self.logits = self._forward()
+        with _compiled(self.compiled), torch.cuda.graph(self.graph):  # its own memory pool
+            self.logits = self._run()
 
 
 class _Replica:
@@ -275,13 +288,27 @@ class _Replica:
         if pointers != self.pointers:  # a weight was replaced, not updated in place
             self.decoder, self.pointers = None, pointers
 
-    def decoder_for(self, rows: int, width: int, length: int) -> StaticDecoder:
+    def decoder_for(self, rows: int, width: int, room: int, compile: bool) -> StaticDecoder:
+        """A decoder for `rows` rows of prompts up to `width` wide and `room` new tokens. The
+        last one is reused where it fits (narrower prompts are left-padded to its width), so
+        prompt widths that vary from rollout to rollout capture and compile once, at the widest;
+        a wider one replaces it."""
         d = self.decoder
-        if d is None or (d.rows, d.width, d.length) != (rows, width, length):
-            self.decoder = None  # free the old cache and graph first
-            cuda = next(self.model.parameters()).is_cuda
-            d = self.decoder = StaticDecoder(self.model, rows, width, length, capture=cuda)
-        return d
+        if (
+            d is not None
+            and (d.rows, d.compiled) == (rows, compile)
+            and d.width >= width
+            and d.length - d.width >= room
+        ):
+            return d
+        if d is not None and d.rows == rows:
+            width, room = max(width, d.width), max(room, d.length - d.width)
+        self.decoder = None  # free the old cache and graph first
+        cuda = next(self.model.parameters()).is_cuda
+        self.decoder = StaticDecoder(
+            self.model, rows, width, width + room, capture=cuda, compile=compile
+        )
+        return self.decoder
 
 
 _REPLICAS: weakref.WeakKeyDictionary[nn.Module, _Replica] = weakref.WeakKeyDictionary()
@@ -310,15 +337,15 @@ def static_cache_fits(model: nn.Module) -> bool:
     return not is_partitioned(model) and full_attention_only(model)
 
 
-def auto_decoder(model: nn.Module) -> str:
-    """`graph` on CUDA where `static_cache_fits`, else `dynamic`."""
+def auto_decoder(model: nn.Module, compile: bool = False) -> str:
+    """`graph` where `static_cache_fits`, on CUDA or to be compiled; else `dynamic`."""
     on_cuda = next(model.parameters()).device.type == "cuda"
-    return "graph" if on_cuda and static_cache_fits(model) else "dynamic"
+    return "graph" if (on_cuda or compile) and static_cache_fits(model) else "dynamic"
 
 
 @torch.no_grad()
-# train.compile compiles for the training shapes; decoding changes shape every token (and the
-# CUDA graph captures eager kernels), so it runs the models uncompiled
+# train.compile compiles for the training shapes; decoding changes shape every token, so it runs
+# the models uncompiled, except for the step that rollout.compile compiles for its fixed shapes
 @torch.compiler.set_stance("force_eager")
 def fast_sample(
     model: nn.Module,
@@ -331,16 +358,22 @@ def fast_sample(
     greedy: bool = False,
     decoder: str = "auto",
     dtype: torch.dtype | None = None,
+    compile: bool = False,
 ) -> tuple[Rollout, torch.Tensor]:
     """`group_size` completions of each prompt, `batch_size` rows (whole groups) at a time; also
     returns the sampled tokens' log-probs [N, C] under softmax(logits / temperature), the
     distribution the loss uses.
 
-    `decoder`: auto (`auto_decoder`: graph on CUDA for most models, else dynamic), graph
+    `decoder`: auto (`auto_decoder`: graph on CUDA or with `compile` for most models, else
+    dynamic), graph
     (the replica and a reused `StaticDecoder`; captured on CUDA only), static (a fresh
-    `StaticDecoder` on the model itself, never captured), or dynamic. `dtype`: the compute dtype for the graph (default: the parameters' own)."""
+    `StaticDecoder` on the model itself, never captured), or dynamic. `dtype`: the compute
+    dtype for the graph (default: the parameters' own). `compile` (`rollout.compile`): the
+    static decoders' step is compiled by torch.compile, which fuses the norms, rotary embeddings
+    and activations that otherwise run as separate kernels, before it is captured; each decoder
+    compiles once (tens of seconds on a GPU), and the dynamic decoder ignores it."""
     if decoder == "auto":
-        decoder = auto_decoder(model)
+        decoder = auto_decoder(model, compile)
     per_call = max(1, batch_size // group_size)
     parts = [
         _fast_sample(
@@ -352,6 +385,7 @@ def fast_sample(
             greedy=greedy,
             decoder=decoder,
             dtype=dtype,
+            compile=compile,
         )
         for s in range(0, len(prompts), per_call)
     ]
@@ -371,6 +405,7 @@ def _fast_sample(
     greedy: bool,
     decoder: str,
     dtype: torch.dtype | None,
+    compile: bool,
 ) -> tuple[Rollout, torch.Tensor]:
     was_training = model.training
     model.eval()
@@ -385,15 +420,17 @@ def _fast_sample(
                 dec, ids, mask = DynamicDecoder(model), prompt_ids, prompt_mask
             else:
                 width = math.ceil(prompt_ids.shape[1] / WIDTH_STEP) * WIDTH_STEP
-                ids = nn.functional.pad(prompt_ids, (width - prompt_ids.shape[1], 0), value=pad)
-                mask = nn.functional.pad(prompt_mask, (width - prompt_mask.shape[1], 0))
                 # a cache length that is a multiple of 8 keeps SDPA on its fused kernels
-                length = width + math.ceil(new / 8) * 8
+                room = math.ceil(new / 8) * 8
                 if decoder == "graph":
                     replica = _replica(model, dtype or next(model.parameters()).dtype)
-                    dec = replica.decoder_for(rows, width, length)
+                    dec = replica.decoder_for(rows, width, room, compile)
                 else:
-                    dec = StaticDecoder(model, rows, width, length, capture=False)
+                    dec = StaticDecoder(
+                        model, rows, width, width + room, capture=False, compile=compile
+                    )
+                ids = nn.functional.pad(prompt_ids, (dec.width - prompt_ids.shape[1], 0), value=pad)
+                mask = nn.functional.pad(prompt_mask, (dec.width - prompt_mask.shape[1], 0))
             # the graph's replica already computes in its dtype: autocast would only add casts
             no_autocast = torch.autocast(device.type, enabled=False)
             with no_autocast if decoder == "graph" else nullcontext():

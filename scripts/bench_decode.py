@@ -2,15 +2,17 @@
 8 samples each (batch 128), 256 new tokens, on a random Qwen2.5-0.5B-shape policy held as
 rltune holds it (fp32 master weights, bf16 autocast). Needs a CUDA GPU for the graph engine.
 
-    python scripts/bench_decode.py                      # hf, dynamic, graph
+    python scripts/bench_decode.py                      # hf, dynamic, graph, compiled
     python scripts/bench_decode.py --engines graph --json out.json
     python scripts/bench_decode.py --small              # a tiny shape on CPU: checks the script
 
 Engines: `hf` (transformers `generate`, rollout.engine=hf), `dynamic` (rltune's loop, eager
-steps) and `graph` (static cache, each step one CUDA-graph replay on a bf16 replica). For each:
-the first call (the capture included), the median of the next calls, ms per decode step (call
-time / new tokens), completion tokens/s and peak GPU memory; for the graph engine also one
-replay alone (the model's step without sampling), timed with CUDA events over 50 replays.
+steps), `graph` (static cache, each step one CUDA-graph replay on a bf16 replica) and
+`compiled` (graph, with the step compiled by torch.compile before capture: rollout.compile).
+For each: the first call (capture and compile included), the median of the next calls, ms per
+decode step (call time / new tokens), completion tokens/s and peak GPU memory; for the graph
+engines also one replay alone (the model's step without sampling) and one draw alone (sampling
+a token from the step's logits), each timed with CUDA events over 50 calls.
 """
 
 from __future__ import annotations
@@ -49,8 +51,19 @@ class _Ids:
         return ""
 
 
+def _cuda_ms(fn, calls: int = 50) -> float:
+    """Mean GPU time of `fn` over `calls` calls, in ms."""
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return round(begin.elapsed_time(end) / calls, 3)
+
+
 def run(engine: str, model, prompts, params, group: int, device, calls: int) -> dict:
-    from rltune.decode import _REPLICAS, fast_sample
+    from rltune.decode import _REPLICAS, draw, fast_sample
     from rltune.models import autocast
     from rltune.rollout import sample
 
@@ -71,7 +84,8 @@ def run(engine: str, model, prompts, params, group: int, device, calls: int) -> 
                     prompts,
                     params,
                     group_size=group,
-                    decoder=engine,
+                    decoder="graph" if engine == "compiled" else engine,
+                    compile=engine == "compiled",
                     dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
                 )
         sync()
@@ -91,24 +105,19 @@ def run(engine: str, model, prompts, params, group: int, device, calls: int) -> 
     }
     replica = _REPLICAS.get(model)
     decoder = replica.decoder if replica else None
-    if engine == "graph" and decoder is not None and decoder.graph is not None:
+    if engine in ("graph", "compiled") and decoder is not None and decoder.graph is not None:
         # each replay writes the next cache position: start again after the prompt, so the 50
         # replays stay inside the cache
         for layer in decoder.cache.layers:
             layer.cumulative_length.fill_(decoder.width)
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        for _ in range(50):
-            decoder.graph.replay()
-        end.record()
-        sync()
-        result["ms_per_replay"] = round(begin.elapsed_time(end) / 50, 3)
+        result["ms_per_replay"] = _cuda_ms(decoder.graph.replay)
+        result["ms_per_draw"] = _cuda_ms(lambda: draw(decoder.logits, params, greedy=False))
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--engines", default="hf,dynamic,graph")
+    parser.add_argument("--engines", default="hf,dynamic,graph,compiled")
     parser.add_argument("--calls", type=int, default=4, help="the first is the warm-up")
     parser.add_argument("--small", action="store_true", help="a tiny shape on CPU")
     parser.add_argument("--json", type=Path)
@@ -136,12 +145,16 @@ def main() -> None:
         f"batch {prompts_n * group} ({prompts_n} prompts x {group}), prompt {width}, {new} new "
         "tokens, temperature 1, fp32 master weights + bf16 autocast"
     )
-    print("| engine | first call (s) | call (s) | ms / decode step | ms / replay | tokens/s |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| engine | first call (s) | call (s) | ms / decode step | ms / replay | ms / draw "
+        "| tokens/s |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['engine']} | {r['first_call_s']} | {r['call_s']} | "
             f"{r['ms_per_decode_step']} | {r.get('ms_per_replay', '')} | "
+            f"{r.get('ms_per_draw', '')} | "
             f"{r['completion_tokens_per_s']:,} |"
         )
     if args.json:

@@ -2,17 +2,20 @@
 # Everything that needs a GPU, in one command, for a short lease on a CUDA machine, most
 # important first, each stage capped so that a hang in one still leaves the rest:
 #   1. DESIGN.md's workloads A, B, C at full size with rltune's defaults (scripts/bench.py --gpu)
-#   2. the CUDA tests (graph decoding equals generate; bf16 log-probs within tolerance)
-#   3. B and C with train.compile=true
-#   4. B and C with one step profiled (train.profile_step): their kernels by time
-#   5. A with the least memory: bf16 weights and gradient checkpointing (TRL's defaults are
+#   2. the CUDA tests (graph decoding equals generate, compiled too; bf16 log-probs in tolerance)
+#   3. the decode step, captured eager against compiled then captured (scripts/bench_decode.py:
+#      ms per decode step, per replay and per draw)
+#   4. A with rollout.compile=true
+#   5. B and C with train.compile=true
+#   6. B and C with one step profiled (train.profile_step): their kernels by time
+#   7. B and C with bf16 weights and train.compile=true (TRL's comparison loads bf16 weights)
+#   8. A with the least memory: bf16 weights and gradient checkpointing (TRL's defaults are
 #      bf16 weights and checkpointing)
-#   6. where trl and datasets import, A beside TRL's GRPO trainer (--compare trl, 5 steps),
+#   9. where trl and datasets import, A beside TRL's GRPO trainer (--compare trl, 5 steps),
 #      for the step ratio and peak memory of the same invocation
-#   7. A and B on the logits path (algo.fused_logps=false), against log-probs from hidden states
-#   8. the decode engines side by side (scripts/bench_decode.py), if time is left
+#  10. A and B on the logits path (algo.fused_logps=false), against log-probs from hidden states
 # The model and data are built once (bench.py --workdir) and shared by every stage. Results go
-# to $OUT (default ./gpu-out): gpu_check.log and one JSON per benchmark (8 files at most); the
+# to $OUT (default ./gpu-out): gpu_check.log and one JSON per benchmark (10 files at most); the
 # tables print as they come, and each JSON holds the runs done so far if a stage is cut off.
 #
 #   bash scripts/gpu_check.sh [WHEEL_DIR] [BUDGET_S]
@@ -54,11 +57,16 @@ bench() {  # bench CAP_S NAME ARGS...: one bench.py --gpu invocation, capped, JS
 
 bench 200 workloads
 echo "== CUDA tests (t=$((SECONDS - START)) s)" | tee -a "$LOG"
-timeout 75 python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_rollout.py tests/test_prefix.py \
+timeout 120 python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_rollout.py tests/test_prefix.py \
     tests/test_grpo_losses.py 2>&1 | tail -8 | tee -a "$LOG"
+echo "== decode step (t=$((SECONDS - START)) s)" | tee -a "$LOG"
+timeout 120 python3 scripts/bench_decode.py --engines graph,compiled --json "$OUT/decode.json" \
+    2>&1 | tee -a "$LOG" | grep -E "^\||GPU|failed|rror"
+bench 150 a_compiled --workloads A --extra rollout.compile=true
 bench 120 compiled --workloads BC --extra train.compile=true
 # where B's and C's steps go: the CUDA kernels of step 3 by their own time, in profile.json
 bench 90 profile --workloads BC --steps 3 --extra train.profile_step=3
+bench 120 bf16_compiled --workloads BC --extra model.dtype=bf16 train.compile=true
 bench 60 a_lean --workloads A --extra model.dtype=bf16 train.gradient_checkpointing=true
 if python3 -c "import trl, datasets" 2>/dev/null; then
     bench 200 trl_a --workloads A --compare trl --steps 5
@@ -66,9 +74,4 @@ else
     echo "no TRL here: $(python3 -c 'import trl, datasets' 2>&1 | tail -1)" | tee -a "$LOG"
 fi
 bench 110 logits_path --workloads AB --extra algo.fused_logps=false
-if [ "$(left)" -gt 60 ]; then
-    echo "== decode engines (t=$((SECONDS - START)) s)" | tee -a "$LOG"
-    timeout $(($(left) - 5)) python3 scripts/bench_decode.py --json "$OUT/decode.json" \
-        2>&1 | tee -a "$LOG" | grep -E "^\||GPU|failed|rror"
-fi
 echo "== done (t=$((SECONDS - START)) s)" | tee -a "$LOG"

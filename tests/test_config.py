@@ -86,11 +86,13 @@ def test_plus_top_level_key_is_rejected():
         ("data.format=tsv", "data.format"),
         ("train.max_steps=0", "train.max_steps"),
         ("train.warmup_ratio=1.5", "train.warmup_ratio"),
+        ("rollout.compile=true,rollout.engine=hf", "rollout.compile"),
+        ("rollout.compile=true,rollout.cuda_graphs=false", "rollout.compile"),
     ],
 )
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        check_schema(_compose([override]))
+        check_schema(_compose(override.split(",")))
 
 
 def test_every_field_has_a_docstring():

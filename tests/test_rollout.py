@@ -203,6 +203,70 @@ def test_graph_decoder_equals_generate_reuses_its_graph_and_follows_weight_updat
     assert check() is not first  # a new decoder (and capture) on the new addresses
 
 
+def test_graph_decoder_reuses_a_wider_decoder_and_grows_for_wider_prompts(tiny):
+    """Prompt widths vary between rollouts: narrower prompts are left-padded into the last
+    decoder (no new cache, capture or compile) and still decode exactly; wider ones replace it
+    with one at least as wide and as long as both."""
+    from rltune.decode import _REPLICAS, WIDTH_STEP, fast_sample
+    from rltune.rollout import generate_greedy
+
+    cpu_model, tokenizer = tiny
+    model = type(cpu_model)(cpu_model.config)
+    model.load_state_dict(cpu_model.state_dict())
+    prompts = _arith_prompts(tokenizer, 8)
+    long = [p + p[-WIDTH_STEP:] for p in prompts]  # one width step wider
+
+    def decode(rows, new=12):
+        out, _ = fast_sample(
+            model, tokenizer, rows, SamplingParams(max_new_tokens=new), greedy=True, decoder="graph"
+        )
+        assert out.completions == generate_greedy(model, tokenizer, rows, max_new_tokens=new)
+        return _REPLICAS[model].decoder
+
+    wide = decode(long)
+    assert decode(prompts) is wide and decode(prompts, new=4) is wide
+    grown = decode(prompts, new=40)  # more new tokens than it has room for
+    assert grown is not wide and grown.width == wide.width and grown.length >= wide.width + 40
+    assert decode(long) is grown
+
+
+@pytest.mark.parametrize("device", devices)
+def test_compiled_decode_step_equals_generate_compiles_once_and_is_reused(tiny, device):
+    """rollout.compile: the static decoder's step compiled by inductor (C++ on CPU; Triton and
+    then a CUDA graph on GPU) gives `generate`'s greedy tokens and a fresh forward's log-probs
+    (fp32, 1e-5); it is traced as one graph without breaks, and a second rollout that fits the
+    decoder compiles nothing."""
+    from torch._dynamo.utils import counters
+
+    from rltune.decode import _REPLICAS, fast_sample
+    from rltune.rollout import generate_greedy
+
+    cpu_model, tokenizer = tiny
+    model = type(cpu_model)(cpu_model.config).to(device)
+    model.load_state_dict(cpu_model.state_dict())
+    prompts = _arith_prompts(tokenizer, 6)
+    params = SamplingParams(max_new_tokens=16)
+    counters.clear()
+    rollout, logps = fast_sample(
+        model, tokenizer, prompts, params, greedy=True, group_size=2, compile=True
+    )  # decoder=auto: the static decoder, because it is compiled
+    decoder = _REPLICAS[model].decoder
+    assert decoder.compiled and counters["stats"]["unique_graphs"] == 1
+    assert not counters["graph_break"] and (decoder.graph is not None) == (device == "cuda")
+    expected = generate_greedy(model, tokenizer, prompts, max_new_tokens=16)
+    assert rollout.completions == [c for c in expected for _ in range(2)]
+    fresh = _fresh_logps(model, rollout) * rollout.completion_mask
+    tol = 1e-5 if device == "cpu" else 1e-4  # fp32; fused CUDA kernels sum in another order
+    torch.testing.assert_close(logps, fresh, atol=tol, rtol=tol)
+
+    counters.clear()
+    again, _ = fast_sample(
+        model, tokenizer, prompts[::-1], params, greedy=True, group_size=2, compile=True
+    )
+    assert _REPLICAS[model].decoder is decoder and not counters["stats"]["unique_graphs"]
+    assert again.completions == [c for c in expected[::-1] for _ in range(2)]
+
+
 @pytest.mark.parametrize("device", devices)
 def test_graph_decoder_bf16_replica_logps_match_an_autocast_forward(tiny, device):
     """fp32 master weights under bf16 autocast: the decoder samples from a bf16 replica, and

@@ -201,6 +201,7 @@ class OnlineAlgorithm(AlgorithmBase):
                     batch_size=rc.batch_size,
                     decoder="auto" if rc.cuda_graphs else "dynamic",
                     dtype=self.ctx.dtype,
+                    compile=rc.compile,
                 )
         generated = time.perf_counter()
         scores = self._score(prompts, rollout, g)
