@@ -52,8 +52,9 @@ differs by a few tokens reuse one captured graph."""
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, then top-k, top-p and min-p as -inf masks; logits [B, V] -> [B, V]."""
-    x = logits.float() / params.temperature
+    """Top-k, top-p and min-p as -inf masks on fp32 logits [B, V] (already divided by the
+    temperature; log-probs do as well, as every filter is unchanged by a shift per row)."""
+    x = logits
     if params.top_k > 0:
         kth = x.topk(min(params.top_k, x.shape[-1]), dim=-1).values[:, -1:]  # [B, 1]
         x = x.masked_fill(x < kth, float("-inf"))
@@ -71,13 +72,26 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 def draw(
     logits: torch.Tensor, params: SamplingParams, greedy: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token [B], its log-prob [B] under softmax(logits / temperature)) from logits [B, V]."""
-    scaled = logits.float() / params.temperature
+    """(token [B], its log-prob [B] under softmax(logits / temperature)) from logits [B, V].
+
+    One fp32 copy of the logits and one log-softmax serve both the token and its log-prob, and
+    the token is drawn by an exponential race: with E_i ~ Exp(1) independent, argmax_i p_i / E_i
+    is i with probability p_i (as torch.multinomial draws one sample), here in log space as
+    argmax_i (log p_i - log E_i) over the filtered log-probs. No pass renormalises them, and
+    nothing waits for the device."""
+    scaled = logits.float()
+    if params.temperature != 1.0:
+        scaled = scaled / params.temperature
+    logp = scaled.log_softmax(-1)  # [B, V]
     if greedy:
-        token = scaled.argmax(-1)
+        token = scaled.argmax(-1)  # generate's argmax: near-ties as in the raw logits
     else:
-        token = torch.multinomial(filter_logits(logits, params).softmax(-1), 1)[:, 0]
-    return token, scaled.log_softmax(-1).gather(-1, token[:, None])[:, 0]
+        filtering = params.top_k > 0 or params.top_p < 1.0 or params.min_p > 0.0
+        race = filter_logits(logp, params) if filtering else logp
+        # E = 0 would win whatever its token's probability: clamp it to the smallest normal
+        noise = torch.empty_like(race).exponential_().clamp_min_(torch.finfo(race.dtype).tiny)
+        token = (race - noise.log_()).argmax(-1)
+    return token, logp.gather(-1, token[:, None])[:, 0]
 
 
 # ----------------------------------------------------------------------------- decoders
