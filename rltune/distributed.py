@@ -12,6 +12,7 @@ average gradients over ranks, which then gives exactly the single-process gradie
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -72,7 +73,18 @@ def init_distributed(cfg: RLTuneConfig) -> Dist:
             deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
         else:
             dist.init_process_group(backend="nccl" if cuda else "gloo")
+        atexit.register(close_process_group)
     return Dist(rank, local_rank, world_size)
+
+
+def close_process_group() -> None:
+    """Tear down the process group at exit (registered by `init_distributed`): NCCL asks for it
+    (pending collectives finish first), and a group left to the interpreter's own teardown can
+    abort the process (`terminate called without an active exception`), turning a finished
+    run's exit status into a failure. Not after each run: DeepSpeed keeps the group for the
+    process's later runs (Hydra multirun, tests)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def all_reduce_sum(values: dict[str, float], device: torch.device) -> dict[str, float]:

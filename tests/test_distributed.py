@@ -156,3 +156,31 @@ def test_one_process_without_a_launcher_accumulates_like_plain_pytorch(tmp_path,
     assert sorted(b) == [1, 2, 3]
     for step in a:
         assert b[step] == pytest.approx(a[step], abs=1e-5), (step, a[step], b[step])
+
+
+def test_the_process_group_is_torn_down_at_exit_not_between_runs(tmp_path):
+    """A run leaves its process group to the process's later runs (DeepSpeed keeps handles to
+    it), and the group is destroyed when the process exits, before the interpreter's own
+    teardown: an exit hook registered before rltune's runs after it and finds no group."""
+    script = f"""
+import atexit, torch.distributed as dist
+atexit.register(lambda: print("at exit, group alive:", dist.is_initialized()))
+from rltune.cli import run
+run(["algo=sft", "deepspeed=zero2", "train.max_steps=1", "train.eval_samples=0",
+     "hydra.run.dir={tmp_path}"])
+print("after the run, group alive:", dist.is_initialized())
+"""
+    # without the rendezvous variables that this process's own DeepSpeed runs set
+    rendezvous = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in rendezvous}
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={**env, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "after the run, group alive: True" in proc.stdout
+    assert "at exit, group alive: False" in proc.stdout
