@@ -37,7 +37,7 @@ from rltune.distributed import (
 from rltune.engines import MAIN, DeepSpeedEngine, PlainEngine, make_optimizer
 from rltune.logging import MetricsLogger, NullLogger
 from rltune.models import autocast, compile_stack, count_parameters, resolve_device, resolve_dtype
-from rltune.profiling import StepProfile
+from rltune.profiling import StepProfile, memory_metrics, reset_peak_memory
 
 log = logging.getLogger("rltune")
 
@@ -236,6 +236,7 @@ def train(
     with _SignalFlag() as stop:
         while step < max_steps:
             profile = StepProfile(device).start() if step + 1 == t.profile_step and d.main else None
+            reset_peak_memory(device)
             started = time.perf_counter()
             batches = algo.next_batches(plan.grad_accum, plan.micro_batch_size)
             # what preparing the batches measured (rollout rewards, generation time, ...)
@@ -256,6 +257,7 @@ def train(
                 for k, v in metrics.items():
                     step_metrics[k] = step_metrics.get(k, 0.0) + v
             step_metrics.update(engine.step())
+            step_metrics.update(memory_metrics(device))
             step += 1
             now = time.perf_counter()
             elapsed = now - started
@@ -271,7 +273,10 @@ def train(
             # peers' `loss` (with algo.num_iterations > 1 rollout metrics come every few steps)
             for k, v in step_metrics.items():
                 total, count = pending.get(k, (0.0, 0))
-                pending[k] = (total + v, count + 1)
+                if k.startswith("memory/"):  # peaks: the highest of the steps, not their mean
+                    pending[k] = (max(total, v), 1)
+                else:
+                    pending[k] = (total + v, count + 1)
             logger.advance({"loss": step_metrics.get("loss", float("nan")), "lr": step_lr})
 
             row: dict[str, Any] = {}

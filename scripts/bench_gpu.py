@@ -244,7 +244,17 @@ def measure_gpu(workload: str, steps: int, workdir: Path, small: bool, extra: li
         "time_reward_s": median("time/reward"),
         "time_train_s": median("time/train"),
         "completion_mean_length": median("completions/mean_length"),
-        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        # the trainer restarts the GPU peak every step (memory/peak_gib): the run's is their max,
+        # and the peak while generating (memory/generate_peak_gib) says which phase set it
+        "peak_gpu_gib": max(
+            (r["memory/peak_gib"] for r in rows if "memory/peak_gib" in r), default=None
+        )
+        if cuda
+        else None,
+        "generate_peak_gpu_gib": max(
+            (r["memory/generate_peak_gib"] for r in rows if "memory/generate_peak_gib" in r),
+            default=None,
+        ),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "torch": torch.__version__,
@@ -394,6 +404,8 @@ def report_gpu(results: list[dict], args, n_params: int, lengths: dict[str, int]
                 if r["peak_gpu_gib"] is not None
                 else f"{r['peak_rss_mib']:,.0f} MiB RSS"
             )
+            if r.get("generate_peak_gpu_gib") is not None:
+                memory += f" ({r['generate_peak_gpu_gib']:.1f} generating)"
             ratio = ""
             if r["framework"] == "rltune" and live:
                 ratio = f"{step / live:.2f} (TRL of this run)"

@@ -2,7 +2,8 @@
 # Everything that needs a GPU, in one command, for a short lease on a CUDA machine, most
 # important first, each stage capped so that a hang in one still leaves the rest:
 #   1. DESIGN.md's workloads A, B, C at full size with rltune's defaults (scripts/bench.py --gpu)
-#   2. the CUDA tests (graph decoding equals generate, compiled too; bf16 log-probs in tolerance)
+#   2. the CUDA tests (graph decoding equals generate, compiled too; bf16 log-probs in tolerance;
+#      memory metrics)
 #   3. the decode step, captured eager against compiled then captured (scripts/bench_decode.py:
 #      ms per decode step, per replay and per draw)
 #   4. A with rollout.compile=true
@@ -58,7 +59,7 @@ bench() {  # bench CAP_S NAME ARGS...: one bench.py --gpu invocation, capped, JS
 bench 200 workloads
 echo "== CUDA tests (t=$((SECONDS - START)) s)" | tee -a "$LOG"
 timeout 120 python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_rollout.py tests/test_prefix.py \
-    tests/test_grpo_losses.py 2>&1 | tail -8 | tee -a "$LOG"
+    tests/test_grpo_losses.py tests/test_grpo_e2e.py 2>&1 | tail -8 | tee -a "$LOG"
 echo "== decode step (t=$((SECONDS - START)) s)" | tee -a "$LOG"
 timeout 120 python3 scripts/bench_decode.py --engines graph,compiled --json "$OUT/decode.json" \
     2>&1 | tee -a "$LOG" | grep -E "^\||GPU|failed|rror"

@@ -143,6 +143,22 @@ def test_a_compiled_decode_step_samples_the_rollouts_of_the_eager_one(tmp_path):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_steps_report_their_gpu_memory_peaks(tmp_path):
+    """On a GPU every step logs its peak of allocated memory, and the online algorithms the
+    peak while generating, which is part of the step (the policy and optimizer state count in
+    both; an optimizer step allocates its moments on step 1, so the step's peak is higher)."""
+    run_dir = run(
+        [*SMALL, "train.max_steps=2", "train.eval_samples=0", "train.device=cuda",
+         f"hydra.run.dir={tmp_path}"]
+    )  # fmt: skip
+    rows = _rows(run_dir)
+    assert len(rows) == 2
+    for r in rows:
+        assert 0 < r["memory/generate_peak_gib"] <= r["memory/peak_gib"] <= r["memory/reserved_gib"]
+        assert r["memory/peak_rss_gib"] > 0
+
+
 def test_lora_reference_is_the_adapter_disabled_policy(tmp_path):
     run_dir = run(
         [*SMALL, "train.max_steps=2", "algo.kl_coef=0.04", "peft=lora", f"hydra.run.dir={tmp_path}"]

@@ -48,6 +48,8 @@ def test_sft_from_scratch_loss_falls_and_final_generates(tmp_path):
     assert last < first - 1.0, (first, last)
     for key in ("lr", "grad_norm", "tokens_per_s", "mean_token_accuracy"):
         assert key in rows[-1]
+    peaks = [r["memory/peak_rss_gib"] for r in rows[1:]]  # a CPU run: the process's peak only
+    assert peaks == sorted(peaks) and peaks[0] > 0.05 and "memory/peak_gib" not in rows[-1]
     assert rows[-1]["eval/loss"] < rows[0]["eval/loss"]
     assert (run_dir / ".hydra" / "config.yaml").exists()
 

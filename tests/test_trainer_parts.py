@@ -84,3 +84,24 @@ def test_length_sorted_micro_batches_pad_less():
 
     assert padding(chunks) == 0 + 5 + 19 + 1
     assert padding([[0, 1], [2, 3], [4, 5], [6, 7]]) == 7 + 27 + 20 + 29
+
+
+def test_memory_metrics_report_the_process_peak_on_cpu():
+    """On a CPU only the resident-memory peak is reported, and it follows an allocation (1 GiB
+    written, so resident); in a fresh process, whose peak is not already higher."""
+    import json
+    import subprocess
+    import sys
+
+    script = """
+import json, torch
+from rltune.profiling import memory_metrics
+before = memory_metrics(torch.device("cpu"))
+block = torch.ones(2**28)
+print(json.dumps([before, memory_metrics(torch.device("cpu"))]))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    before, after = json.loads(proc.stdout)
+    assert set(before) == set(after) == {"memory/peak_rss_gib"}
+    # the block alone is 1 GiB resident; the peak before it was set by imports (under 1 GiB)
+    assert before["memory/peak_rss_gib"] < 1.0 <= after["memory/peak_rss_gib"], (before, after)

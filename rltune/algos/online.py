@@ -31,6 +31,7 @@ from rltune.models import (
     load_tokenizer,
 )
 from rltune.prefix import group_rows, mask_for
+from rltune.profiling import cuda_peak_gib
 from rltune.rollout import Rollout, SamplingParams, generate_greedy, position_ids, sample
 
 log = logging.getLogger(__name__)
@@ -204,11 +205,14 @@ class OnlineAlgorithm(AlgorithmBase):
                     compile=rc.compile,
                 )
         generated = time.perf_counter()
+        peak = cuda_peak_gib(self.ctx.device)  # the step's peak so far: its rollout's
         scores = self._score(prompts, rollout, g)
         timing = {
             "time/generate": generated - started,
             "time/reward": time.perf_counter() - generated,
         }
+        if peak is not None:
+            timing["memory/generate_peak_gib"] = peak
         return prompts, rollout, scores, timing
 
     def _score(self, prompts: list[Prompt], rollout: Rollout, group_size: int):
