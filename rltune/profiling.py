@@ -63,7 +63,8 @@ def cuda_peak_gib(device: torch.device) -> float | None:
 def memory_metrics(device: torch.device) -> dict[str, float]:
     """memory/peak_gib: the step's peak of allocated GPU memory (CUDA); memory/reserved_gib:
     what the caching allocator holds from the GPU after it; memory/peak_rss_gib: the process's
-    peak resident memory so far (where the platform reports it)."""
+    peak resident memory so far (where the platform reports it; on Linux it starts from what
+    the parent process held when it forked this one)."""
     out: dict[str, float] = {}
     if device.type == "cuda":
         out["memory/peak_gib"] = torch.cuda.max_memory_allocated(device) / GIB
