@@ -187,25 +187,36 @@ def bradley_terry_loss(
 
 def _chunk_stats(x: torch.Tensor, t: torch.Tensor, entropy: torch.Tensor | None):
     """Of fp32 logits / T `x` [n, V] (overwritten), and targets `t` [n]: the targets' log-probs
-    [n] and the log-normalisers [n]; the entropies [n] go into `entropy` when it is given."""
-    norm = x.logsumexp(-1)  # [n]
-    logp_t = x.gather(-1, t[:, None]).squeeze(-1) - norm
-    if entropy is not None:
-        logp = x.sub_(norm[:, None])  # in place of the logits
-        entropy.copy_(-(logp.exp() * logp).sum(-1))
-    return logp_t, norm
+    [n] and the log-normalisers [n]; the entropies [n] go into `entropy` when it is given.
+
+    Written in place of `x` so that a chunk holds one [n, V] fp32 buffer, two with the entropy:
+    with m = max x and s = sum exp(x - m), the log-normaliser is m + log s and the entropy
+    log s - sum exp(x - m) (x - m) / s."""
+    picked = x.gather(-1, t[:, None]).squeeze(-1)  # [n]
+    m = x.amax(-1, keepdim=True)  # [n, 1]
+    shifted = x.sub_(m)
+    if entropy is None:
+        log_s = shifted.exp_().sum(-1).log()  # x is spent
+    else:
+        e = shifted.exp()  # [n, V], the second buffer
+        sums = e.sum(-1)
+        log_s = sums.log()
+        entropy.copy_(log_s - e.mul_(shifted).sum(-1) / sums)
+    norm = m.squeeze(-1) + log_s
+    return picked - norm, norm
 
 
 def _chunk_grad(x, t, norm, entropy, g, g_h) -> torch.Tensor:
     """The gradient for the logits of a chunk, in place of its fp32 logits / T `x` [n, V], given
     the log-normalisers `norm` [n], the entropies [n], and the loss's gradients for the targets'
     log-probs `g` [n, 1] and for the entropies `g_h` [n, 1] (None: no entropy term), both
-    already divided by T."""
+    already divided by T. One [n, V] buffer without the entropy term, two with it."""
     logp = x.sub_(norm[:, None])  # [n, V]
-    p = logp.exp()  # [n, V]
-    # p (-g_H (logp + H) - g): both terms share p
-    coef = -g if g_h is None else logp.add_(entropy[:, None]).mul_(-g_h).sub_(g)
-    grad = p.mul_(coef)
+    if g_h is None:  # p (-g)
+        grad = logp.exp_().mul_(-g)
+    else:  # p (-g_H (logp + H) - g)
+        p = logp.exp()
+        grad = p.mul_(logp.add_(entropy[:, None]).mul_(-g_h).sub_(g))
     grad[torch.arange(len(t), device=t.device), t] += g.squeeze(-1)  # the onehot term
     return grad
 
@@ -357,8 +368,8 @@ class _LinearLogps(torch.autograd.Function):
                 ).to(ctx.dtype)
                 if need_hidden:
                     grad_hidden[s : s + c] = grad_x @ w
-                if need_weight:
-                    grad_weight += (grad_x.T @ h).float()
+                if need_weight:  # the product in the compute dtype, summed in fp32
+                    grad_weight.add_(grad_x.T @ h)
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None

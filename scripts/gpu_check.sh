@@ -4,8 +4,10 @@
 #   1. DESIGN.md's workloads A, B, C at full size with rltune's defaults (scripts/bench.py --gpu)
 #   2. the CUDA tests (graph decoding equals generate, compiled too; bf16 log-probs in tolerance;
 #      memory metrics)
-#   3. the decode step, captured eager against compiled then captured (scripts/bench_decode.py:
-#      ms per decode step, per replay and per draw)
+#   3. the output layer's chunked log-probs alone (scripts/bench_logps.py): peak memory and time
+#      of one micro-batch of A, with and without an entropy gradient, at chunks of 1024 and 256;
+#      and the decode step, captured eager against compiled then captured
+#      (scripts/bench_decode.py: ms per decode step, per replay and per draw)
 #   4. A with rollout.compile=true
 #   5. B and C with train.compile=true
 #   6. B and C with one step profiled (train.profile_step): their kernels by time
@@ -60,6 +62,10 @@ bench 200 workloads
 echo "== CUDA tests (t=$((SECONDS - START)) s)" | tee -a "$LOG"
 timeout 120 python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_rollout.py tests/test_prefix.py \
     tests/test_grpo_losses.py tests/test_grpo_e2e.py 2>&1 | tail -8 | tee -a "$LOG"
+echo "== output-layer log-probs, one micro-batch of A (t=$((SECONDS - START)) s)" | tee -a "$LOG"
+for args in "" "--entropy-grad" "--chunk 256"; do
+    timeout 60 python3 scripts/bench_logps.py $args 2>&1 | tail -1 | tee -a "$LOG"
+done
 echo "== decode step (t=$((SECONDS - START)) s)" | tee -a "$LOG"
 timeout 120 python3 scripts/bench_decode.py --engines graph,compiled --json "$OUT/decode.json" \
     2>&1 | tee -a "$LOG" | grep -E "^\||GPU|failed|rror"

@@ -84,3 +84,22 @@ def test_workload_lengths(folder):
         "B_rejected": 385,
         "C_row": 1024,
     }
+
+
+def test_bench_logps_runs_forward_and_backward_at_a_tiny_size():
+    """scripts/bench_logps.py (the output layer's chunked log-probs, timed and its peak memory
+    measured) runs end to end, with and without an entropy gradient, and reports its shape."""
+    import json
+    import subprocess
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_logps.py"
+    for extra in ([], ["--entropy-grad"]):
+        args = ["--tokens", "96", "--hidden", "16", "--vocab", "500", "--chunk", "32", *extra]
+        proc = subprocess.run(
+            [sys.executable, str(script), *args], capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert (out["tokens"], out["vocab"], out["chunk"]) == (96, 500, 32)
+        assert out["entropy_grad"] == bool(extra) and out["seconds"] > 0
+        assert out["one_fp32_chunk_gib"] == round(32 * 500 * 4 / 2**30, 3)
