@@ -60,17 +60,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         correct = torch.zeros((), dtype=torch.long, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk):
             h, t = hidden[s : s + chunk], targets[s : s + chunk]  # [n, H], [n]
-            logits = (h @ w.T).float()  # [n, V]
-            lse = logits.logsumexp(-1)  # [n]
+            logits = (h @ w.T).float()  # [n, V], the chunk's one fp32 buffer
             rows = torch.arange(len(t), device=t.device)
-            nll += (lse - logits[rows, t]).sum()
             correct += (logits.argmax(-1) == t).sum()
-            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            picked = logits[rows, t]  # [n]
+            m = logits.amax(-1, keepdim=True)  # [n, 1]
+            e = logits.sub_(m).exp_()  # in place of the logits
+            sums = e.sum(-1, keepdim=True)
+            nll += (m + sums.log()).sum() - picked.sum()
+            probs = e.div_(sums)  # the softmax
             probs[rows, t] -= 1.0  # dNLL/dlogits
             g = probs.to(hidden.dtype)
+            del logits, e, probs  # free before the next chunk allocates
             grad_hidden[s : s + chunk] = g @ w
-            if need_weight:
-                grad_weight += (g.T @ h).float()
+            if need_weight:  # the product in the compute dtype, summed in fp32
+                grad_weight.add_(g.T @ h)
+            del g
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         ctx.mark_non_differentiable(correct)
         return nll, correct
@@ -189,19 +194,16 @@ def _chunk_stats(x: torch.Tensor, t: torch.Tensor, entropy: torch.Tensor | None)
     """Of fp32 logits / T `x` [n, V] (overwritten), and targets `t` [n]: the targets' log-probs
     [n] and the log-normalisers [n]; the entropies [n] go into `entropy` when it is given.
 
-    Written in place of `x` so that a chunk holds one [n, V] fp32 buffer, two with the entropy:
-    with m = max x and s = sum exp(x - m), the log-normaliser is m + log s and the entropy
-    log s - sum exp(x - m) (x - m) / s."""
+    Written in place of `x`, so that a chunk holds one [n, V] fp32 buffer: with m = max x and
+    e = exp(x - m), s = sum e, the log-normaliser is m + log s and the entropy
+    log s - sum e log e / s."""
     picked = x.gather(-1, t[:, None]).squeeze(-1)  # [n]
     m = x.amax(-1, keepdim=True)  # [n, 1]
-    shifted = x.sub_(m)
-    if entropy is None:
-        log_s = shifted.exp_().sum(-1).log()  # x is spent
-    else:
-        e = shifted.exp()  # [n, V], the second buffer
-        sums = e.sum(-1)
-        log_s = sums.log()
-        entropy.copy_(log_s - e.mul_(shifted).sum(-1) / sums)
+    e = x.sub_(m).exp_()  # x is spent
+    sums = e.sum(-1)
+    log_s = sums.log()
+    if entropy is not None:
+        entropy.copy_(log_s - e.xlogy_(e).sum(-1) / sums)  # xlogy: 0 log 0 = 0
     norm = m.squeeze(-1) + log_s
     return picked - norm, norm
 
@@ -238,6 +240,7 @@ class _LogitsLogps(torch.autograd.Function):
                 logps[s : s + chunk], norms[s : s + chunk] = _chunk_stats(
                     x, targets[s : s + chunk], part
                 )
+                del x  # free before the next chunk allocates
         ctx.save_for_backward(logits, targets, norms, entropy)
         ctx.temperature, ctx.chunk = temperature, chunk
         ctx.set_materialize_grads(False)  # an unused entropy's gradient stays None, not zeros
@@ -263,6 +266,7 @@ class _LogitsLogps(torch.autograd.Function):
                     grad_logps[s : s + c, None] * inv_t,
                     g_h,
                 )
+                del x  # free before the next chunk allocates
         return grad_logits, None, None, None, None
 
 
@@ -338,6 +342,7 @@ class _LinearLogps(torch.autograd.Function):
                 logps[s : s + chunk], norms[s : s + chunk] = _chunk_stats(
                     x, targets[s : s + chunk], part
                 )
+                del x  # free before the next chunk allocates
         ctx.save_for_backward(hidden, weight, targets, norms, entropy)
         ctx.dtype, ctx.temperature, ctx.chunk = dtype, temperature, chunk
         ctx.set_materialize_grads(False)  # an unused entropy's gradient stays None, not zeros
@@ -370,6 +375,7 @@ class _LinearLogps(torch.autograd.Function):
                     grad_hidden[s : s + c] = grad_x @ w
                 if need_weight:  # the product in the compute dtype, summed in fp32
                     grad_weight.add_(grad_x.T @ h)
+                del grad_x  # free before the next chunk allocates
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None
