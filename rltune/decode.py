@@ -94,6 +94,11 @@ def draw(
     return token, logp.gather(-1, token[:, None])[:, 0]
 
 
+_fused_draw = torch.compile(draw, dynamic=False)
+"""`draw` compiled (rollout.compile): the log-softmax, the race and the gather in a few fused
+kernels rather than one pass over [rows, vocabulary] each; compiled once per sampling setting."""
+
+
 # ----------------------------------------------------------------------------- decoders
 
 
@@ -468,8 +473,13 @@ def _decode(dec, prompt_ids, prompt_mask, group_size, params, greedy, ends, pad)
     check_every = SYNC_EVERY if prompt_ids.device.type == "cuda" else 1
     finished = torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
     tokens, logps = [], []
+    compiled = getattr(dec, "compiled", False)
     for step in range(params.max_new_tokens):
-        token, logp = draw(logits, params, greedy)
+        if compiled:  # rollout.compile: the sampling's passes over the vocabulary fused too
+            with _compiled(True):
+                token, logp = _fused_draw(logits, params, greedy)
+        else:
+            token, logp = draw(logits, params, greedy)
         token = token.masked_fill(finished, pad)
         tokens.append(token)
         logps.append(logp)

@@ -8,7 +8,8 @@ rltune holds it (fp32 master weights, bf16 autocast). Needs a CUDA GPU for the g
 
 Engines: `hf` (transformers `generate`, rollout.engine=hf), `dynamic` (rltune's loop, eager
 steps), `graph` (static cache, each step one CUDA-graph replay on a bf16 replica) and
-`compiled` (graph, with the step compiled by torch.compile before capture: rollout.compile).
+`compiled` (graph, with the step compiled by torch.compile before capture, and the draw
+compiled: rollout.compile).
 For each: the first call (capture and compile included), the median of the next calls, ms per
 decode step (call time / new tokens), completion tokens/s and peak GPU memory; for the graph
 engines also one replay alone (the model's step without sampling) and one draw alone (sampling
@@ -63,7 +64,7 @@ def _cuda_ms(fn, calls: int = 50) -> float:
 
 
 def run(engine: str, model, prompts, params, group: int, device, calls: int) -> dict:
-    from rltune.decode import _REPLICAS, draw, fast_sample
+    from rltune.decode import _REPLICAS, _fused_draw, draw, fast_sample
     from rltune.models import autocast
     from rltune.rollout import sample
 
@@ -111,7 +112,8 @@ def run(engine: str, model, prompts, params, group: int, device, calls: int) -> 
         for layer in decoder.cache.layers:
             layer.cumulative_length.fill_(decoder.width)
         result["ms_per_replay"] = _cuda_ms(decoder.graph.replay)
-        result["ms_per_draw"] = _cuda_ms(lambda: draw(decoder.logits, params, greedy=False))
+        sampler = _fused_draw if engine == "compiled" else draw
+        result["ms_per_draw"] = _cuda_ms(lambda: sampler(decoder.logits, params, greedy=False))
     return result
 
 

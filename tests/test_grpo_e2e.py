@@ -122,20 +122,24 @@ def test_log_probs_from_hidden_states_train_as_logits(tmp_path):
 
 
 def test_a_compiled_decode_step_samples_the_rollouts_of_the_eager_one(tmp_path):
-    """rollout.compile=true (here on CPU: the static cache, its step compiled by inductor) draws
-    the same completions as the default decoder from the same seed: the same rewards, loss and
-    KL over 2 steps; and dynamo traced the step (nothing is traced without it)."""
+    """rollout.compile=true (here on CPU: the static cache, its step and the draw compiled by
+    inductor) samples the completions of the default decoder from the same seed, with
+    inductor's random numbers taken from PyTorch's generator (`fallback_random`; by default
+    they come from a stream of its own): the same rewards, loss and KL over 2 steps; and dynamo
+    traced the step and the draw (nothing is traced without it)."""
     from torch._dynamo.utils import counters
+    from torch._inductor import config as inductor_config
 
     common = [*SMALL, "train.max_steps=2", "algo.kl_coef=0.04", "train.eval_samples=0"]
     metrics, traced = {}, {}
     for compiled in ("false", "true"):
         counters.clear()
-        run_dir = run(
-            [*common, f"rollout.compile={compiled}", f"hydra.run.dir={tmp_path / compiled}"]
-        )
+        with inductor_config.patch(fallback_random=True):
+            run_dir = run(
+                [*common, f"rollout.compile={compiled}", f"hydra.run.dir={tmp_path / compiled}"]
+            )
         metrics[compiled], traced[compiled] = _rows(run_dir), counters["stats"]["unique_graphs"]
-    assert traced == {"false": 0, "true": 1}
+    assert traced == {"false": 0, "true": 2}
     assert len(metrics["true"]) == len(metrics["false"]) == 2
     for a, b in zip(metrics["true"], metrics["false"], strict=True):
         assert a["completions/mean_length"] == b["completions/mean_length"]

@@ -233,9 +233,9 @@ def test_graph_decoder_reuses_a_wider_decoder_and_grows_for_wider_prompts(tiny):
 @pytest.mark.parametrize("device", devices)
 def test_compiled_decode_step_equals_generate_compiles_once_and_is_reused(tiny, device):
     """rollout.compile: the static decoder's step compiled by inductor (C++ on CPU; Triton and
-    then a CUDA graph on GPU) gives `generate`'s greedy tokens and a fresh forward's log-probs
-    (fp32, 1e-5); it is traced as one graph without breaks, and a second rollout that fits the
-    decoder compiles nothing."""
+    then a CUDA graph on GPU), and the draw from its logits, give `generate`'s greedy tokens and
+    a fresh forward's log-probs (fp32, 1e-5); each is traced as one graph without breaks, and a
+    second rollout that fits the decoder compiles nothing."""
     from torch._dynamo.utils import counters
 
     from rltune.decode import _REPLICAS, fast_sample
@@ -251,7 +251,7 @@ def test_compiled_decode_step_equals_generate_compiles_once_and_is_reused(tiny, 
         model, tokenizer, prompts, params, greedy=True, group_size=2, compile=True
     )  # decoder=auto: the static decoder, because it is compiled
     decoder = _REPLICAS[model].decoder
-    assert decoder.compiled and counters["stats"]["unique_graphs"] == 1
+    assert decoder.compiled and counters["stats"]["unique_graphs"] == 2  # the step, the draw
     assert not counters["graph_break"] and (decoder.graph is not None) == (device == "cuda")
     expected = generate_greedy(model, tokenizer, prompts, max_new_tokens=16)
     assert rollout.completions == [c for c in expected for _ in range(2)]
@@ -383,6 +383,20 @@ def test_draw_samples_the_filtered_distribution_and_returns_unfiltered_logps(kw,
     softmax(logits / temperature), before filtering, as the loss uses."""
     from rltune.decode import draw
 
+    _check_draw(draw, kw, expected)
+
+
+@pytest.mark.parametrize(
+    "kw, expected", [({}, [0.5, 0.3, 0.15, 0.05]), ({"top_k": 2}, [0.5, 0.3, 0, 0])]
+)
+def test_compiled_draw_samples_the_same_distribution(kw, expected):
+    """rollout.compile's draw (inductor, with its own random stream) keeps the distribution."""
+    from rltune.decode import _fused_draw
+
+    _check_draw(_fused_draw, kw, expected)
+
+
+def _check_draw(draw, kw, expected):
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = (probs.log() + 3.0).expand(40_000, 4)  # a shift changes nothing
     params = SamplingParams(max_new_tokens=1, **kw)
