@@ -14,7 +14,8 @@ drawn on the device, and the loop stops once every row has ended. Two decoders r
   every later rollout of the same shape.
 
 With `rollout.compile`, the static decoder's step is compiled by torch.compile (inductor fuses
-the elementwise work between the matmuls) and the compiled step is what the graph captures.
+the elementwise work between the matmuls) and the compiled step is what the graph captures; the
+draw from its logits is compiled too (`_fused_draw`).
 
 Between steps the host only enqueues work: the early-exit test (`finished.all()`, a sync) runs
 every `SYNC_EVERY` tokens on CUDA.
@@ -111,8 +112,8 @@ def _quiet():
 
 
 def _compiled(compiled: bool):
-    """Lifts `fast_sample`'s force-eager stance for the decode step that `rollout.compile`
-    compiled."""
+    """Lifts `fast_sample`'s force-eager stance for what `rollout.compile` compiled: the static
+    decoder's step and the draw."""
     return torch.compiler.set_stance("default") if compiled else nullcontext()
 
 
