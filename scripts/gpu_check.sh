@@ -10,15 +10,17 @@
 #      (scripts/bench_decode.py: ms per decode step, per replay and per draw)
 #   4. A with rollout.compile=true
 #   5. B and C with train.compile=true
-#   6. B and C with one step profiled (train.profile_step): their kernels by time
-#   7. B and C with bf16 weights and train.compile=true (TRL's comparison loads bf16 weights)
-#   8. A with the least memory: bf16 weights and gradient checkpointing (TRL's defaults are
+#   6. A and B with a row per completion / per side (algo.share_prompt=false): fewer tokens
+#      under a 4-D mask (SDPA's memory-efficient kernel) against more under a causal one (flash)
+#   7. B and C with one step profiled (train.profile_step): their kernels by time
+#   8. B and C with bf16 weights and train.compile=true (TRL's comparison loads bf16 weights)
+#   9. A with the least memory: bf16 weights and gradient checkpointing (TRL's defaults are
 #      bf16 weights and checkpointing)
-#   9. where trl and datasets import, A beside TRL's GRPO trainer (--compare trl, 5 steps),
+#  10. where trl and datasets import, A beside TRL's GRPO trainer (--compare trl, 5 steps),
 #      for the step ratio and peak memory of the same invocation
-#  10. A and B on the logits path (algo.fused_logps=false), against log-probs from hidden states
+#  11. A and B on the logits path (algo.fused_logps=false), against log-probs from hidden states
 # The model and data are built once (bench.py --workdir) and shared by every stage. Results go
-# to $OUT (default ./gpu-out): gpu_check.log and one JSON per benchmark (10 files at most); the
+# to $OUT (default ./gpu-out): gpu_check.log and one JSON per benchmark (11 files at most); the
 # tables print as they come, and each JSON holds the runs done so far if a stage is cut off.
 #
 #   bash scripts/gpu_check.sh [WHEEL_DIR] [BUDGET_S]
@@ -71,6 +73,7 @@ timeout 120 python3 scripts/bench_decode.py --engines graph,compiled --json "$OU
     2>&1 | tee -a "$LOG" | grep -E "^\||GPU|failed|rror"
 bench 150 a_compiled --workloads A --extra rollout.compile=true
 bench 120 compiled --workloads BC --extra train.compile=true
+bench 100 unshared --workloads AB --extra algo.share_prompt=false
 # where B's and C's steps go: the CUDA kernels of step 3 by their own time, in profile.json
 bench 90 profile --workloads BC --steps 3 --extra train.profile_step=3
 bench 120 bf16_compiled --workloads BC --extra model.dtype=bf16 train.compile=true
