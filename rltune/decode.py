@@ -120,6 +120,8 @@ def _compiled(compiled: bool):
 class DynamicDecoder:
     """Eager steps on a `DynamicCache` that grows by one position per token."""
 
+    compiled = False  # its shapes change every step: rollout.compile leaves it eager
+
     def __init__(self, model: nn.Module):
         self.model = model
 
@@ -474,7 +476,7 @@ def _decode(dec, prompt_ids, prompt_mask, group_size, params, greedy, ends, pad)
     check_every = SYNC_EVERY if prompt_ids.device.type == "cuda" else 1
     finished = torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
     tokens, logps = [], []
-    compiled = getattr(dec, "compiled", False)
+    compiled = dec.compiled
     for step in range(params.max_new_tokens):
         if compiled:  # rollout.compile: the sampling's passes over the vocabulary fused too
             with _compiled(True):

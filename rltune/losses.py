@@ -67,7 +67,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             m = logits.amax(-1, keepdim=True)  # [n, 1]
             e = logits.sub_(m).exp_()  # in place of the logits
             sums = e.sum(-1, keepdim=True)
-            nll += (m + sums.log()).sum() - picked.sum()
+            nll += (m + sums.log()).squeeze(-1).sub_(picked).sum()  # per row, then summed
             probs = e.div_(sums)  # the softmax
             probs[rows, t] -= 1.0  # dNLL/dlogits
             g = probs.to(hidden.dtype)
