@@ -74,6 +74,8 @@ class TrainConfig:
     """auto (cuda when available, else cpu), cpu, cuda, or cuda:N."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory (slower)."""
+    disable_dropout: bool | None = None
+    """Set every dropout of the trained models to 0 (LoRA's and attention's too): with dropout on, two passes over the same tokens disagree, so the ratio to old log-probs, the KL to the reference and DPO's margins are noisy. null: true for every algorithm but sft."""
     compile: bool = False
     """torch.compile each model's decoder stack for training (not with DeepSpeed; decoding runs it eager, see rollout.compile); each new input shape compiles once, so it pays off with fixed lengths (packed SFT, DPO)."""
     profile_step: int = 0

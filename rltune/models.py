@@ -172,6 +172,22 @@ def load_policy(
     return model
 
 
+def disable_dropout(model: nn.Module) -> int:
+    """Set every dropout in `model` to 0 and return how many were not: `nn.Dropout` modules
+    (LoRA's included) and the attention-probability dropout that transformers' attention
+    layers read from their `attention_dropout` attribute at each forward."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, nn.Dropout) and module.p > 0:
+            module.p = 0.0
+            changed += 1
+        rate = getattr(module, "attention_dropout", None)
+        if isinstance(rate, float) and rate > 0:
+            module.attention_dropout = 0.0
+            changed += 1
+    return changed
+
+
 def check_qlora(device_name: str) -> None:
     """peft=qlora needs CUDA and bitsandbytes; say so before anything loads."""
     if device_name == "cpu" or not torch.cuda.is_available():

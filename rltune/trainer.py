@@ -36,7 +36,14 @@ from rltune.distributed import (
 )
 from rltune.engines import MAIN, DeepSpeedEngine, PlainEngine, make_optimizer
 from rltune.logging import MetricsLogger, NullLogger
-from rltune.models import autocast, compile_stack, count_parameters, resolve_device, resolve_dtype
+from rltune.models import (
+    autocast,
+    compile_stack,
+    count_parameters,
+    disable_dropout,
+    resolve_device,
+    resolve_dtype,
+)
 from rltune.profiling import StepProfile, memory_metrics, reset_peak_memory
 
 log = logging.getLogger("rltune")
@@ -177,6 +184,13 @@ def train(
     for role, (_, extra_lr) in extra.items():
         log.info("%s: trained beside the policy at lr %.3g", role, extra_lr)
     extra_models = {role: m for role, (m, _) in extra.items()}
+    no_dropout = t.disable_dropout if t.disable_dropout is not None else cfg.algo.name != "sft"
+    if no_dropout:
+        roles = {id(m): role for role, m in algo.models().items()}
+        for model in (trained, *extra_models.values()):
+            if changed := disable_dropout(model):
+                role = roles.get(id(model), MAIN)
+                log.info("%s: %d dropouts set to 0 (train.disable_dropout)", role, changed)
     factor = lr_lambda(t, max_steps)
     if use_ds:
         ds_config = deepspeed_config(cfg, grad_accum=plan.grad_accum, dtype=dtype)

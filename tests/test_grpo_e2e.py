@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -291,3 +293,41 @@ def test_resume_after_crash_reproduces_the_uninterrupted_run(tmp_path, cli):
     for step in (4, 5, 6):  # sampled with the restored RNG from the restored policy
         assert b[step]["reward"] == a[step]["reward"]
         assert b[step]["loss"] == pytest.approx(a[step]["loss"], abs=1e-6)
+
+
+@pytest.fixture
+def dropout_model(tmp_path):
+    """The shipped tiny model with attention dropout 0.5 (transformers applies it in train mode)."""
+    import shutil
+
+    folder = tmp_path / "dropout_model"
+    shutil.copytree(SHIPPED["tiny"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.5}))
+    return folder
+
+
+@pytest.mark.parametrize("disable", [None, False])
+def test_dropout_is_off_so_old_and_new_logps_agree(tmp_path, dropout_model, disable):
+    """With mu = 2 the old log-probs come from a pass of their own before the first update; the
+    ratio to them is 1 there unless dropout differs between the passes (then tokens get
+    clipped). Dropout is off by default for every algorithm but SFT."""
+    run_dir = run(
+        [
+            *SMALL,
+            f"model.path={dropout_model}",
+            "algo.num_iterations=2",
+            "train.max_steps=1",
+            "train.eval_samples=0",
+            *([] if disable is None else [f"train.disable_dropout={str(disable).lower()}"]),
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ]
+    )
+    row = _rows(run_dir)[0]
+    log = (run_dir / "cli.log").read_text()
+    if disable is None:
+        assert "policy: 4 dropouts set to 0 (train.disable_dropout)" in log  # one per layer
+        assert row["clip_ratio/region_mean"] == 0.0
+    else:
+        assert "dropouts set to 0" not in log
+        assert row["clip_ratio/region_mean"] > 0.05
