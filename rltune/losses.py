@@ -407,10 +407,17 @@ def linear_token_logps(
     return logps.view(shape), ent.view(shape) if entropy else None
 
 
-def kl_k3(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+def kl_k3(
+    logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-token KL(policy || reference) estimate k3 = exp(ref - logp) - (ref - logp) - 1
-    (Schulman's unbiased, always non-negative estimator), [B, T] -> [B, T]."""
+    (Schulman's unbiased, always non-negative estimator), [B, T] -> [B, T]. Positions outside
+    `mask` [B, T] give 0: their difference is zeroed before the exp, so a large one there (the
+    log-probs of padding are anything) cannot overflow into inf x 0 = NaN in the loss or its
+    gradient."""
     delta = ref_logps - logps
+    if mask is not None:
+        delta = delta * mask
     return torch.exp(delta) - delta - 1
 
 
@@ -437,9 +444,9 @@ def clipped_surrogate(
     with A < 0, `high` where it is above 1 + ε_high with A > 0 (the tokens whose gradient the
     clip removes).
     """
-    log_ratio = logps - old_logps  # [B, T]
+    log_ratio = (logps - old_logps) * mask  # [B, T]; 0 outside the mask: no overflow there
     if importance_level == "sequence":
-        log_ratio = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(
+        log_ratio = log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(
             min=1
         )  # [B, 1]
         log_ratio = log_ratio.expand_as(logps)  # [B, T]

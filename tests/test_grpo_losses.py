@@ -137,6 +137,27 @@ def test_kl_k3_by_hand():
     torch.testing.assert_close(k, torch.tensor([0.5 + math.log(2) - 1, 0.0]))
 
 
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_padding_with_huge_log_prob_gaps_leaves_loss_and_gradient_finite(level):
+    """Log-probs at padding are anything: a gap of 150 nats there overflows exp() to inf, and
+    inf x a zero mask is NaN. The ratio and the k3 KL zero the gaps outside the mask first."""
+    logps = torch.tensor([[-1.0, -200.0]], requires_grad=True)  # second position is padding
+    old = torch.tensor([[-1.0, -350.0]])  # ratio exp(150) there
+    ref = torch.tensor([[-1.2, -50.0]])
+    mask = torch.tensor([[1.0, 0.0]])
+    per_token, _ = clipped_surrogate(
+        logps, old, torch.tensor([1.0]), mask, epsilon_low=0.2, epsilon_high=0.2,
+        importance_level=level,
+    )  # fmt: skip
+    per_token = per_token + 0.1 * kl_k3(logps, ref, mask)
+    loss = aggregate_loss(per_token, mask, "token_mean", 1.0)
+    loss.backward()
+    # the real token alone: -(r A) with r = 1, A = 1, plus 0.1 k3(delta = -0.2)
+    k3 = math.exp(-0.2) + 0.2 - 1
+    assert loss.item() == pytest.approx(-1 + 0.1 * k3, abs=1e-6)
+    assert torch.isfinite(logps.grad).all() and logps.grad[0, 1] == 0
+
+
 def test_each_loss_aggregation_by_hand():
     """per-token [[1, 2, 3], [4, 100, 100]] with the 100s on padding (mask [[1,1,1],[1,0,0]]):
 

@@ -220,7 +220,7 @@ class GRPO(OnlineAlgorithm):
         metrics: dict[str, float] = {}
         tokens = batch["step_tokens"]
         if "ref_logps" in batch:
-            kl = kl_k3(logps, batch["ref_logps"])  # [b, C]
+            kl = kl_k3(logps, batch["ref_logps"], mask)  # [b, C]
             per_token = per_token + self.cfg.kl_coef * kl
             metrics["kl"] = (kl.detach() * mask).sum().item() / tokens
         loss = aggregate_loss(per_token, mask, self.cfg.loss_agg, normaliser)
