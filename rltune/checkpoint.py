@@ -6,12 +6,16 @@ Layout of `checkpoints/step-<N>/`:
     optimizer.pt        AdamW state
     scheduler.pt        learning-rate schedule position
     rng.pt              Python, NumPy and torch (CPU and CUDA) generator states
-    trainer_state.json  step, the algorithm's data position, metrics totals
+    algo-<rank>.pt      the algorithm's state on that process: data position, running
+                        baselines, and the rollout a step was in the middle of (GRPO with
+                        num_iterations > 1, PPO's minibatches)
+    trainer_state.json  step, metrics totals
     config.yaml         the resolved config of the run that wrote it
 
 A checkpoint is written into a hidden temporary folder, flushed to disk, and renamed to
 `step-<N>` in one `os.rename`; a crash mid-save leaves only the temporary folder, which
-`resume=auto` never considers (and the next save removes).
+`resume=auto` never considers (and the next save removes). Folders leave the same way: renamed
+to a hidden name first, then deleted, so a crash never leaves a half-deleted `step-<N>`.
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     trainer_state: dict[str, Any],
+    algo_state: Any,
     config_yaml: str,
     keep: int,
     extra_models: dict[str, nn.Module] | None = None,
@@ -82,8 +87,7 @@ def save_checkpoint(
     """Write `root/step-<step>` atomically, then delete all but the newest `keep` checkpoints.
     `extra_models` (e.g. PPO's value model) go to `<role>/` beside `model/`."""
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-step-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    clear_temporaries(root)
     tmp = root / f".tmp-step-{step}"
     tmp.mkdir()
     model.save_pretrained(tmp / "model")
@@ -92,21 +96,85 @@ def save_checkpoint(
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
+    torch.save(algo_state, tmp / algo_file(0))
     (tmp / "config.yaml").write_text(config_yaml)
     (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=2))
     _fsync_tree(tmp)
-
     final = root / f"step-{step}"
-    if final.exists():  # re-saving a step after a resume: replace it, never half-overwrite it
-        old = root / f".tmp-old-step-{step}"
+    replace_dir(tmp, final)
+    rotate(root, keep)
+    return final
+
+
+def algo_file(rank: int) -> str:
+    return f"algo-{rank}.pt"
+
+
+def load_algo_state(
+    path: Path, rank: int, trainer_state: dict[str, Any], device: torch.device
+) -> dict[str, Any]:
+    """The algorithm's state that process `rank` saved in checkpoint `path`, its tensors on
+    `device` (checkpoints from before algo-<rank>.pt kept it in trainer_state.json)."""
+    file = path / algo_file(rank)
+    if file.exists():
+        return torch.load(file, weights_only=False, map_location=device)
+    return trainer_state["algo"]
+
+
+def clear_temporaries(root: Path) -> None:
+    """Remove what an interrupted save, replace or rotation left behind; a folder that a
+    replace had moved aside but not yet replaced goes back under its name."""
+    for old in root.glob(".tmp-old-*"):
+        name = root / old.name.removeprefix(".tmp-old-")
+        if not name.exists():
+            os.rename(old, name)
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def remove_dir(folder: Path) -> None:
+    """Rename `folder` to a hidden temporary name, then delete it: a crash midway leaves a
+    folder that `clear_temporaries` removes, never a half-deleted one under its own name."""
+    doomed = folder.with_name(f".tmp-del-{folder.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.rename(folder, doomed)
+    _fsync_dir(folder.parent)
+    shutil.rmtree(doomed)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move the complete folder `tmp` to `final`, replacing any folder there; at every moment
+    one of the two complete versions is in place or about to be renamed into it."""
+    if final.exists():  # re-saving a step after a resume, re-exporting final/
+        old = final.with_name(f".tmp-old-{final.name}")
+        shutil.rmtree(old, ignore_errors=True)
         os.rename(final, old)
         os.rename(tmp, final)
+        _fsync_dir(final.parent)
         shutil.rmtree(old)
     else:
         os.rename(tmp, final)
-    _fsync_dir(root)  # make the rename itself durable
-    _rotate(root, keep)
-    return final
+    _fsync_dir(final.parent)  # make the rename itself durable
+
+
+def set_aside_after(root: Path, step: int) -> list[tuple[str, Path]]:
+    """Rename the checkpoints of steps after `step` to `step-<N>.superseded`: a run resumed
+    from `step` (or started afresh, step 0) replaces their future, and left under their names
+    they would outrank its new checkpoints in rotation and in resume=auto. They are kept, not
+    deleted."""
+    moved = []
+    for path in list_checkpoints(root):
+        if int(STEP_DIR.match(path.name).group(1)) > step:
+            target = path.with_name(f"{path.name}.superseded")
+            n = 1
+            while target.exists():
+                n += 1
+                target = path.with_name(f"{path.name}.superseded-{n}")
+            os.rename(path, target)
+            moved.append((path.name, target))
+    if moved:
+        _fsync_dir(root)
+    return moved
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -117,11 +185,12 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _rotate(root: Path, keep: int) -> None:
+def rotate(root: Path, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints (keep <= 0 keeps all)."""
     if keep <= 0:
         return
     for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old)
+        remove_dir(old)
 
 
 def list_checkpoints(root: Path) -> list[Path]:

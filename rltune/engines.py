@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -62,6 +61,31 @@ def make_optimizer(
     )
 
 
+SETTINGS = ("initial_lr", "betas", "eps", "weight_decay")
+"""Per-group optimizer settings that come from the config, not from a checkpoint."""
+
+
+def optimizer_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """The config's settings of each parameter group (the schedule's peak lr as `initial_lr`)."""
+    return [{k: group[k] for k in SETTINGS if k in group} for group in optimizer.param_groups]
+
+
+def restore_settings(optimizer: torch.optim.Optimizer, scheduler: Any, settings) -> None:
+    """Put this run's `settings` back after a checkpoint's optimizer and schedule state replaced
+    them (`load_state_dict` restores every group's hyperparameters and the schedule's base
+    lrs), and set each group's lr to its peak lr x the schedule at the restored step."""
+    for group, wanted in zip(optimizer.param_groups, settings, strict=True):
+        group.update(wanted)
+    scheduler.base_lrs = [w["initial_lr"] for w in settings]
+    lrs = [
+        b * f(scheduler.last_epoch)
+        for b, f in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+    ]
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+
+
 class PlainEngine:
     def __init__(
         self,
@@ -74,6 +98,7 @@ class PlainEngine:
         self.trained, self.extra_models = trained, extra_models
         self.optimizer, self.scheduler = optimizer, scheduler
         self.clip = max_grad_norm if max_grad_norm > 0 else float("inf")
+        self.settings = optimizer_settings(optimizer)
 
     def backward(self, loss: torch.Tensor | dict[str, torch.Tensor], *, last: bool) -> None:
         total = sum(loss.values()) if isinstance(loss, dict) else loss
@@ -102,7 +127,9 @@ class PlainEngine:
         metrics["grad_norm"] = grad_norm
         return metrics
 
-    def save(self, root: Path, step: int, *, trainer_state, config_yaml: str, keep: int) -> Path:
+    def save(
+        self, root: Path, step: int, *, trainer_state, algo_state, config_yaml: str, keep: int
+    ) -> Path:
         return ckpt.save_checkpoint(
             root,
             step,
@@ -111,6 +138,7 @@ class PlainEngine:
             scheduler=self.scheduler,
             extra_models=self.extra_models,
             trainer_state=trainer_state,
+            algo_state=algo_state,
             config_yaml=config_yaml,
             keep=keep,
         )
@@ -124,11 +152,20 @@ class PlainEngine:
             extra_models=self.extra_models,
         )
 
+    def apply_config(self) -> None:
+        """After `load`: this run's lrs, betas, eps and weight decay, not the checkpoint's."""
+        restore_settings(self.optimizer, self.scheduler, self.settings)
+
     def export(self, final: Path, tokenizer, dtype: torch.dtype) -> None:
+        """final/ (and final/<role>/) written beside it, then renamed into place: a crash while
+        exporting never leaves a half-written final/ that looks complete."""
+        tmp = final.with_name(f".tmp-{final.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
         # training is over: export in the compute dtype (bf16 on GPUs), as the peers do
-        export_final(self.trained.to(dtype), tokenizer, final)
+        export_final(self.trained.to(dtype), tokenizer, tmp)
         for role, model in self.extra_models.items():  # e.g. final/value/
-            export_final(model.to(dtype), tokenizer, final / role)
+            export_final(model.to(dtype), tokenizer, tmp / role)
+        ckpt.replace_dir(tmp, final)
 
 
 DS_STATE = "deepspeed"
@@ -152,7 +189,7 @@ class DeepSpeedEngine:
 
         self.dist = dist
         self.models = {role: m for role, (m, _) in models.items()}
-        self.engines, self.schedulers = {}, {}
+        self.engines, self.schedulers, self.settings = {}, {}, {}
         for role, (model, lr) in models.items():
             engine, _, _, scheduler = deepspeed.initialize(
                 model=model,
@@ -161,6 +198,7 @@ class DeepSpeedEngine:
                 config=ds_config,
             )
             self.engines[role], self.schedulers[role] = engine, scheduler
+            self.settings[role] = optimizer_settings(engine.optimizer)
             log.warning(
                 "deepspeed: ZeRO stage %d, rank %d of %d holds %s bytes of %s parameters",
                 ds_config["zero_optimization"].get("stage", 0),
@@ -196,29 +234,29 @@ class DeepSpeedEngine:
             metrics[key] = float(norm) if norm is not None else float("nan")
         return metrics
 
-    def save(self, root: Path, step: int, *, trainer_state, config_yaml: str, keep: int) -> Path:
-        """Every rank writes its shards and RNG state into a temporary folder; rank 0 adds the
-        loop's state and renames it into place once all ranks are done."""
+    def save(
+        self, root: Path, step: int, *, trainer_state, algo_state, config_yaml: str, keep: int
+    ) -> Path:
+        """Every rank writes its shards, RNG and algorithm state into a temporary folder; rank
+        0 adds the loop's state and renames it into place once all ranks are done."""
         tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
         if self.dist.main:
             root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
+            ckpt.clear_temporaries(root)
             tmp.mkdir()
         barrier()
         for role, engine in self.engines.items():
             engine.save_checkpoint(str(tmp / DS_STATE / role), tag="state")
         torch.save(ckpt.rng_state(), tmp / f"rng-{self.dist.rank}.pt")
+        torch.save(algo_state, tmp / ckpt.algo_file(self.dist.rank))
         barrier()
         if self.dist.main:
             (tmp / "config.yaml").write_text(config_yaml)
             (tmp / ckpt.STATE_FILE).write_text(
                 json.dumps({"step": step, **trainer_state}, indent=2)
             )
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            for old in ckpt.list_checkpoints(root)[:-keep] if keep > 0 else []:
-                shutil.rmtree(old)
+            ckpt.replace_dir(tmp, final)
+            ckpt.rotate(root, keep)
         barrier()
         return final
 
@@ -228,11 +266,22 @@ class DeepSpeedEngine:
         ckpt.set_rng_state(torch.load(path / f"rng-{self.dist.rank}.pt", weights_only=False))
         return json.loads((path / ckpt.STATE_FILE).read_text())
 
+    def apply_config(self) -> None:
+        """After `load`: this run's lrs, betas, eps and weight decay, not the checkpoint's."""
+        for role, engine in self.engines.items():
+            restore_settings(engine.optimizer, self.schedulers[role], self.settings[role])
+
     def export(self, final: Path, tokenizer, dtype: torch.dtype) -> None:
         """final/ (and final/<role>/) in Hugging Face format from rank 0, with ZeRO-3 parameters
-        gathered first."""
+        gathered first; written beside final/, then renamed into place."""
+        tmp = final.with_name(f".tmp-{final.name}")
+        if self.dist.main:
+            shutil.rmtree(tmp, ignore_errors=True)
         for role, model in self.models.items():
             with gathered(model):
                 if self.dist.main:
-                    export_final(model, tokenizer, final if role == MAIN else final / role)
+                    export_final(model, tokenizer, tmp if role == MAIN else tmp / role)
             barrier()
+        if self.dist.main:
+            ckpt.replace_dir(tmp, final)
+        barrier()

@@ -2,9 +2,14 @@
 
 `metrics.jsonl` holds one JSON object per logged step, each with `step`. Every row is flushed
 as it is written, so a crash loses at most the row being written; a torn last line is skipped
-on reading. On resume, rows after the checkpoint's step belong to the abandoned trajectory:
-they are moved to `metrics.orphaned.jsonl` (never deleted) and the main file is rewritten
-atomically without them.
+on reading and dropped before new rows are appended. On resume, rows after the checkpoint's
+step belong to the abandoned trajectory: they are moved to `metrics.orphaned.jsonl` (never
+deleted) and the main file is rewritten atomically without them; `samples.jsonl` likewise.
+
+wandb plots every metric against `step`, a metric of its own, rather than wandb's internal
+step: a resumed run goes on in the same wandb run, and the steps it repeats (those after its
+checkpoint) are logged again instead of being dropped as out of order. A fresh start in a run
+directory gets a new wandb run.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ log = logging.getLogger("rltune")
 
 METRICS_FILE = "metrics.jsonl"
 ORPHANED_FILE = "metrics.orphaned.jsonl"
+SAMPLES_FILE = "samples.jsonl"
+SAMPLES_ORPHANED = "samples.orphaned.jsonl"
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -41,6 +48,29 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _truncate(path: Path, orphans: Path, step: int) -> tuple[int, bool]:
+    """Move the rows of `path` with a step after `step` to `orphans` and rewrite `path`
+    atomically without them; also rewrite it when it does not end in a newline (a crash
+    mid-write), dropping an unparseable last line. Returns (rows moved, whether a torn line was
+    dropped)."""
+    if not path.exists():
+        return 0, False
+    text = path.read_text()
+    rows = read_metrics(path)
+    torn = len(rows) != sum(1 for line in text.splitlines() if line.strip())
+    keep = [r for r in rows if r.get("step", 0) <= step]
+    orphaned = [r for r in rows if r.get("step", 0) > step]
+    if not orphaned and (not text or text.endswith("\n")):
+        return 0, False
+    if orphaned:
+        with open(orphans, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in orphaned)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    os.replace(tmp, path)
+    return len(orphaned), torn
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN/inf; keep them visible rather than crash the run
@@ -58,7 +88,13 @@ class MetricsLogger:
     """Writes metric rows to every sink. Only the process with rank 0 should create one."""
 
     def __init__(
-        self, run_dir: Path, cfg: LoggerConfig, *, config: dict[str, Any], total_steps: int
+        self,
+        run_dir: Path,
+        cfg: LoggerConfig,
+        *,
+        config: dict[str, Any],
+        total_steps: int,
+        resuming: bool = False,
     ):
         self.run_dir = run_dir
         self.path = run_dir / METRICS_FILE
@@ -67,26 +103,26 @@ class MetricsLogger:
         self._bar = None
         self.total_steps = total_steps
         if cfg.backend == "wandb":
-            self._wandb = _start_wandb(run_dir, cfg, config)
+            self._wandb = _start_wandb(run_dir, cfg, config, resuming=resuming)
         elif cfg.backend != "none":
             raise ValueError(f"logger.backend={cfg.backend!r} is not one of: none, wandb")
 
     def truncate_after(self, step: int) -> None:
-        """Drop rows with step > `step` (moved to metrics.orphaned.jsonl) before resuming."""
-        rows = read_metrics(self.path)
-        keep = [r for r in rows if r.get("step", 0) <= step]
-        orphaned = [r for r in rows if r.get("step", 0) > step]
-        if not orphaned and len(keep) == len(rows):
-            return
-        with open(self.run_dir / ORPHANED_FILE, "a") as f:
-            for row in orphaned:
-                f.write(json.dumps(row) + "\n")
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        os.replace(tmp, self.path)
-        log.info(
-            "resume: moved %d metric rows after step %d to %s", len(orphaned), step, ORPHANED_FILE
-        )
+        """Before a run continues from `step` (-1: starts afresh): rows of metrics.jsonl and
+        samples.jsonl after it belong to the abandoned trajectory and move to their
+        `.orphaned.jsonl` files (never deleted), and a torn last line is dropped, so that new
+        rows never land on it."""
+        for name, orphans in ((METRICS_FILE, ORPHANED_FILE), (SAMPLES_FILE, SAMPLES_ORPHANED)):
+            moved, torn = _truncate(self.run_dir / name, self.run_dir / orphans, step)
+            if moved or torn:
+                log.info(
+                    "resume: moved %d rows of %s after step %d to %s%s",
+                    moved,
+                    name,
+                    step,
+                    orphans,
+                    "; dropped a torn last line" if torn else "",
+                )
 
     def start_progress(self, initial: int) -> None:
         from tqdm.auto import tqdm
@@ -113,11 +149,11 @@ class MetricsLogger:
         self._file.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
         self._file.flush()
         if self._wandb is not None:
-            self._wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+            self._wandb.log(row)  # `step` is the x-axis metric (see _start_wandb)
 
     def log_samples(self, step: int, columns: list[str], rows: list[list[Any]]) -> None:
         """A table of generated samples: a wandb Table, and `samples.jsonl` beside the metrics."""
-        with open(self.run_dir / "samples.jsonl", "a") as f:
+        with open(self.run_dir / SAMPLES_FILE, "a") as f:
             for values in rows:
                 f.write(
                     json.dumps({"step": step, **dict(zip(columns, values, strict=False))}) + "\n"
@@ -125,7 +161,7 @@ class MetricsLogger:
         if self._wandb is not None:
             import wandb
 
-            self._wandb.log({"samples": wandb.Table(columns=columns, data=rows)}, step=step)
+            self._wandb.log({"step": step, "samples": wandb.Table(columns=columns, data=rows)})
 
     def close(self) -> None:
         if self._bar is not None:
@@ -143,7 +179,7 @@ def _wandb_has_key() -> bool:
     return netrc.exists() and "api.wandb.ai" in netrc.read_text()
 
 
-def _start_wandb(run_dir: Path, cfg: LoggerConfig, config: dict[str, Any]):
+def _start_wandb(run_dir: Path, cfg: LoggerConfig, config: dict[str, Any], *, resuming: bool):
     import wandb
 
     mode = cfg.mode
@@ -156,7 +192,7 @@ def _start_wandb(run_dir: Path, cfg: LoggerConfig, config: dict[str, Any]):
             )
     if mode not in ("online", "offline", "disabled"):
         raise ValueError(f"logger.mode={cfg.mode!r} is not one of: auto, online, offline")
-    return wandb.init(
+    run = wandb.init(
         project=cfg.project,
         entity=cfg.entity,
         name=cfg.run_name or run_dir.name,
@@ -164,14 +200,18 @@ def _start_wandb(run_dir: Path, cfg: LoggerConfig, config: dict[str, Any]):
         config=config,
         mode=mode,
         resume="allow",
-        id=_wandb_run_id(run_dir),
+        id=_wandb_run_id(run_dir, resuming=resuming),
     )
+    run.define_metric("step")
+    run.define_metric("*", step_metric="step")
+    return run
 
 
-def _wandb_run_id(run_dir: Path) -> str:
-    """One wandb run per run directory, so a resumed run continues the same wandb run."""
+def _wandb_run_id(run_dir: Path, *, resuming: bool) -> str:
+    """The run directory's wandb run when resuming from its checkpoint, so the resumed run
+    continues it; a new one otherwise."""
     id_file = run_dir / ".wandb_run_id"
-    if id_file.exists():
+    if resuming and id_file.exists():
         return id_file.read_text().strip()
     import uuid
 

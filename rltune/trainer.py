@@ -23,10 +23,11 @@ from typing import Any
 import torch
 
 from rltune.algos import BuildContext, build_algorithm
-from rltune.checkpoint import find_resume
+from rltune.checkpoint import find_resume, load_algo_state, set_aside_after
 from rltune.config import BatchPlan, ConfigError, RLTuneConfig, TrainConfig
 from rltune.distributed import (
     all_reduce_sum,
+    barrier,
     broadcast_object,
     deepspeed_config,
     deepspeed_enabled,
@@ -83,6 +84,34 @@ def lr_lambda(t: TrainConfig, max_steps: int):
         return t.min_lr_ratio + (1.0 - t.min_lr_ratio) * shape
 
     return factor
+
+
+IGNORED_CHANGES = ("train.resume", "train.fail_at_step", "train.max_steps", "train.epochs")
+"""Keys expected to differ when a run is resumed: not reported."""
+
+
+def config_changes(checkpoint: Path, config: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Keys (dotted) whose value in this run's config differs from the one in the checkpoint's
+    config.yaml, with (saved, now)."""
+    import yaml
+
+    def flat(node: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(node, dict):
+            return {prefix: node}
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(flat(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+
+    path = checkpoint / "config.yaml"
+    if not path.exists():
+        return {}
+    saved, now = flat(yaml.safe_load(path.read_text()) or {}), flat(config)
+    return {
+        key: (saved.get(key), now.get(key))
+        for key in sorted(saved.keys() | now.keys())
+        if saved.get(key) != now.get(key) and key not in IGNORED_CHANGES
+    }
 
 
 def seed_everything(seed: int) -> None:
@@ -211,24 +240,39 @@ def train(
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         engine = PlainEngine(trained, extra_models, optimizer, scheduler, t.max_grad_norm)
+    ckpt_root = run_dir / "checkpoints"
+    resume_from = find_resume(t.resume, ckpt_root)
     logger: Any = (
-        MetricsLogger(run_dir, cfg.logger, config=config_dict, total_steps=max_steps)
+        MetricsLogger(
+            run_dir,
+            cfg.logger,
+            config=config_dict,
+            total_steps=max_steps,
+            resuming=resume_from is not None,
+        )
         if d.main
         else NullLogger()
     )
-    ckpt_root = run_dir / "checkpoints"
 
     step, pending, total_tokens = 0, {}, 0.0
-    resume_from = find_resume(t.resume, ckpt_root)
     if resume_from is not None:
         state = engine.load(resume_from)
-        algo.load_state_dict(state["algo"])
+        algo.load_state_dict(load_algo_state(resume_from, d.rank, state, device))
         step, pending, total_tokens = state["step"], state["pending"], state["total_tokens"]
         log.info("resumed from %s at step %d", resume_from, step)
+        engine.apply_config()  # this run's lr, betas, eps and weight decay, not the saved ones
+        for key, (saved, now) in config_changes(resume_from, config_dict).items():
+            log.warning("resume: %s was %s in the checkpoint's run, is %s now", key, saved, now)
+    if d.main:
+        for name, path in set_aside_after(ckpt_root, step):
+            log.warning(
+                "checkpoint %s is past step %d, where this run starts: kept as %s", name, step, path
+            )
+    barrier()
     logger.truncate_after(step if resume_from is not None else -1)
 
     def snapshot() -> dict[str, Any]:
-        return {"algo": algo.state_dict(), "pending": pending, "total_tokens": total_tokens}
+        return {"pending": pending, "total_tokens": total_tokens}
 
     def evaluate(at: int) -> dict[str, Any]:
         with autocast(device, dtype):
@@ -298,23 +342,28 @@ def train(
                 row.update({k: total / count for k, (total, count) in pending.items()})
                 row.update(lr=step_lr, num_tokens=total_tokens)
                 if examples:
-                    row["epoch"] = step * plan.batch_size / examples
+                    row["epoch"] = algo.epoch()
                 pending = {}
             if (t.eval_every and step % t.eval_every == 0) or step == max_steps:
                 row.update(evaluate(step))
             if row:
                 logger.log({"step": step, **row})
-            if (t.save_every and step % t.save_every == 0) or stop.signum is not None:
+            signum = stop.signum
+            # one decision for all ranks (saving is collective): a signal to any stops all
+            if d.world_size > 1 and all_reduce_sum({"s": float(signum is not None)}, device)["s"]:
+                signum = signum or signal.SIGTERM
+            if (t.save_every and step % t.save_every == 0) or signum is not None:
                 saved = engine.save(
                     ckpt_root,
                     step,
                     trainer_state=snapshot(),
+                    algo_state=algo.state_dict(),
                     config_yaml=config_yaml,
                     keep=t.keep_checkpoints,
                 )
-                if stop.signum is not None:
+                if signum is not None:
                     logger.close()
-                    raise Interrupted(stop.signum, saved)
+                    raise Interrupted(signum, saved)
             if t.fail_at_step is not None and step == t.fail_at_step:
                 os._exit(FAIL_EXIT_CODE)
 

@@ -3,7 +3,15 @@ and nothing written is lost."""
 
 import json
 
-from rltune.checkpoint import STATE_FILE, _rotate, find_resume, list_checkpoints
+from rltune.checkpoint import (
+    STATE_FILE,
+    clear_temporaries,
+    find_resume,
+    list_checkpoints,
+    replace_dir,
+    rotate,
+    set_aside_after,
+)
 from rltune.config import LoggerConfig
 from rltune.logging import MetricsLogger, read_metrics
 
@@ -30,7 +38,7 @@ def test_numeric_order_and_rotation(tmp_path):
     for step in (2, 10, 100):
         _complete(tmp_path, step)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-2", "step-10", "step-100"]
-    _rotate(tmp_path, keep=2)
+    rotate(tmp_path, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-10", "step-100"]
 
 
@@ -47,3 +55,71 @@ def test_truncate_after_moves_rows_and_tolerates_a_torn_line(tmp_path):
     logger.log({"step": 5, "loss": float("nan")})
     logger.close()
     assert read_metrics(path)[-1] == {"step": 5, "loss": "nan"}
+
+
+def test_a_torn_last_line_is_dropped_before_new_rows_land_on_it(tmp_path):
+    """No rows to move, but the last line is torn: appending to it would glue the next row onto
+    the fragment, making the file unreadable."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0}\n{"step": 10}\n{"step": 20, "lo')
+    logger = MetricsLogger(tmp_path, LoggerConfig(), config={}, total_steps=30)
+    logger.truncate_after(10)
+    logger.log({"step": 11})
+    logger.close()
+    assert [r["step"] for r in read_metrics(path)] == [0, 10, 11]
+    assert path.read_text().endswith("\n")
+
+
+def test_samples_after_the_resumed_step_are_moved_too(tmp_path):
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(
+        "".join(json.dumps({"step": s, "completion": "x"}) + "\n" for s in (1, 5, 9))
+    )
+    MetricsLogger(tmp_path, LoggerConfig(), config={}, total_steps=10).truncate_after(5)
+    assert [r["step"] for r in read_metrics(samples)] == [1, 5]
+    assert [r["step"] for r in read_metrics(tmp_path / "samples.orphaned.jsonl")] == [9]
+
+
+def test_checkpoints_past_the_resumed_step_are_set_aside_not_deleted(tmp_path):
+    """Resuming from step 6 of a run that reached step 8: step-8 belongs to the abandoned
+    future. Left under its name it would outrank the new run's step-7 in rotation (deleting
+    the checkpoint just written) and in resume=auto."""
+    for step in (6, 8):
+        _complete(tmp_path, step)
+    moved = set_aside_after(tmp_path, 6)
+    assert moved == [("step-8", tmp_path / "step-8.superseded")]
+    assert (tmp_path / "step-8.superseded" / STATE_FILE).exists()
+    _complete(tmp_path, 7)
+    rotate(tmp_path, keep=1)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-7"]
+    assert find_resume("auto", tmp_path).name == "step-7"
+    _complete(tmp_path, 8)  # the same step superseded twice keeps both
+    set_aside_after(tmp_path, 7)
+    assert (tmp_path / "step-8.superseded-2").is_dir()
+
+
+def test_replace_dir_never_leaves_no_complete_copy(tmp_path):
+    """A crash between moving the old folder aside and renaming the new one into place leaves
+    .tmp-old-<name> as the only complete copy: the next save's cleanup puts it back."""
+    old, new = tmp_path / "step-4", tmp_path / ".tmp-step-4"
+    for folder, text in ((old, "old"), (new, "new")):
+        folder.mkdir()
+        (folder / "x").write_text(text)
+    replace_dir(new, old)
+    assert (old / "x").read_text() == "new" and not new.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-4"]
+    # the crash window, by hand: step-4 moved aside, the new copy not yet renamed
+    (tmp_path / "step-4").rename(tmp_path / ".tmp-old-step-4")
+    (tmp_path / ".tmp-step-4").mkdir()  # a half-written save
+    clear_temporaries(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-4"]
+    assert (old / "x").read_text() == "new"
+
+
+def test_wandb_run_continues_only_when_a_checkpoint_is_resumed(tmp_path):
+    from rltune.logging import _wandb_run_id
+
+    first = _wandb_run_id(tmp_path, resuming=False)
+    assert _wandb_run_id(tmp_path, resuming=True) == first
+    fresh = _wandb_run_id(tmp_path, resuming=False)  # a fresh start in the same folder
+    assert fresh != first and _wandb_run_id(tmp_path, resuming=True) == fresh

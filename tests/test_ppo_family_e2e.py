@@ -140,3 +140,36 @@ def test_entropy_bonus_from_hidden_states_trains_as_from_logits(tmp_path):
     for a, b in zip(fused, plain, strict=True):
         for key in ("loss", "entropy", "grad_norm", "ppo/policy_loss"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+
+
+def test_ppo_resumes_inside_a_rollout_exactly(tmp_path, cli):
+    """A rollout serves ppo_epochs x num_minibatches = 2 steps here (1, 3, 5 sample); the
+    checkpoint at step 3 holds the rollout's second minibatch step, and the epoch counts
+    prompts, not steps."""
+    common = [
+        "algo=ppo",
+        "data.train_size=24",
+        "train.max_steps=-1",
+        "train.epochs=1",
+        "train.batch_size=8",
+        "train.micro_batch_size=8",
+        "algo.group_size=2",
+        "algo.ppo_epochs=2",
+        "train.save_every=3",
+        "train.log_every=1",
+        "train.lr=1e-4",
+        "train.eval_samples=0",
+    ]
+    run([*common, f"hydra.run.dir={tmp_path / 'straight'}"])
+    crashed = tmp_path / "crashed"
+    proc = cli(*common, f"hydra.run.dir={crashed}", "train.fail_at_step=4")
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    run([*common, f"hydra.run.dir={crashed}", "train.resume=auto"])
+    a = {r["step"]: r for r in _rows(tmp_path / "straight")}
+    b = {r["step"]: r for r in _rows(crashed)}
+    # 24 prompts x 2 completions = 48 completions, 8 a step, each trained on twice: 12 steps
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    assert [a[s]["epoch"] for s in (1, 2, 12)] == [pytest.approx(4 / 24)] * 2 + [1.0]
+    for step in range(4, 13):
+        assert ("reward" in b[step]) == ("reward" in a[step])
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], abs=1e-6), step

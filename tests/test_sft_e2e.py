@@ -93,6 +93,35 @@ def test_resume_after_crash_reproduces_the_uninterrupted_run(tmp_path, cli):
     assert sorted(p.name for p in (crashed / "checkpoints").iterdir()) == ["step-12", "step-8"]
 
 
+def test_resume_from_an_older_checkpoint_with_a_new_lr(tmp_path):
+    """Going back to step 6 of a run that reached step 8, at a tenth of the lr: the new run's
+    checkpoints are not outranked by the abandoned step-8 (set aside, kept), and the new lr
+    applies (a checkpoint's optimizer state would otherwise bring the old one back)."""
+    common = ["model=tiny_init", "train.max_steps=8", "train.log_every=1", *FAST]
+    run_dir = tmp_path / "run"
+    run([*common, "train.save_every=2", "train.lr=1e-3", f"hydra.run.dir={run_dir}"])
+    old_lr = {r["step"]: r["lr"] for r in read_metrics(run_dir / "metrics.jsonl") if "lr" in r}
+    run(
+        [
+            *common,
+            "train.save_every=1",
+            "train.keep_checkpoints=1",
+            "train.lr=1e-4",
+            f"train.resume={run_dir / 'checkpoints' / 'step-6'}",
+            f"hydra.run.dir={run_dir}",
+        ]
+    )
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names == ["step-8", "step-8.superseded"]
+    log = (run_dir / "cli.log").read_text()
+    assert "resume: train.lr was 0.001 in the checkpoint's run, is 0.0001 now" in log
+    assert "checkpoint step-8 is past step 6, where this run starts: kept as" in log
+    new_lr = {r["step"]: r["lr"] for r in read_metrics(run_dir / "metrics.jsonl") if "lr" in r}
+    for step in (7, 8):  # the same point of the same schedule, from a tenth of the peak
+        assert new_lr[step] == pytest.approx(old_lr[step] / 10, rel=1e-9)
+    assert new_lr[6] == old_lr[6]
+
+
 def test_sigint_saves_a_checkpoint_and_resume_finishes(tmp_path):
     run_dir = tmp_path / "run"
     args = [

@@ -59,7 +59,12 @@ class Algorithm(Protocol):
         """Every model the pipeline holds, by role (policy, reference, ...), for the start log."""
 
     def examples_per_epoch(self) -> int | None:
-        """Training examples in one pass over the data, or None when batches are generated."""
+        """Training examples in one pass over the data, counted as `train.batch_size` counts a
+        step's (a rollout trained on for k steps counts k times), or None when batches are
+        generated; it sets the number of steps of `train.epochs`."""
+
+    def epoch(self) -> float:
+        """Passes over the training data so far (the data position, fractional)."""
 
     def next_batches(self, num_micro: int, micro_batch_size: int) -> list[Any]:
         """The micro-batches of the next optimizer step (advances the data position)."""
@@ -107,6 +112,9 @@ class AlgorithmBase:
 
     def report(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
         return {}, []
+
+    def epoch(self) -> float:
+        return self.stream.epochs_done  # type: ignore[attr-defined]
 
     def task_accuracy(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """eval/accuracy of greedy completions on the built-in task (`self.task`), and a few

@@ -238,13 +238,15 @@ class GRPO(OnlineAlgorithm):
         return loss, metrics
 
     def state_dict(self) -> dict[str, Any]:
-        return super().state_dict() | {"baseline": self.baseline}
+        # inside a rollout's mu steps the rollout itself is state: a resumed run reuses it
+        inside = 0 < self.buffer_uses < self.cfg.num_iterations
+        return super().state_dict() | {
+            "baseline": self.baseline,
+            "buffer": self.buffer if inside else [],
+            "buffer_uses": self.buffer_uses if inside else 0,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.baseline = state.get("baseline")
-        if self.cfg.num_iterations > 1 and self.steps % self.cfg.num_iterations:
-            log.warning(
-                "resumed inside a rollout's %d iterations: the next step samples a new rollout",
-                self.cfg.num_iterations,
-            )
+        self.buffer, self.buffer_uses = state.get("buffer", []), state.get("buffer_uses", 0)

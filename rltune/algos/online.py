@@ -383,7 +383,13 @@ class OnlineAlgorithm(AlgorithmBase):
         return roles
 
     def examples_per_epoch(self) -> int:
-        return len(self.prompts) * self.cfg.group_size  # completions
+        # completions, each trained on in `steps_per_rollout` steps
+        return len(self.prompts) * self.cfg.group_size * self.steps_per_rollout
+
+    @property
+    def steps_per_rollout(self) -> int:
+        """Optimizer steps that one step's worth of completions is trained in."""
+        return getattr(self.cfg, "num_iterations", 1)
 
     def report(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
         return self._report

@@ -184,6 +184,10 @@ class PPO(OnlineAlgorithm):
     def models(self) -> dict[str, torch.nn.Module]:
         return super().models() | {"value": self.critic}
 
+    @property
+    def steps_per_rollout(self) -> int:
+        return self.cfg.ppo_epochs  # each minibatch is a step, ppo_epochs times over
+
     def next_batches(self, num_micro: int, micro_batch_size: int) -> list[dict[str, Any]]:
         self.steps += 1
         bound = self.cfg.max_approx_kl
@@ -244,12 +248,15 @@ class PPO(OnlineAlgorithm):
         return {"policy": policy_loss, "value": value_loss}, metrics
 
     def state_dict(self) -> dict[str, Any]:
-        return super().state_dict() | {"kl_coef": self.kl_coef}
+        # the rollout's minibatches still to train on: a resumed run goes on with them
+        return super().state_dict() | {
+            "kl_coef": self.kl_coef,
+            "queue": self.queue,
+            "last_approx_kl": self.last_approx_kl,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.kl_coef = state["kl_coef"]
-        if self.steps % (self.cfg.ppo_epochs * self.cfg.num_minibatches):
-            log.warning(
-                "resumed inside a rollout's minibatches: the next step samples a new rollout"
-            )
+        self.queue = state.get("queue", [])
+        self.last_approx_kl = state.get("last_approx_kl", 0.0)

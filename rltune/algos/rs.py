@@ -88,6 +88,8 @@ class RejectionSampling(OnlineAlgorithm):
     # --- the Algorithm protocol -------------------------------------------------------------
 
     def examples_per_epoch(self) -> int:
+        # a step trains on batch_size accepted examples, one per prompt at most: train.epochs
+        # sets as many steps as if every prompt were accepted (the logged epoch is the real one)
         return len(self.prompts)
 
     def next_batches(self, num_micro: int, micro_batch_size: int) -> list[dict[str, Any]]:
