@@ -75,6 +75,14 @@ def test_precomputed_reference_is_reused_on_resume(tmp_path):
     run([*args[:-2], "train.max_steps=3", "train.resume=auto", f"hydra.run.dir={tmp_path}"])
     assert (tmp_path / "ref_logps.pt").stat().st_mtime_ns == stamp
     assert "reference: reusing" in (tmp_path / "cli.log").read_text()
+    # other pairs of the same number (another data seed): the cache is stale, not reused, and
+    # the policy starts equal to the reference again (loss log 2)
+    fresh = [*args[:-2], "data.seed=1", f"hydra.run.dir={tmp_path}"]
+    run(fresh)
+    log = (tmp_path / "cli.log").read_text()
+    assert "was made for other data or model, recomputing" in log
+    rows = _train_rows(tmp_path)
+    assert rows[0]["step"] == 1 and rows[0]["loss"] == pytest.approx(0.693147, abs=1e-5)
 
 
 def test_preference_row_without_rejected_fails_naming_file_and_row(tmp_path, cli):
@@ -177,3 +185,4 @@ def test_shared_prompt_row_gives_each_sides_log_probs_and_gradients(attention, f
 
     other = {**pairs[0], "rejected": dict(pairs[1]["rejected"])}  # a different prompt
     assert shared_prompt(pairs[0]) is not None and shared_prompt(other) is None
+

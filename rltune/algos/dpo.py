@@ -25,6 +25,7 @@ Logged metrics (means over the step's pairs):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,7 @@ class DPO(AlgorithmBase):
             "pairs": len(self.pairs),
             "eval_pairs": len(self.eval_pairs),
             "max_length": self.ctx.cfg.data.max_length,
+            "tokens": pairs_digest(self.pairs + self.eval_pairs),  # same size is not same data
         }
         if path.exists():
             cached = torch.load(path, weights_only=False)
@@ -162,9 +164,10 @@ class DPO(AlgorithmBase):
                     logps = self._reference_logps(batch)  # [2b]
                 out.append(torch.stack(logps.float().cpu().chunk(2), dim=1))  # [b, 2]
             cache[split] = torch.cat(out) if out else torch.zeros(0, 2)
-        tmp = path.with_suffix(".tmp")
-        torch.save(cache, tmp)
-        tmp.replace(path)  # atomic: a crash never leaves a half-written cache to be reused
+        if self.ctx.rank == 0:  # every rank computed the same; one writes
+            tmp = path.with_suffix(".tmp")
+            torch.save(cache, tmp)
+            tmp.replace(path)  # atomic: a crash never leaves a half-written cache to be reused
         return cache
 
     # --- forward and loss ---------------------------------------------------------------
@@ -294,6 +297,14 @@ class DPO(AlgorithmBase):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.stream.load_state_dict(state["stream"])
+
+
+def pairs_digest(pairs: list[dict]) -> str:
+    """A hash of the pairs' token ids, in order."""
+    digest = hashlib.sha256()
+    for pair in pairs:
+        digest.update(repr(sorted((k, v) for k, v in pair.items())).encode())
+    return digest.hexdigest()
 
 
 def response_logps(
