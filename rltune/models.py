@@ -223,9 +223,14 @@ def load_4bit(model_cfg: ModelConfig, *, dtype: torch.dtype, device: torch.devic
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
-def load_scalar_model(path: str, model_cfg: ModelConfig, *, device: torch.device) -> nn.Module:
+def load_scalar_model(
+    path: str, model_cfg: ModelConfig, *, device: torch.device, pad_token_id: int
+) -> nn.Module:
     """`AutoModelForSequenceClassification` with one output from `path` (a causal LM gets a new,
-    randomly initialised score head), fp32 weights: a reward model or PPO's value model."""
+    randomly initialised score head), fp32 weights: a reward model or PPO's value model.
+
+    Its config's pad_token_id becomes `pad_token_id`, the tokenizer's, which pads the batches:
+    the head scores each row's last token that is not that id."""
     from transformers import AutoModelForSequenceClassification
 
     kwargs = (
@@ -241,11 +246,14 @@ def load_scalar_model(path: str, model_cfg: ModelConfig, *, device: torch.device
         dtype=torch.float32,
         **kwargs,
     ).to(device)
-    if model.config.pad_token_id is None:
-        raise ConfigError(
-            f"{path}: the config has no pad_token_id, which a scalar-head model needs to find "
-            "each sequence's last token"
+    if model.config.pad_token_id != pad_token_id:
+        log.info(
+            "%s: pad_token_id %s -> %d (the tokenizer's padding)",
+            path,
+            model.config.pad_token_id,
+            pad_token_id,
         )
+        model.config.pad_token_id = pad_token_id
     return model
 
 
@@ -254,10 +262,11 @@ def load_reward_model(
     peft_cfg: PeftConfig,
     *,
     device: torch.device,
+    pad_token_id: int,
     gradient_checkpointing: bool = False,
 ) -> nn.Module:
     """A trainable reward model initialised from model.path (see `load_scalar_model`)."""
-    model = load_scalar_model(model_cfg.path, model_cfg, device=device)
+    model = load_scalar_model(model_cfg.path, model_cfg, device=device, pad_token_id=pad_token_id)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if peft_cfg.method == "qlora":
@@ -267,9 +276,11 @@ def load_reward_model(
     return model
 
 
-def load_value_model(path: str, model_cfg: ModelConfig, *, device: torch.device) -> nn.Module:
+def load_value_model(
+    path: str, model_cfg: ModelConfig, *, device: torch.device, pad_token_id: int
+) -> nn.Module:
     """PPO's critic: a scalar-head model from a reward model or the policy's base, fully trained."""
-    return load_scalar_model(path, model_cfg, device=device)
+    return load_scalar_model(path, model_cfg, device=device, pad_token_id=pad_token_id)
 
 
 NO_LOGITS = torch.zeros(0, dtype=torch.long)

@@ -186,3 +186,29 @@ def test_shared_prompt_row_gives_each_sides_log_probs_and_gradients(attention, f
     other = {**pairs[0], "rejected": dict(pairs[1]["rejected"])}  # a different prompt
     assert shared_prompt(pairs[0]) is not None and shared_prompt(other) is None
 
+
+def test_scalar_head_scores_the_last_token_before_the_tokenizers_padding(tmp_path):
+    """A model whose config names another pad id (here none) than the tokenizer's: the head
+    would score a padding position of every padded row. Loading makes them agree, so a padded
+    row scores as it does alone."""
+    import shutil
+
+    from rltune.config import ModelConfig
+    from rltune.models import SHIPPED, load_scalar_model, load_tokenizer
+
+    folder = tmp_path / "model"
+    shutil.copytree(SHIPPED["tiny"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "pad_token_id": None}))
+    tok = load_tokenizer(ModelConfig())
+    torch.manual_seed(0)
+    model = load_scalar_model(
+        str(folder), ModelConfig(), device=torch.device("cpu"), pad_token_id=tok.pad_token_id
+    ).eval()
+    assert model.config.pad_token_id == tok.pad_token_id
+    short, long = tok("1+1=2").input_ids, tok("12+34=46").input_ids
+    padded = torch.tensor([short + [tok.pad_token_id] * (len(long) - len(short)), long])
+    with torch.no_grad():
+        batch = model(input_ids=padded, attention_mask=(padded != tok.pad_token_id).long()).logits
+        alone = model(input_ids=torch.tensor([short])).logits
+    torch.testing.assert_close(batch[0], alone[0])

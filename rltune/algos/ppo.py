@@ -74,7 +74,9 @@ class PPO(OnlineAlgorithm):
             raise ConfigError("algo.critic_init=reward needs reward.model_path")
         super().__init__(cfg, ctx)
         path = reward_cfg.model_path if source == "reward" else ctx.cfg.model.path
-        self.critic = load_value_model(path, ctx.cfg.model, device=ctx.device)
+        self.critic = load_value_model(
+            path, ctx.cfg.model, device=ctx.device, pad_token_id=self.tokenizer.pad_token_id
+        )
         self.kl_coef = cfg.kl_coef
         self.queue: list[list[dict[str, Any]]] = []  # minibatches left from the current rollout
         self.last_approx_kl = 0.0

@@ -65,6 +65,7 @@ class RewardModelTraining(AlgorithmBase):
             ctx.cfg.model,
             ctx.cfg.peft,
             device=ctx.device,
+            pad_token_id=self.tokenizer.pad_token_id,
             gradient_checkpointing=ctx.cfg.train.gradient_checkpointing,
         )
         self.stream = IndexStream(

@@ -34,6 +34,9 @@ class RewardModelScorer:
             )
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        # the head scores each row's last token that is not the config's pad id: make it the
+        # id the batches are padded with
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.to(device).eval().requires_grad_(False)
         self.device = device
         self.batch_size = batch_size
