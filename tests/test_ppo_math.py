@@ -1,6 +1,7 @@
 """PPO, RLOO and REINFORCE pure functions against values worked out by hand."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -107,3 +108,51 @@ def test_explained_variance():
     mask = torch.ones(1, 4)
     assert explained_variance(target, target, mask) == pytest.approx(1.0)
     assert explained_variance(torch.full((1, 4), 2.5), target, mask) == pytest.approx(0.0)
+
+
+def _rs_stub(rewards, truncated, threshold=0.5):
+    """A RejectionSampling with its sampling replaced: 2 prompts x 2 completions whose rewards
+    and truncation are given, completion k of prompt i being the single token 10 * i + k."""
+    from rltune.algos.rs import RejectionSampling
+
+    rs = object.__new__(RejectionSampling)
+    rs.cfg = SimpleNamespace(group_size=2, prompts_per_round=2, threshold=threshold)
+    rs.accepted, rs.rounds = [], 0
+    prompts = [SimpleNamespace(ids=[1]), SimpleNamespace(ids=[2])]
+    rollout = SimpleNamespace(
+        completion_ids=torch.tensor([[0], [1], [10], [11]]),
+        completion_mask=torch.ones(4, 1, dtype=torch.long),
+        truncated=torch.tensor(truncated),
+    )
+    scores = SimpleNamespace(total=torch.tensor(rewards))
+    rs.sample_prompts = lambda n: (prompts, rollout, scores, {})
+    rs.rollout_metrics = lambda rollout, scores: {"reward": float(scores.total.mean())}
+    return rs
+
+
+def test_rejection_sampling_keeps_the_best_finished_completion():
+    """Prompt 0: the best (0.9) was truncated, the other (0.7) finished and passes: it is kept.
+    Prompt 1: the only passing one (0.8) was truncated: nothing is kept."""
+    rs = _rs_stub([0.7, 0.9, 0.8, 0.1], [False, True, True, False])
+    metrics = rs._round()
+    assert rs.accepted == [([1], [0])]
+    assert metrics["acceptance_rate"] == 0.5
+
+
+def test_rejection_sampling_reports_the_mean_over_a_steps_rounds():
+    """Two rounds are needed for 2 accepted examples (one a round); the step reports their mean
+    reward (0.625 and 0.475), not the last round's alone."""
+    rs = _rs_stub([0.7, 0.9, 0.8, 0.1], [False, True, True, False])
+    rs.steps, rs.ctx = 0, SimpleNamespace(device=torch.device("cpu"))
+    rs._collate = lambda examples: examples
+    rounds = [
+        _rs_stub(r, [False, True, True, False]).sample_prompts(2)
+        for r in ([0.7, 0.9, 0.8, 0.1], [0.2, 0.3, 0.4, 1.0])
+    ]
+    rs.sample_prompts = lambda n: rounds.pop(0)
+    batches = rs.next_batches(1, 2)
+    metrics, _ = rs.report()
+    assert batches == [[([1], [0]), ([2], [11])]]
+    assert metrics["acceptance_rate"] == 0.5
+    assert metrics["reward"] == pytest.approx((0.625 + 0.475) / 2)
+    assert metrics["rounds"] == 2.0

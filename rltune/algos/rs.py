@@ -1,8 +1,8 @@
 """Rejection-sampling fine-tuning (expert iteration, RAFT): sample, keep the best, fine-tune.
 
 One round samples algo.group_size completions for each of algo.prompts_per_round prompts, scores
-them with the reward functions, and keeps each prompt's best completion when its reward reaches
-algo.threshold. The kept (prompt, completion) pairs are trained on with the SFT loss (token NLL
+them with the reward functions, and keeps each prompt's best completion that finished (was not
+truncated) when its reward reaches algo.threshold. The kept (prompt, completion) pairs are trained on with the SFT loss (token NLL
 of the completion, normalised by the step's completion tokens) until they run out; then the next
 round samples from the improved policy.
 
@@ -49,14 +49,17 @@ class RejectionSampling(OnlineAlgorithm):
         g = self.cfg.group_size
         prompts, rollout, scores, timing = self.sample_prompts(self.cfg.prompts_per_round)
         rewards = scores.total.view(-1, g)  # [prompts, g]
-        best = rewards.nan_to_num(float("-inf")).max(-1)  # values, indices [prompts]
+        # the best completion that finished: a truncated one is never kept
+        finished = ~rollout.truncated.view(-1, g).to(rewards.device)
+        eligible = rewards.nan_to_num(float("-inf")).masked_fill(~finished, float("-inf"))
+        best = eligible.max(-1)  # values, indices [prompts]
         lengths = rollout.completion_mask.sum(-1).tolist()
         kept = []
         for i, (value, j) in enumerate(
             zip(best.values.tolist(), best.indices.tolist(), strict=True)
         ):
             row = i * g + j
-            if value >= self.cfg.threshold and not rollout.truncated[row]:
+            if value >= self.cfg.threshold:  # -inf (none finished) never reaches it
                 completion = rollout.completion_ids[row, : lengths[row]].tolist()
                 kept.append((prompts[i].ids, completion))
         order = torch.randperm(len(kept)).tolist()
@@ -95,18 +98,22 @@ class RejectionSampling(OnlineAlgorithm):
     def next_batches(self, num_micro: int, micro_batch_size: int) -> list[dict[str, Any]]:
         self.steps += 1
         need = num_micro * micro_batch_size
-        metrics: dict[str, float] = {}
+        rounds: list[dict[str, float]] = []
         empty = 0
         # every rank samples as many rounds as the neediest one: generation is collective under
         # ZeRO-3, so ranks must not sample different numbers of rounds
         while all_reduce_sum({"short": float(len(self.accepted) < need)}, self.ctx.device)["short"]:
-            metrics = self._round()
-            empty = empty + 1 if metrics["acceptance_rate"] == 0 else 0
+            rounds.append(self._round())
+            empty = empty + 1 if rounds[-1]["acceptance_rate"] == 0 else 0
             if empty >= MAX_EMPTY_ROUNDS:
                 raise RuntimeError(
                     f"rs: {MAX_EMPTY_ROUNDS} rounds in a row accepted no completion with reward >= "
                     f"algo.threshold={self.cfg.threshold}; lower the threshold or check the rewards"
                 )
+        # the step's rounds (of equal size) averaged; `rounds` is the count so far
+        metrics = {k: sum(r[k] for r in rounds) / len(rounds) for k in rounds[0]} if rounds else {}
+        if rounds:
+            metrics["rounds"] = float(self.rounds)
         self._report = (metrics, [])
         taken, self.accepted = self.accepted[:need], self.accepted[need:]
         return [
