@@ -235,9 +235,9 @@ class GRPOConfig:
     estimator: str = "grpo"
     """Baseline subtracted from each reward: grpo (group mean), rloo (mean of the group's other samples), reinforce (running mean of past rewards)."""
     scale_rewards: str = "group"
-    """Divide the centred rewards by the std of the group (group, grpo only), of the batch (batch; REINFORCE++), or not (none: Dr. GRPO, RLOO)."""
+    """Divide the centred rewards by the std of the group (group, grpo only), of the batch (batch; REINFORCE++: whitening subtracts the batch mean, so reinforce's running baseline cancels), or not (none: Dr. GRPO, RLOO)."""
     baseline_momentum: float = 0.9
-    """reinforce: weight of the old running mean when a batch's mean reward is folded in."""
+    """reinforce: weight of the old running mean when a batch's mean reward is folded in (it matters with scale_rewards=none only)."""
     loss_agg: str = "token_mean"
     """token_mean (DAPO: over the step's completion tokens), seq_mean_token_mean (GRPO) or seq_mean_token_sum_norm (Dr. GRPO)."""
     epsilon: float = 0.2
@@ -247,9 +247,9 @@ class GRPOConfig:
     kl_coef: float = 0.0
     """Weight of the k3 KL to the reference in the loss; 0 builds no reference model."""
     importance_level: str = "token"
-    """token (one ratio per token) or sequence (GSPO: one length-normalised ratio per completion)."""
+    """token (one ratio per token) or sequence (GSPO: one length-normalised ratio per completion; the paper pairs it with loss_agg=seq_mean_token_mean and epsilon 3e-4 / epsilon_high 4e-4)."""
     filter_zero_std: bool = False
-    """Drop groups whose rewards are all equal before the update (DAPO's dynamic sampling)."""
+    """Drop groups whose rewards are all equal before the update (DAPO's filter, without its resampling: the step trains on fewer groups)."""
     num_iterations: int = 1
     """Optimizer steps per rollout batch (mu); above 1 the rollout's log-probs are stored as old log-probs."""
     mask_truncated: bool = False
