@@ -68,33 +68,57 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
-def resolve_path(path: str) -> str:
-    """Map a shipped model name to its folder; pass anything else through (hub id or path)."""
+def resolve_path(path: str, key: str = "model.path") -> str:
+    """Map a shipped model name to its folder; pass anything else through (hub id or path).
+    A missing local folder is a ConfigError naming `key`."""
     if path in SHIPPED:
         folder = SHIPPED[path]
         if not (folder / "config.json").exists():
             raise ConfigError(
-                f"model.path={path}: the shipped model is missing at {folder}; "
+                f"{key}={path}: the shipped model is missing at {folder}; "
                 "rebuild it with `python scripts/make_tiny_model.py`"
             )
         return str(folder)
     # "org/name" is a hub id; only an explicit filesystem path that is missing is an error here
     # (a missing hub id fails in from_pretrained, with the hub's own message)
-    if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().exists():
-        raise ConfigError(f"model.path={path}: no such folder")
-    return str(Path(path).expanduser()) if path.startswith("~") else path
+    local = Path(path).expanduser()
+    if path.startswith(("/", "./", "../", "~")) and not local.exists():
+        raise ConfigError(f"{key}={path}: no such folder")
+    return str(local) if path.startswith("~") else path
+
+
+def check_model_folder(path: str, key: str, *, scalar_head: bool = False) -> None:
+    """Before anything loads: a local folder given as a model must hold a Hugging Face config
+    (and, for `scalar_head`, one of a sequence-classification model: a reward model)."""
+    folder = Path(resolve_path(path, key))
+    if not folder.is_dir():
+        return  # a hub id: from_pretrained reports its own errors
+    config = folder / "config.json"
+    if not config.exists():
+        raise ConfigError(f"{key}={path}: no config.json there; not a Hugging Face model folder")
+    if scalar_head:
+        import json
+
+        architectures = json.loads(config.read_text()).get("architectures") or []
+        if architectures and not any(
+            a.endswith("ForSequenceClassification") for a in architectures
+        ):
+            raise ConfigError(
+                f"{key}={path}: a {architectures[0]}, not a reward model (a sequence-"
+                "classification model with one output; train one with algo=rm)"
+            )
 
 
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
-    path = resolve_path(cfg.tokenizer_path or cfg.path)
     key = "model.tokenizer_path" if cfg.tokenizer_path else "model.path"
+    path = resolve_path(cfg.tokenizer_path or cfg.path, key)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
         )
-    except OSError as err:  # not on the hub, no network, gated, or not a model folder
+    except (OSError, ValueError) as err:  # not on the hub, no network, gated, no tokenizer
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         offline = (
             " (HF_HUB_OFFLINE is set: only local files and the cache are used)"

@@ -120,3 +120,45 @@ def test_none_is_not_applicable_not_an_error():
     out = rewards.score(fns, ["p"] * 2, ["skip", "ok"], {}, timeout_s=1)
     assert out.errors == {"some": 0, "flaky": 0}
     assert out.total.tolist() == [1.0, 3.0]  # "skip": only flaky's 1.0 counts
+
+
+def test_numpy_torch_and_bool_values_are_numbers():
+    """A user function returning numpy floats, one-element tensors, bools or a whole tensor is
+    scored, not counted as failing on every sample."""
+    import numpy as np
+    import torch
+
+    fns = [
+        rewards.RewardFunction("np", lambda p, c, **k: [np.float32(0.5), np.int64(1)], 1.0),
+        rewards.RewardFunction("pt", lambda p, c, **k: [torch.tensor(2.0), True], 1.0),
+        rewards.RewardFunction("vec", lambda p, c, **k: torch.tensor([1.0, 0.0]), 1.0),
+    ]
+    scores = rewards.score(fns, ["p", "q"], ["a", "b"], {}, timeout_s=5)
+    assert scores.errors == {"np": 0, "pt": 0, "vec": 0}
+    assert scores.total.tolist() == [3.5, 2.0]
+
+
+def test_a_function_failing_on_every_sample_stops_the_run_after_three_rollouts():
+    """A signature without **columns fails whenever there are columns: every sample fails, the
+    rewards are all missing and nothing would train. Three such rollouts in a row stop the run
+    (a rollout it scores resets the count)."""
+    broken = rewards.RewardFunction("noargs", lambda prompts, completions: [1.0], 1.0)
+    failing = rewards.score([broken], ["p", "q"], ["a", "b"], {"answer": [1, 2]}, timeout_s=5)
+    fine = rewards.score([broken], ["p"], ["a"], {}, timeout_s=5)
+    assert failing.errors["noargs"] == 2 and fine.errors["noargs"] == 0
+    assert "TypeError" in failing.last_error["noargs"]
+    watch = rewards.FailureWatch()
+    for scores, n in ((failing, 2), (failing, 2), (fine, 1), (failing, 2), (failing, 2)):
+        watch.update(scores, n)
+    with pytest.raises(rewards.RewardError, match="noargs failed on every sample of 3 rollouts"):
+        watch.update(failing, 2)
+
+
+def test_a_checker_without_an_answer_column_fails_before_loading(tmp_path, cli):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "1+1="}\n{"prompt": "2+2="}\n')
+    proc = cli("data=custom", f"data.path={data}", f"hydra.run.dir={tmp_path / 'run'}", timeout=60)
+    assert proc.returncode == 2, proc.stderr[-1500:]
+    assert "arith compares each completion with the row's 'answer' column" in proc.stderr
+    assert str(data) in proc.stderr
+    assert "Loading weights" not in proc.stderr  # before any model loaded

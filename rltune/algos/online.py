@@ -85,6 +85,12 @@ class OnlineAlgorithm(AlgorithmBase):
 
         self.tokenizer = load_tokenizer(c.model)
         self.prompts = self._encode(train, "train")
+        rewards.check_columns(
+            self.reward_fns,
+            [p.columns for p in self.prompts],
+            f"data.path={c.data.path}" if c.data.path is not None else f"data.task={c.data.task}",
+        )
+        self.reward_watch = rewards.FailureWatch()
         self.eval_prompts = self._encode(eval_part[0], "eval") if eval_part else []
         self.policy = load_policy(
             c.model,
@@ -225,13 +231,15 @@ class OnlineAlgorithm(AlgorithmBase):
             ids[:n] for ids, n in zip(rollout.completion_ids.tolist(), lengths, strict=True)
         ]
         columns["truncated"] = rollout.truncated.tolist()
-        return rewards.score(
+        scores = rewards.score(
             self.reward_fns,
             [p.prompt for p in prompts for _ in range(group_size)],
             rollout.completions,
             columns,
             timeout_s=self.ctx.cfg.reward.timeout_s,
         )
+        self.reward_watch.update(scores, len(rollout.completions))
+        return scores
 
     def completion_logps(
         self,

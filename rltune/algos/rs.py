@@ -23,6 +23,7 @@ from rltune.algos import BuildContext
 from rltune.algos.online import OnlineAlgorithm
 from rltune.config import RSConfig
 from rltune.distributed import all_reduce_sum
+from rltune.rewards import RewardError
 from rltune.rollout import left_pad, position_ids
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ class RejectionSampling(OnlineAlgorithm):
             rounds.append(self._round())
             empty = empty + 1 if rounds[-1]["acceptance_rate"] == 0 else 0
             if empty >= MAX_EMPTY_ROUNDS:
-                raise RuntimeError(
+                raise RewardError(
                     f"rs: {MAX_EMPTY_ROUNDS} rounds in a row accepted no completion with reward >= "
                     f"algo.threshold={self.cfg.threshold}; lower the threshold or check the rewards"
                 )

@@ -25,6 +25,7 @@ import importlib
 import importlib.util
 import logging
 import math
+import numbers
 import os
 import re
 import sys
@@ -52,6 +53,8 @@ class RewardFunction:
     name: str
     fn: RewardFn
     weight: float
+    needs: tuple[str, ...] = ()
+    """Data columns without which it scores nothing (the built-in checkers need `answer`)."""
 
 
 @dataclass
@@ -62,6 +65,47 @@ class RewardScores:
     """Per function, its value per sample (None: not applicable or failed)."""
     errors: dict[str, int]
     """Per function, how many samples failed (exception, timeout or a bad return value)."""
+    last_error: dict[str, str]
+    """Per function that failed, what its last failure said."""
+
+
+class RewardError(ConfigError):
+    """A reward function that cannot score this run: it fails on every sample, step after
+    step, or the data lacks the column it reads."""
+
+
+FAILING_STEPS = 3
+"""Steps in a row in which a reward function fails on every sample before the run stops."""
+
+
+class FailureWatch:
+    """Stops a run whose reward function fails on every sample for FAILING_STEPS steps in a
+    row: its rewards are all missing, so the run would train on nothing while looking alive."""
+
+    def __init__(self) -> None:
+        self.streak: dict[str, int] = {}
+
+    def update(self, scores: RewardScores, n: int) -> None:
+        for name, failed in scores.errors.items():
+            self.streak[name] = self.streak.get(name, 0) + 1 if n and failed == n else 0
+            if self.streak[name] >= FAILING_STEPS:
+                raise RewardError(
+                    f"reward function {name} failed on every sample of {FAILING_STEPS} rollouts "
+                    f"in a row; the last failure: {scores.last_error.get(name, '?')}"
+                )
+
+
+def check_columns(functions: list[RewardFunction], rows: list[dict[str, Any]], where: str) -> None:
+    """Raise RewardError when a function's needed column is in none of `rows` (every reward
+    would be missing and nothing would train)."""
+    for f in functions:
+        for column in f.needs:
+            if not any(row.get(column) is not None for row in rows):
+                raise RewardError(
+                    f"reward.funcs: {f.name} compares each completion with the row's "
+                    f"'{column}' column, and no row of {where} has one; add the column or "
+                    "choose other reward functions"
+                )
 
 
 def builtin_names() -> list[str]:
@@ -88,21 +132,26 @@ def resolve(cfg: RewardConfig, *, max_new_tokens: int) -> list[RewardFunction]:
         raise ConfigError(f"reward.funcs={names} names a function twice")
     if not cfg.timeout_s > 0:
         raise ConfigError(f"reward.timeout_s={cfg.timeout_s} must be > 0")
-    if cfg.model_path is not None:
-        from rltune.models import resolve_path
+    if cfg.model_batch_size < 1:
+        raise ConfigError(f"reward.model_batch_size={cfg.model_batch_size} must be >= 1")
+    if cfg.model_path is not None:  # a missing or wrong local folder fails now, not after
+        from rltune.models import check_model_folder  # the policy has loaded
 
-        try:  # a missing local folder fails now, not after the policy has loaded
-            resolve_path(cfg.model_path)
-        except ConfigError as err:
-            raise ConfigError(str(err).replace("model.path=", "reward.model_path=")) from None
+        check_model_folder(cfg.model_path, "reward.model_path", scalar_head=True)
     # metrics name a user function by its function name (rewards/my_reward/mean), like TRL,
     # unless two share one
     short = [n.rpartition(":")[2] for n in names]
     labels = [s if short.count(s) == 1 else n for s, n in zip(short, names, strict=True)]
     return [
-        RewardFunction(label, _make(name, cfg, max_new_tokens), weight)
+        RewardFunction(label, _make(name, cfg, max_new_tokens), weight, _needs(name))
         for name, label, weight in zip(names, labels, weights, strict=False)
     ]
+
+
+def _needs(name: str) -> tuple[str, ...]:
+    from rltune.evaluation import TASKS
+
+    return ("answer",) if name in TASKS or name == "math_answer" else ()
 
 
 def load_model_reward(
@@ -195,6 +244,10 @@ def call_with_timeout(fn, timeout_s: float, *args: Any, **kwargs: Any) -> Any:
 
 
 def _checked(values: Any, n: int) -> list[float | None]:
+    """One float or None per completion, from a list or tuple (or a 1-D tensor or array) of
+    numbers: Python's, numpy's, bools, or one-element tensors."""
+    if hasattr(values, "tolist") and getattr(values, "ndim", None) == 1:  # tensor, array
+        values = values.tolist()
     if not isinstance(values, list | tuple) or len(values) != n:
         size = len(values) if hasattr(values, "__len__") else "no"
         raise TypeError(f"returned {type(values).__name__} of {size} items for {n} completions")
@@ -203,7 +256,9 @@ def _checked(values: Any, n: int) -> list[float | None]:
         if v is None:
             out.append(None)
             continue
-        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        if (isinstance(v, torch.Tensor) and v.numel() == 1) or getattr(v, "ndim", None) == 0:
+            v = v.item()  # a one-element tensor, a numpy scalar
+        if not isinstance(v, numbers.Real) or not math.isfinite(v):
             raise TypeError(f"returned {v!r}; expected a finite number or None")
         out.append(float(v))
     return out
@@ -215,16 +270,17 @@ def _call(
     completions: list[str],
     columns: dict[str, list[Any]],
     timeout_s: float,
-) -> tuple[list[float | None], list[bool]]:
-    """(values, failed) for one function over the batch, falling back to one sample at a time."""
+) -> tuple[list[float | None], list[bool], str | None]:
+    """(values, failed, the last failure's message) for one function over the batch, falling
+    back to one sample at a time."""
     n = len(completions)
     if f.name == MODEL_REWARD:
         # rltune's own reward model runs in this thread: under ZeRO-3 its forward passes are
         # collective, and a call abandoned by a timeout on one rank would hang the others
-        return _checked(f.fn(prompts, completions, **columns), n), [False] * n
+        return _checked(f.fn(prompts, completions, **columns), n), [False] * n, None
     try:
         values = call_with_timeout(f.fn, timeout_s, prompts, completions, **columns)
-        return _checked(values, n), [False] * n
+        return _checked(values, n), [False] * n, None
     except Exception as err:  # noqa: BLE001 - a reward function must never stop the run
         log.warning(
             "reward %s failed on the batch (%s: %s); retrying per sample",
@@ -232,7 +288,7 @@ def _call(
             type(err).__name__,
             err,
         )
-    values, failed = [], []
+    values, failed, last = [], [], None
     for i in range(n):
         try:
             one = call_with_timeout(
@@ -244,10 +300,11 @@ def _call(
             )
             values.append(_checked(one, 1)[0])
             failed.append(False)
-        except Exception:  # noqa: BLE001
+        except Exception as err:  # noqa: BLE001
             values.append(None)
             failed.append(True)
-    return values, failed
+            last = f"{type(err).__name__}: {err}"
+    return values, failed, last
 
 
 def score(
@@ -263,14 +320,16 @@ def score(
     total = torch.zeros(n)
     has_value = torch.zeros(n, dtype=torch.bool)
     broken = torch.zeros(n, dtype=torch.bool)
-    values, errors = {}, {}
+    values, errors, last_error = {}, {}, {}
     for f in functions:
-        vals, failed = _call(f, prompts, completions, columns, timeout_s)
+        vals, failed, last = _call(f, prompts, completions, columns, timeout_s)
         values[f.name], errors[f.name] = vals, sum(failed)
+        if last is not None:
+            last_error[f.name] = last
         for i, v in enumerate(vals):
             if v is not None:
                 total[i] += f.weight * v
                 has_value[i] = True
         broken |= torch.tensor(failed, dtype=torch.bool)
     total[~has_value | broken] = float("nan")
-    return RewardScores(total=total, values=values, errors=errors)
+    return RewardScores(total=total, values=values, errors=errors, last_error=last_error)

@@ -19,11 +19,11 @@ class RewardModelScorer:
 
         from rltune.models import resolve_path
 
-        folder = resolve_path(path)
+        folder = resolve_path(path, "reward.model_path")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(folder)
             self.model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=dtype)
-        except OSError as err:
+        except (OSError, ValueError) as err:
             raise ConfigError(
                 f"reward.model_path={path}: cannot load a reward model: {err}"
             ) from None
