@@ -108,8 +108,46 @@ def _task(cfg: DictConfig) -> None:
         sys.exit(128 + stop.signum)
 
 
+def check_override_keys(args: list[str]) -> None:
+    """Unknown keys in `section.key=value` overrides, found before Hydra composes (Hydra would
+    fail with its own message and status 1): ConfigError naming the key and the closest
+    valid one. `algo.*` keys are checked against every algorithm's settings, since recipes may
+    choose the algorithm."""
+    from rltune import config
+
+    # section -> its dataclass (the fields' annotations are the classes' names)
+    sections = {
+        f.name: getattr(config, str(f.type), None) for f in dataclasses.fields(RLTuneConfig)
+    }
+    for arg in args:
+        key, eq, _ = arg.partition("=")
+        if not eq or key.startswith(("-", "+", "~", "hydra")) or "." not in key:
+            continue
+        section, _, rest = key.partition(".")
+        name = rest.split(".")[0]
+        if section == "algo":
+            algos = config.ALGO_CONFIGS.values()
+            allowed = sorted({f.name for c in algos for f in dataclasses.fields(c)})
+        elif dataclasses.is_dataclass(sections.get(section)):
+            allowed = [f.name for f in dataclasses.fields(sections[section])]
+        else:
+            continue
+        if name not in allowed:
+            close = difflib.get_close_matches(name, allowed, n=1)
+            hint = f" Did you mean '{section}.{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"Unknown config key '{section}.{name}'.{hint} Valid keys here: "
+                f"{', '.join(allowed)}"
+            )
+
+
 def main() -> None:
     """Console entry point (`rltune ...`, `python -m rltune ...`)."""
+    try:
+        check_override_keys(sys.argv[1:])
+    except ConfigError as err:
+        print(f"rltune: error: {err}", file=sys.stderr)
+        sys.exit(CONFIG_ERROR_EXIT)
     register_configs()
     app = hydra.main(config_path=str(conf_dir()), config_name="config", version_base=None)(_task)
     app()

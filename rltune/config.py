@@ -17,6 +17,7 @@ micro_batch_size * grad_accum * world_size. The resolved numbers are logged at s
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -211,6 +212,15 @@ class DPOConfig:
     share_prompt: bool = True
     """One row per pair: the prompt once, then the chosen and the rejected response, which do not see each other (a 4-D attention mask); false gives each side its own row."""
 
+    def check(self) -> None:
+        """Value checks run before anything is loaded; ConfigError names the key."""
+        if not self.beta > 0:
+            raise ConfigError(f"algo.beta={self.beta} must be > 0 (at 0 the loss has no gradient)")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"algo.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+        if self.sft_weight < 0:
+            raise ConfigError(f"algo.sft_weight={self.sft_weight} must be >= 0")
+
 
 @dataclass
 class RMConfig:
@@ -353,6 +363,17 @@ class PPOConfig:
             raise ConfigError("algo.kl_coef must be >= 0 and algo.gamma, algo.lam in [0, 1]")
         if self.adaptive_kl and self.kl_coef == 0:
             raise ConfigError("algo.adaptive_kl=true needs algo.kl_coef > 0 to adapt")
+        if self.adaptive_kl and not self.target_kl > 0:
+            raise ConfigError(f"algo.target_kl={self.target_kl} must be > 0")
+        if not self.epsilon > 0 or not self.cliprange_value > 0 or self.vf_coef < 0:
+            raise ConfigError(
+                f"algo.epsilon={self.epsilon} and algo.cliprange_value={self.cliprange_value} "
+                f"must be > 0, algo.vf_coef={self.vf_coef} >= 0"
+            )
+        for key in ("critic_lr", "max_approx_kl"):
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                raise ConfigError(f"algo.{key}={value} must be > 0 (or null)")
 
 
 @dataclass
@@ -556,6 +577,27 @@ CHOICES: dict[str, tuple[str, ...]] = {
 """Keys whose value must be one of a fixed set, checked before anything is loaded."""
 
 
+ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+"""transformers' attention implementations (it also takes hub kernels named org/name)."""
+
+
+def check_algorithm(algo: Any) -> None:
+    """algo.name must name an algorithm whose config class is the one composed (algo=sft
+    algo.name=dpo would run DPO on SFT's settings)."""
+    configs = {**ALGO_CONFIGS, "rloo": GRPOConfig, "reinforce": GRPOConfig}  # GRPO's variants
+    expected = configs.get(algo.name)
+    if expected is None:
+        raise ConfigError(
+            f"algo.name={algo.name!r} is not one of: {', '.join(configs)} "
+            "(choose the algorithm with algo=NAME)"
+        )
+    if not isinstance(algo, expected):
+        raise ConfigError(
+            f"algo.name={algo.name!r} does not match the composed algo group "
+            f"({type(algo).__name__}); choose the algorithm with algo={algo.name}"
+        )
+
+
 def validate(cfg: RLTuneConfig) -> None:
     """Value checks that the schema's types cannot express. Raises ConfigError naming the key."""
     for key, allowed in CHOICES.items():
@@ -589,6 +631,40 @@ def validate(cfg: RLTuneConfig) -> None:
             raise ConfigError(f"train.{key}={getattr(t, key)} must be >= 0")
     if not 0.0 <= t.warmup_ratio < 1.0:
         raise ConfigError(f"train.warmup_ratio={t.warmup_ratio} must be in [0, 1)")
+    for key, value in (("adam_beta1", t.adam_beta1), ("adam_beta2", t.adam_beta2)):
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"train.{key}={value} must be in [0, 1)")
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        raise ConfigError(f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
+    if not t.adam_eps > 0:
+        raise ConfigError(f"train.adam_eps={t.adam_eps} must be > 0")
+    if t.weight_decay < 0:
+        raise ConfigError(f"train.weight_decay={t.weight_decay} must be >= 0")
+    if t.max_grad_norm < 0:
+        raise ConfigError(f"train.max_grad_norm={t.max_grad_norm} must be >= 0 (0: no clipping)")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device):
+        raise ConfigError(f"train.device={t.device!r} is not one of: auto, cpu, cuda, cuda:N")
+    check_algorithm(cfg.algo)
+    if cfg.model.dtype == "fp16" and cfg.peft.method == "none" and cfg.algo.name != "rm":
+        raise ConfigError(
+            "model.dtype=fp16 with peft=none would train fp16 weights in place, with no fp32 "
+            "master copy or loss scaling: updates underflow and the model breaks. Use "
+            "model.dtype=auto (fp32 master weights, bf16 compute on GPUs) or bf16, or keep an "
+            "fp16 base frozen under peft=lora"
+        )
+    attn = cfg.model.attn_implementation
+    if attn is not None and attn not in ATTENTION and "/" not in attn:
+        raise ConfigError(
+            f"model.attn_implementation={attn!r} is not one of: {', '.join(ATTENTION)} "
+            "(or a hub kernel, org/name)"
+        )
+    if cfg.peft.method != "none":
+        p = cfg.peft
+        if p.r < 1 or not p.alpha > 0 or not 0.0 <= p.dropout < 1.0:
+            raise ConfigError(
+                f"peft.r={p.r} must be >= 1, peft.alpha={p.alpha} > 0 and "
+                f"peft.dropout={p.dropout} in [0, 1)"
+            )
     if t.lr is not None and t.lr <= 0:
         raise ConfigError(f"train.lr={t.lr} must be > 0 (or null for the algorithm's default)")
     if cfg.data.path is None and cfg.data.task is None:
@@ -612,6 +688,9 @@ def validate(cfg: RLTuneConfig) -> None:
             f"rollout.engine={r.engine} rollout.cuda_graphs={r.cuda_graphs} does not run: "
             "set rollout.engine=fast (or auto) and rollout.cuda_graphs=true"
         )
+    from rltune.models import check_model_folder
+
+    check_model_folder(cfg.model.path, "model.path")
     if cfg.peft.method == "qlora":
         from rltune.models import check_qlora
 

@@ -116,10 +116,10 @@ class MetricsLogger:
             moved, torn = _truncate(self.run_dir / name, self.run_dir / orphans, step)
             if moved or torn:
                 log.info(
-                    "resume: moved %d rows of %s after step %d to %s%s",
+                    "%s: moved %d rows of %s to %s%s",
+                    f"resume at step {step}" if step >= 0 else "a fresh run in a used directory",
                     moved,
                     name,
-                    step,
                     orphans,
                     "; dropped a torn last line" if torn else "",
                 )

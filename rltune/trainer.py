@@ -114,6 +114,21 @@ def config_changes(checkpoint: Path, config: dict[str, Any]) -> dict[str, tuple[
     }
 
 
+SHAPING_KEYS = ("algo.name", "model.path", "peft.method", "peft.r", "peft.target_modules")
+"""Config keys a checkpoint's weights and optimizer state depend on: a resume must keep them."""
+
+
+def check_resumable(checkpoint: Path, config: dict[str, Any]) -> None:
+    """ConfigError, before anything loads, when `checkpoint` was written by a run whose models
+    differ from this one's (another algorithm, base model or adapter)."""
+    changed = {k: v for k, v in config_changes(checkpoint, config).items() if k in SHAPING_KEYS}
+    if changed:
+        diffs = "; ".join(f"{k}={saved} there, {now} here" for k, (saved, now) in changed.items())
+        raise ConfigError(
+            f"train.resume={checkpoint}: the checkpoint's run trained other models ({diffs})"
+        )
+
+
 def seed_everything(seed: int) -> None:
     import numpy as np
 
@@ -162,6 +177,10 @@ def train(
         device = torch.device("cuda", d.local_rank)
     dtype = resolve_dtype(t.dtype, device)
     seed_everything(t.seed)  # the same on every rank: new heads start identical everywhere
+    ckpt_root = run_dir / "checkpoints"
+    resume_from = find_resume(t.resume, ckpt_root)
+    if resume_from is not None:  # before any model loads
+        check_resumable(resume_from, config_dict)
 
     algo = build_algorithm(
         BuildContext(
@@ -240,8 +259,6 @@ def train(
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         engine = PlainEngine(trained, extra_models, optimizer, scheduler, t.max_grad_norm)
-    ckpt_root = run_dir / "checkpoints"
-    resume_from = find_resume(t.resume, ckpt_root)
     logger: Any = (
         MetricsLogger(
             run_dir,
@@ -265,9 +282,15 @@ def train(
             log.warning("resume: %s was %s in the checkpoint's run, is %s now", key, saved, now)
     if d.main:
         for name, path in set_aside_after(ckpt_root, step):
-            log.warning(
-                "checkpoint %s is past step %d, where this run starts: kept as %s", name, step, path
-            )
+            if resume_from is None:
+                log.warning("checkpoint %s is an earlier run's: kept as %s", name, path)
+            else:
+                log.warning(
+                    "checkpoint %s is past step %d, where this run starts: kept as %s",
+                    name,
+                    step,
+                    path,
+                )
     barrier()
     logger.truncate_after(step if resume_from is not None else -1)
 

@@ -26,9 +26,10 @@ def _default(f: dataclasses.Field) -> str:
     return "null" if value is None else str(value)
 
 
-def section(prefix: str, cls: type) -> str:
+def section(prefix: str, cls: type, title: str | None = None) -> str:
     docs = field_docs(cls)
-    lines = [f"**`{prefix}`** ({cls.__name__})", "", "| key | default | meaning |", "|---|---|---|"]
+    heading = f"**`{title or prefix}`** ({cls.__name__})"
+    lines = [heading, "", "| key | default | meaning |", "|---|---|---|"]
     for f in dataclasses.fields(cls):
         doc = docs.get(f.name, "").replace("|", "\\|")
         lines.append(f"| `{prefix}.{f.name}` | `{_default(f)}` | {doc} |")
@@ -38,8 +39,8 @@ def section(prefix: str, cls: type) -> str:
 def reference() -> str:
     parts = [section("train", TrainConfig), section("rollout", RolloutConfig)]
     parts += [section(group, cls) for group, cls in GROUPS.items()]
-    parts += [section(f"algo ({name})", cls) for name, cls in ALGO_CONFIGS.items()]
-    return "\n\n".join(parts).replace("`algo (sft).", "`algo.")
+    parts += [section("algo", cls, title=f"algo={name}") for name, cls in ALGO_CONFIGS.items()]
+    return "\n\n".join(parts)
 
 
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"

@@ -88,6 +88,24 @@ def test_plus_top_level_key_is_rejected():
         ("train.warmup_ratio=1.5", "train.warmup_ratio"),
         ("rollout.compile=true,rollout.engine=hf", "rollout.compile"),
         ("rollout.compile=true,rollout.cuda_graphs=false", "rollout.compile"),
+        ("train.adam_beta1=1.5", "train.adam_beta1"),
+        ("train.adam_eps=0", "train.adam_eps"),
+        ("train.weight_decay=-1", "train.weight_decay"),
+        ("train.max_grad_norm=-1", "train.max_grad_norm"),
+        ("train.min_lr_ratio=2", "train.min_lr_ratio"),
+        ("train.device=gpu", "train.device"),
+        ("model.attn_implementation=flash", "model.attn_implementation"),
+        ("model.dtype=fp16", "model.dtype=fp16 with peft=none"),
+        ("peft=lora,peft.r=0", "peft.r"),
+        ("peft=lora,peft.dropout=1.5", "peft.dropout"),
+        ("algo.name=foo", "algo.name='foo' is not one of"),
+        ("algo=sft,algo.name=dpo", "does not match the composed algo group"),
+        ("algo=dpo,algo.beta=0", "algo.beta"),
+        ("algo=dpo,algo.label_smoothing=0.5", "algo.label_smoothing"),
+        ("algo=dpo,algo.sft_weight=-1", "algo.sft_weight"),
+        ("algo=ppo,algo.vf_coef=-1", "algo.vf_coef"),
+        ("algo=ppo,algo.adaptive_kl=true,algo.target_kl=0", "algo.target_kl"),
+        ("algo=ppo,algo.max_approx_kl=0", "algo.max_approx_kl"),
     ],
 )
 def test_bad_values_name_the_key(override, key):
@@ -110,3 +128,36 @@ def test_model_path_resolution(tmp_path):
     assert resolve_path("tiny").endswith("assets/tiny")
     with pytest.raises(ConfigError, match=r"model.path=/no/such/dir: no such folder"):
         resolve_path("/no/such/dir")
+
+
+def test_a_local_folder_without_a_model_is_named_before_loading(tmp_path):
+    from rltune import rewards
+    from rltune.config import ModelConfig, RewardConfig
+    from rltune.models import SHIPPED, load_tokenizer
+
+    with pytest.raises(ConfigError, match=r"model.path=.*: no config.json there"):
+        check_schema(_compose([f"model.path={tmp_path}"]))
+    with pytest.raises(ConfigError, match=r"reward.model_path=.*a Qwen2ForCausalLM, not a reward"):
+        rewards.resolve(RewardConfig(model_path=str(SHIPPED["tiny"])), max_new_tokens=8)
+    with pytest.raises(ConfigError, match=r"model.tokenizer_path=/no/such: no such folder"):
+        load_tokenizer(ModelConfig(tokenizer_path="/no/such"))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["train.max_stepz=3"],
+            "Unknown config key 'train.max_stepz'. Did you mean 'train.max_steps'?",
+        ),
+        (["algo=dpo", "algo.bta=1"], "Unknown config key 'algo.bta'. Did you mean 'algo.beta'?"),
+        (["rollout.temprature=1"], "Did you mean 'rollout.temperature'?"),
+    ],
+)
+def test_override_typos_are_caught_before_hydra(args, message):
+    from rltune.cli import check_override_keys
+
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("?", r"\?")):
+        check_override_keys(args)
+    # valid keys, groups, hydra's own and +additions pass through
+    check_override_keys(["algo=dpo", "algo.beta=0.2", "model.lrs.sft=1e-5", "hydra.run.dir=x"])

@@ -122,6 +122,39 @@ def test_resume_from_an_older_checkpoint_with_a_new_lr(tmp_path):
     assert new_lr[6] == old_lr[6]
 
 
+def test_resuming_another_runs_checkpoint_fails_before_loading(tmp_path, cli):
+    """A checkpoint of full weights resumed with LoRA adapters (or by another algorithm) would
+    fail deep inside loading; it is named before any model loads."""
+    first = tmp_path / "first"
+    run(
+        [
+            "model=tiny_init",
+            "train.max_steps=1",
+            "train.save_every=1",
+            *FAST,
+            f"hydra.run.dir={first}",
+        ]
+    )
+    checkpoint = first / "checkpoints" / "step-1"
+    for change, message in (
+        ("peft=lora", "peft.method=none there, lora here"),
+        ("algo=dpo", "algo.name=sft there, dpo here"),
+    ):
+        proc = cli(
+            "model=tiny_init",
+            change,
+            f"train.resume={checkpoint}",
+            f"hydra.run.dir={tmp_path / 'second'}",
+            timeout=120,
+        )
+        assert proc.returncode == 2, proc.stderr[-1500:]
+        assert (
+            f"train.resume={checkpoint}: the checkpoint's run trained other models" in proc.stderr
+        )
+        assert message in proc.stderr
+        assert "Loading weights" not in proc.stderr
+
+
 def test_sigint_saves_a_checkpoint_and_resume_finishes(tmp_path):
     run_dir = tmp_path / "run"
     args = [
