@@ -83,3 +83,22 @@ def test_sequence_logps_by_hand():
     logps, counts = sequence_logps(logits, labels)
     assert counts.tolist() == [2, 1]
     assert logps.tolist() == pytest.approx([-2 * math.log(2), -math.log(2)])
+
+
+def test_pairs_with_the_same_response_twice_are_reported(caplog):
+    from rltune.config import ModelConfig
+    from rltune.data.loading import Record
+    from rltune.data.preference import encode_pairs
+    from rltune.models import load_tokenizer
+
+    rows = [
+        {"prompt": "1+1=", "chosen": "2", "rejected": "3"},
+        {"prompt": "2+2=", "chosen": "4", "rejected": "4"},
+        {"prompt": "3+3=", "chosen": "6", "rejected": "6"},
+    ]
+    records = [Record(row, "prefs.jsonl", i) for i, row in enumerate(rows)]
+    with caplog.at_level("WARNING"):
+        pairs, _, _ = encode_pairs(records, load_tokenizer(ModelConfig()), max_length=64)
+    assert len(pairs) == 3  # kept: a warning, not an error
+    assert "2 preference pairs have the same chosen and rejected response" in caplog.text
+    assert "prefs.jsonl, row 1" in caplog.text

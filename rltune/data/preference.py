@@ -8,6 +8,7 @@ not fit beside one prompt token, the pair is dropped and counted.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -17,6 +18,8 @@ from rltune.data.loading import Record
 from rltune.data.sft import collate_sft, encode_sft
 from rltune.losses import IGNORE_INDEX
 from rltune.prefix import PAD, branch_attention_mask
+
+log = logging.getLogger(__name__)
 
 _NO_LIMIT = 1 << 30
 SIDES = ("chosen", "rejected")
@@ -54,13 +57,16 @@ def fit_pair(pair: dict[str, dict[str, list[int]]], max_length: int) -> dict | N
 def encode_pairs(
     records: list[Record], tokenizer: Any, *, max_length: int
 ) -> tuple[list[dict], int, int]:
-    """(pairs, prompts truncated, pairs dropped). Raises DataError naming the row on bad input."""
-    pairs, truncated, dropped = [], 0, 0
+    """(pairs, prompts truncated, pairs dropped). Raises DataError naming the row on bad input;
+    warns about pairs whose two responses are the same (they carry no preference)."""
+    pairs, truncated, dropped, ties = [], 0, 0, []
     for record in records:
         try:
             pair = encode_pair(record.data, tokenizer)
         except ValueError as err:
             raise DataError(f"{record.file}, row {record.index}: {err}") from err
+        if pair["chosen"]["input_ids"] == pair["rejected"]["input_ids"]:
+            ties.append(record)
         fitted = fit_pair(pair, max_length)
         if fitted is None:
             dropped += 1
@@ -74,6 +80,14 @@ def encode_pairs(
                     f"{record.file}, row {record.index}: margin {record.data['margin']!r} is not a number"
                 ) from None
         pairs.append(fitted)
+    if ties:
+        log.warning(
+            "%d preference pairs have the same chosen and rejected response (first: %s, row "
+            "%d): they teach nothing (DPO's loss is log 2 with no gradient there)",
+            len(ties),
+            ties[0].file,
+            ties[0].index,
+        )
     return pairs, truncated, dropped
 
 
