@@ -669,6 +669,8 @@ def validate(cfg: RLTuneConfig) -> None:
         raise ConfigError(f"train.lr={t.lr} must be > 0 (or null for the algorithm's default)")
     if cfg.data.path is None and cfg.data.task is None:
         raise ConfigError("data.path must be set: data.task is null, so there is no built-in data")
+    if cfg.data.path is None and cfg.data.train_size < 1:
+        raise ConfigError(f"data.train_size={cfg.data.train_size} must be >= 1")
     if not 0.0 <= cfg.data.eval_ratio < 1.0:
         raise ConfigError(f"data.eval_ratio={cfg.data.eval_ratio} must be in [0, 1)")
     if cfg.data.max_new_tokens < 1:
