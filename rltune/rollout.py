@@ -81,32 +81,42 @@ def eos_ids(model: nn.Module, tokenizer) -> list[int]:
 
 
 def completion_lengths(
-    ids: torch.Tensor, tokenizer, ends: list[int], stop: tuple[str, ...]
+    ids: torch.Tensor,
+    tokenizer,
+    ends: list[int],
+    stop: tuple[str, ...],
+    heads: list[list[int]] | None = None,
 ) -> tuple[list[int], list[bool]]:
-    """Per row of generated `ids` [N, C]: tokens that belong to the completion (through the first
-    EOS, or through the token that completes a stop string), and whether it was truncated."""
+    """Per row of generated `ids` [N, C]: the tokens that belong to the completion, through
+    whichever comes first, the first EOS or the token that completes a stop string, and
+    whether it was truncated (neither came). `heads` [N] are the prompts' last tokens: a stop
+    string may start in the prompt's text and end in the completion (as `generate`'s stop
+    criterion matches it), but never lie in the prompt alone."""
     lengths, truncated = [], []
     is_end = torch.isin(ids, torch.tensor(ends, device=ids.device))  # [N, C]
-    for row, row_end in zip(ids.tolist(), is_end.tolist(), strict=True):
-        if any(row_end):
-            lengths.append(row_end.index(True) + 1)
-            truncated.append(False)
-            continue
-        cut = _stop_cut(row, tokenizer, stop) if stop else None
-        lengths.append(cut if cut is not None else len(row))
-        truncated.append(cut is None)
+    for i, (row, row_end) in enumerate(zip(ids.tolist(), is_end.tolist(), strict=True)):
+        length = row_end.index(True) + 1 if any(row_end) else None
+        if stop:  # a stop string before the EOS (or where there is none) ends it sooner
+            head = heads[i] if heads is not None else []
+            cut = _stop_cut(row[: length or len(row)], tokenizer, stop, head)
+            if cut is not None:
+                length = cut
+        truncated.append(length is None)
+        lengths.append(length if length is not None else len(row))
     return lengths, truncated
 
 
-def _stop_cut(row: list[int], tokenizer, stop: tuple[str, ...]) -> int | None:
-    """The shortest prefix of `row` whose text contains a stop string (binary search on decodes:
-    containing a stop string is monotone in the prefix length), or None."""
+def _stop_cut(row: list[int], tokenizer, stop: tuple[str, ...], head: list[int]) -> int | None:
+    """The shortest prefix of `row` after which the text of `head + prefix` holds a stop string
+    that ends past `head`'s text (binary search on decodes: holding one is monotone in the
+    prefix length), or None."""
+    head_text = tokenizer.decode(head, skip_special_tokens=True)
 
     def contains(k: int) -> bool:
-        text = tokenizer.decode(row[:k], skip_special_tokens=True)
-        return any(s in text for s in stop)
+        text = tokenizer.decode(head + row[:k], skip_special_tokens=True)
+        return any(text.find(s, max(0, len(head_text) - len(s) + 1)) != -1 for s in stop)
 
-    if not contains(len(row)):
+    if not row or not contains(len(row)):
         return None
     lo, hi = 1, len(row)
     while lo < hi:
@@ -116,6 +126,10 @@ def _stop_cut(row: list[int], tokenizer, stop: tuple[str, ...]) -> int | None:
         else:
             lo = mid + 1
     return lo
+
+
+STOP_HEAD = 16
+"""Prompt tokens kept before a completion when looking for stop strings that span the two."""
 
 
 def finish(
@@ -129,7 +143,15 @@ def finish(
     """A Rollout from generated ids [N, C]: where each completion ends, its mask (padding after
     the end set to pad), whether it was truncated, and its text."""
     pad, device = tokenizer.pad_token_id, generated.device
-    lengths, truncated = completion_lengths(generated, tokenizer, ends, stop)
+    heads = None
+    if stop:
+        tails = prompt_ids[:, -STOP_HEAD:].tolist()
+        masks = prompt_mask[:, -STOP_HEAD:].tolist()
+        heads = [
+            [t for t, m in zip(ts, ms, strict=True) if m]
+            for ts, ms in zip(tails, masks, strict=True)
+        ]
+    lengths, truncated = completion_lengths(generated, tokenizer, ends, stop, heads)
     arange = torch.arange(generated.shape[1], device=device)
     completion_mask = (arange < torch.tensor(lengths, device=device).unsqueeze(1)).long()
     completion_ids = generated.masked_fill(completion_mask == 0, pad)
@@ -161,6 +183,8 @@ def sample(
     """`group_size` sampled completions of each prompt (token ids, already templated), generated
     `batch_size` rows at a time with `generate` (KV cache, left padding, early exit when every
     row has finished)."""
+    from transformers import GenerationConfig
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -179,17 +203,20 @@ def sample(
                 out = model.generate(
                     input_ids=ids,
                     attention_mask=mask,
-                    do_sample=True,
-                    temperature=params.temperature,
-                    top_p=params.top_p,
-                    top_k=params.top_k,
-                    min_p=params.min_p or None,
-                    repetition_penalty=1.0,
-                    max_new_tokens=params.max_new_tokens,
-                    stop_strings=list(params.stop) or None,
+                    # only these settings, not the model's generation_config (which may add a
+                    # repetition penalty or other filters the log-probs would not know about)
+                    generation_config=GenerationConfig(
+                        do_sample=True,
+                        temperature=params.temperature,
+                        top_p=params.top_p,
+                        top_k=params.top_k,
+                        min_p=params.min_p or None,
+                        max_new_tokens=params.max_new_tokens,
+                        stop_strings=list(params.stop) or None,
+                        eos_token_id=ends,
+                        pad_token_id=pad,
+                    ),
                     tokenizer=tokenizer if params.stop else None,
-                    eos_token_id=ends,
-                    pad_token_id=pad,
                     use_cache=True,
                 )  # [b, P + c]
                 generated.append(out[:, ids.shape[1] :])
@@ -201,6 +228,51 @@ def sample(
 
 @torch.no_grad()
 @torch.compiler.set_stance("force_eager")  # train.compile: see fast_sample
+def greedy_rollout(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    stop: tuple[str, ...] = (),
+    batch_size: int = 64,
+) -> Rollout:
+    """Greedy completions of already-templated prompts (token ids) with `generate`, ended like
+    sampled ones (EOS or a stop string): what evaluation scores."""
+    from transformers import GenerationConfig
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    ends = eos_ids(model, tokenizer)
+    prompt_ids, prompt_mask = left_pad(prompts, pad, device)  # [N, P]
+    generated: list[torch.Tensor] = []
+    try:
+        with gathered(model):  # ZeRO-3: see sample()
+            for start in range(0, len(prompts), batch_size):
+                ids = prompt_ids[start : start + batch_size]
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=prompt_mask[start : start + batch_size],
+                    # only these settings: a model's generation_config may carry sampling or a
+                    # repetition penalty, which would make "greedy" something else
+                    generation_config=GenerationConfig(
+                        max_new_tokens=max_new_tokens,
+                        do_sample=False,
+                        eos_token_id=ends,
+                        pad_token_id=pad,
+                        stop_strings=list(stop) or None,
+                    ),
+                    tokenizer=tokenizer if stop else None,
+                    use_cache=True,
+                )  # [b, P + c]
+                generated.append(out[:, ids.shape[1] :])
+    finally:
+        model.train(was_training)
+    return finish(prompt_ids, prompt_mask, cat_padded(generated, pad), tokenizer, ends, stop)
+
+
 def generate_greedy(
     model: nn.Module,
     tokenizer,
@@ -211,38 +283,13 @@ def generate_greedy(
 ) -> list[str]:
     """Greedy completions (text, special tokens removed) of already-templated prompts, given as
     text or as token ids."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id
-    completions: list[str] = []
-    try:
-        with gathered(model):  # ZeRO-3: see sample()
-            for start in range(0, len(prompts), batch_size):
-                # Tokenised without padding, padded here: a padded tokenizer call leaves padding
-                # switched on in its backend, and save_pretrained would persist it.
-                chunk = prompts[start : start + batch_size]
-                ids = (
-                    chunk
-                    if isinstance(chunk[0], list)
-                    else tokenizer(chunk, add_special_tokens=False)["input_ids"]
-                )
-                input_ids, attention_mask = left_pad(ids, pad, device)  # [b, width]
-                out = model.generate(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    use_cache=True,
-                    pad_token_id=pad,
-                    eos_token_id=eos_ids(model, tokenizer),
-                )  # [b, width + new]
-                completions.extend(
-                    tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
-                )
-    finally:
-        model.train(was_training)
-    return completions
+    ids = [
+        p if isinstance(p, list) else tokenizer(p, add_special_tokens=False)["input_ids"]
+        for p in prompts
+    ]
+    return greedy_rollout(
+        model, tokenizer, ids, max_new_tokens=max_new_tokens, batch_size=batch_size
+    ).completions
 
 
 # ----------------------------------------------------------------------------- merging

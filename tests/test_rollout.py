@@ -457,3 +457,85 @@ def test_decoding_runs_a_compiled_model_uncompiled():
     torch.manual_seed(0)
     sample(model, tokenizer, prompts, SamplingParams(max_new_tokens=6), group_size=2)
     assert not counters["stats"], dict(counters["stats"])
+
+
+def _greedy_both(model, tokenizer, prompts, stop):
+    """The `generate` engine and the fast one, greedy (top_k=1), with stop strings."""
+    from rltune.decode import fast_sample
+
+    params = SamplingParams(max_new_tokens=12, top_k=1, stop=stop)
+    hf = sample(model, tokenizer, prompts, params, batch_size=4)
+    fast, _ = fast_sample(model, tokenizer, prompts, params, decoder="dynamic")
+    return hf, fast
+
+
+def _rows(rollout):
+    n = rollout.completion_mask.sum(-1).tolist()
+    return [row[:k] for row, k in zip(rollout.completion_ids.tolist(), n, strict=True)]
+
+
+@pytest.mark.parametrize("pad_is_eos", [False, True])
+def test_both_engines_end_at_a_stop_string_that_comes_before_the_eos(tiny, pad_is_eos):
+    """The fast engine decodes on to EOS; a stop string before it still ends the completion,
+    exactly where `generate`'s stop criterion ends it. With pad == EOS (Llama-style
+    tokenizers) the padding `generate` writes after a stopped row is not taken for an EOS."""
+    import copy
+
+    model, tokenizer = tiny
+    tokenizer = copy.deepcopy(tokenizer)
+    if pad_is_eos:
+        tokenizer.pad_token = tokenizer.eos_token
+    prompts = _arith_prompts(tokenizer, 12)
+    plain, _ = _greedy_both(model, tokenizer, prompts, ())
+    hf, fast = _greedy_both(model, tokenizer, prompts, ("6", "9"))
+    assert hf.completions == fast.completions and _rows(hf) == _rows(fast)
+    cut = 0
+    for text, full, ids, trunc in zip(
+        fast.completions, plain.completions, _rows(fast), fast.truncated.tolist(), strict=True
+    ):
+        first = min((full.index(s) for s in "69" if s in full), default=None)
+        if first is None:  # no stop string: the whole completion, EOS included
+            assert text == full and ids[-1] == tokenizer.eos_token_id
+        else:  # through the stop string, no EOS
+            assert text == full[: first + 1] and tokenizer.eos_token_id not in ids
+            cut += len(text) < len(full)
+        assert not trunc
+    assert cut >= 2  # the case that matters: text (and an EOS) came after the stop string
+
+
+def test_a_stop_string_may_start_in_the_prompt_but_not_lie_in_it(tiny):
+    """The prompt's text ends with "assistant\n": a stop string "\n-" completes with a first
+    token "-", so that token is the whole completion (not the row with its padding, flagged
+    truncated); "assistant" lies in the prompt alone and cuts nothing."""
+    model, tokenizer = tiny
+    prompts = _prompt_ids(tokenizer, ["61-84=", "7*9="])
+    plain, _ = _greedy_both(model, tokenizer, prompts, ())
+    assert plain.completions[0].startswith("-") and not plain.completions[1].startswith("-")
+    for out in _greedy_both(model, tokenizer, prompts, ("\n-",)):
+        assert out.completions == ["-", plain.completions[1]]
+        assert out.truncated.tolist() == [False, False]
+    for out in _greedy_both(model, tokenizer, prompts, ("assistant",)):
+        assert out.completions == plain.completions
+
+
+def test_calls_of_equal_size_share_one_static_decoder(tiny, monkeypatch):
+    """12 rows with at most 8 per call run as 6 + 6, not 8 + 4: one decoder (one capture, one
+    compile on a GPU) serves both calls and the next rollout, instead of two alternating."""
+    from rltune import decode
+
+    model, tokenizer = tiny
+    made = []
+    original = decode.StaticDecoder.__init__
+
+    def spy(self, model, rows, *args, **kwargs):
+        made.append(rows)
+        original(self, model, rows, *args, **kwargs)
+
+    monkeypatch.setattr(decode.StaticDecoder, "__init__", spy)
+    prompts = _arith_prompts(tokenizer, 6)
+    for _ in range(2):
+        decode.fast_sample(
+            model, tokenizer, prompts, SamplingParams(max_new_tokens=4), group_size=2,
+            batch_size=8, decoder="graph",
+        )  # fmt: skip
+    assert made == [6]
