@@ -32,7 +32,7 @@ from rltune.models import (
 )
 from rltune.prefix import group_rows, mask_for
 from rltune.profiling import cuda_peak_gib
-from rltune.rollout import Rollout, SamplingParams, generate_greedy, position_ids, sample
+from rltune.rollout import Rollout, SamplingParams, greedy_rollout, position_ids, sample
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +213,7 @@ class OnlineAlgorithm(AlgorithmBase):
         generated = time.perf_counter()
         peak = cuda_peak_gib(self.ctx.device)  # the step's peak so far: its rollout's
         scores = self._score(prompts, rollout, g)
+        self.reward_watch.update(scores, len(rollout.completions))
         timing = {
             "time/generate": generated - started,
             "time/reward": time.perf_counter() - generated,
@@ -231,15 +232,13 @@ class OnlineAlgorithm(AlgorithmBase):
             ids[:n] for ids, n in zip(rollout.completion_ids.tolist(), lengths, strict=True)
         ]
         columns["truncated"] = rollout.truncated.tolist()
-        scores = rewards.score(
+        return rewards.score(
             self.reward_fns,
             [p.prompt for p in prompts for _ in range(group_size)],
             rollout.completions,
             columns,
             timeout_s=self.ctx.cfg.reward.timeout_s,
         )
-        self.reward_watch.update(scores, len(rollout.completions))
-        return scores
 
     def completion_logps(
         self,
@@ -419,27 +418,19 @@ class OnlineAlgorithm(AlgorithmBase):
         if not n:
             return {}, []
         prompts = self.eval_prompts[:n]
-        completions = generate_greedy(
+        rollout = greedy_rollout(
             self.policy,
             self.tokenizer,
             [p.ids for p in prompts],
             max_new_tokens=self.max_new_tokens,
-        )
-        ids = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
-        names = sorted({k for p in prompts for k in p.columns})
-        columns = {k: [p.columns.get(k) for p in prompts] for k in names}
-        columns.update(completion_ids=ids, truncated=[len(i) >= self.max_new_tokens for i in ids])
-        scores = rewards.score(
-            self.reward_fns,
-            [p.prompt for p in prompts],
-            completions,
-            columns,
-            timeout_s=self.ctx.cfg.reward.timeout_s,
-        )
+            stop=self.params.stop,
+        )  # ended as training's samples are, and scored the same way
+        completions = rollout.completions
+        scores = self._score(prompts, rollout, 1)
         present = scores.total[~scores.total.isnan()]
         metrics = {"eval/reward": present.mean().item() if present.numel() else float("nan")}
         if self.task is not None:
-            answers = columns.get("answer", [None] * n)
+            answers = [p.columns.get("answer") for p in prompts]
             correct = [
                 a is not None and self.task.is_correct(c, str(a))
                 for c, a in zip(completions, answers, strict=True)
