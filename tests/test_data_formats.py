@@ -433,3 +433,30 @@ def test_to_messages_maps_sharegpt_and_drops_nulls():
     assert to_messages([{"role": "user", "content": "hi", "name": None, "id": "7"}]) == [
         {"role": "user", "content": "hi", "id": "7"}
     ]
+
+
+def test_an_implicit_prompt_must_end_where_the_assistants_answers_begin(tmp_path):
+    """chosen and rejected that first differ at a user turn answer two different questions:
+    splitting at their shared system message would compare those answers."""
+    system = {"role": "system", "content": "be brief"}
+    other = {"role": "user", "content": "what is 3+3?"}
+    rows = [
+        {"chosen": [system, U, A], "rejected": [system, U, B]},
+        {"chosen": [system, U, A], "rejected": [system, other, B]},
+    ]
+    records = load_records(str(write_rows(tmp_path / "prefs.jsonl", rows, "jsonl")))
+    with pytest.raises(DataError, match=r"prefs\.jsonl, row 1, .*first differ at message 1"):
+        check_records(records, "preference")
+    check_records(records[:1], "preference")
+
+
+def test_csv_extra_cells_and_unicode_line_separators(tmp_path):
+    """An unquoted comma shifts a CSV row's cells: an error naming the line, not a silently
+    wrong row. U+2028 inside a JSON string is valid JSON and stays inside its line."""
+    csv_file = tmp_path / "rows.csv"
+    csv_file.write_text("prompt,completion\n1+1=,2\nWhat is 1,2 and 3?,six\n")
+    with pytest.raises(DataError, match=r"rows\.csv, line 3: 1 more cells than the header's 2"):
+        load_records(str(csv_file))
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text(json.dumps({"text": "line one\u2028line two"}, ensure_ascii=False) + "\n")
+    assert [r.data for r in load_records(str(jsonl))] == [{"text": "line one\u2028line two"}]

@@ -242,6 +242,13 @@ def _check_preference(row: dict[str, Any]) -> list[str]:
             "columns 'chosen'/'rejected': without a prompt they must share a non-empty first "
             "part of the conversation (the implicit prompt) and then differ"
         ]
+    firsts = to_messages([row["chosen"][prefix], row["rejected"][prefix]])
+    if any(m.get("role") != "assistant" for m in firsts):
+        roles = " / ".join(sorted({str(m.get("role")) for m in firsts}))
+        return [
+            f"columns 'chosen'/'rejected': they first differ at message {prefix} ({roles}), "
+            "not at an assistant turn, so they answer different prompts"
+        ]
     return []
 
 

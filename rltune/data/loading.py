@@ -106,7 +106,9 @@ def _read_text(p: Path) -> str:
 
 def _read_jsonl(p: Path) -> list[dict[str, Any]]:
     rows = []
-    for lineno, line in enumerate(_read_text(p).splitlines(), start=1):
+    # lines end at "\n" only: str.splitlines would also split at U+2028, U+2029 and U+0085,
+    # which JSON allows unescaped inside strings (a trailing "\r" is whitespace to json.loads)
+    for lineno, line in enumerate(_read_text(p).split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -149,8 +151,17 @@ def _read_csv(p: Path) -> list[dict[str, Any]]:
             reader = csv.DictReader(f)
             if not reader.fieldnames:
                 raise DataError(f"{p}: CSV file has no header row")
-            # Cells missing at the end of a short line are None (null); extra cells are dropped.
-            return [{k: v for k, v in row.items() if k is not None} for row in reader]
+            # Cells missing at the end of a short line are None (null). Extra cells (an
+            # unquoted comma shifts a row's columns) would be silently lost: an error instead.
+            rows = []
+            for row in reader:
+                if None in row:
+                    raise DataError(
+                        f"{p}, line {reader.line_num}: {len(row[None])} more cells than the "
+                        f"header's {len(reader.fieldnames)} columns (quote cells that hold a comma)"
+                    )
+                rows.append(row)
+            return rows
     except UnicodeDecodeError as e:
         raise DataError(f"{p}: not valid UTF-8 text (byte {e.start})") from e
     except csv.Error as e:
