@@ -354,3 +354,29 @@ def test_encode_then_pack_end_to_end(tok):
     assert stats.examples == len(rows) == 1
     assert rows[0]["input_ids"] == [9, 10, 11, 12, 11, 13, 3, 14, 15, 3]
     assert rows[0]["position_ids"] == [0, 1, 2, 3, 4, 5, 6, 0, 1, 2]
+
+
+def test_a_last_chunk_of_one_token_takes_the_token_before_it(tok):
+    """10 words + EOS = 11 tokens in chunks of 5: the lone EOS would be no target (a chunk's
+    first token is context), so the last chunk starts one token earlier."""
+    text = " ".join(f"w{i}" for i in range(10))  # ids 20..29
+    chunks = encode_sft({"text": text}, "text", tok, max_length=5)
+    assert [c["input_ids"] for c in chunks] == [[20, 21, 22, 23, 24], [25, 26, 27, 28, 29], [29, 3]]
+
+
+def test_a_chat_that_opens_with_the_assistant_trains_on_its_words_not_the_header():
+    """ShareGPT data often opens with a greeting by the assistant: its loss starts after the
+    template's opening (here "<|im_start|>assistant\\n"), as every later turn's does."""
+    from rltune.config import ModelConfig
+    from rltune.models import load_tokenizer
+
+    tokenizer = load_tokenizer(ModelConfig())
+    messages = [
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "1+1="},
+        {"role": "assistant", "content": "2"},
+    ]
+    (example,) = encode_sft({"messages": messages}, "chat", tokenizer, max_length=128)
+    pairs = zip(example["input_ids"], example["labels"], strict=True)
+    trained = [t for t, label in pairs if label != -100]
+    assert tokenizer.decode(trained) == "Hello!<|im_end|>2<|im_end|>"

@@ -165,11 +165,10 @@ class SFT(AlgorithmBase):
         if self.eval_examples:
             nll_total, tokens = 0.0, 0
             mb = self.ctx.cfg.train.micro_batch_size
-            for start in range(
-                0, min(len(self.eval_examples), self.ctx.cfg.train.eval_samples), mb
-            ):
+            n = min(len(self.eval_examples), self.ctx.cfg.train.eval_samples)
+            for start in range(0, n, mb):  # the first train.eval_samples examples, no more
                 batch = collate_sft(
-                    self.eval_examples[start : start + mb], self.tokenizer.pad_token_id
+                    self.eval_examples[start : min(n, start + mb)], self.tokenizer.pad_token_id
                 )
                 batch = {k: v.to(self.ctx.device) for k, v in batch.items()}
                 nll, n = token_nll_sum(self._forward(batch), batch["labels"])

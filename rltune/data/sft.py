@@ -3,7 +3,9 @@
 Label rules (``-100`` = no loss):
 
 - ``text``: loss on every token; the document gets EOS and is cut into ``max_length`` chunks
-  (continued pretraining), so nothing is thrown away.
+  (continued pretraining), so nothing is thrown away (as in the peers' text grouping, each
+  chunk's first token is context only; a last chunk of one token takes the token before it
+  as context, so that a document's EOS is always learned).
 - ``instruction``, ``prompt_completion``, ``chat``, ``sharegpt``: loss on the completion / assistant
   turns only (``completion_only=True``), or on every token. Conversations are rendered once by the
   tokenizer's chat template and tokenised once, so the ids are exactly what the template produces;
@@ -29,6 +31,7 @@ batch that holds packed rows for this reason.
 from __future__ import annotations
 
 import bisect
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -63,9 +66,12 @@ def encode_sft(
         raise ValueError("the tokenizer has no eos_token; SFT needs one to end each example")
     if fmt == "text":
         ids = _tokenize(tokenizer, record_data["text"], special=True) + [tokenizer.eos_token_id]
+        starts = list(range(0, len(ids), max_length))
+        if len(starts) > 1 and len(ids) - starts[-1] == 1:  # a lone last token is no target
+            starts[-1] -= 1
         return [
             {"input_ids": ids[i : i + max_length], "labels": ids[i : i + max_length]}
-            for i in range(0, len(ids), max_length)
+            for i in starts
         ]
 
     if fmt == "instruction":
@@ -183,6 +189,18 @@ def _render(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: b
     )
 
 
+def _opening(tokenizer: Any, turn: dict[str, Any]) -> str:
+    """What the template renders before the words of a conversation's first turn `turn`, when
+    that turn is the assistant's (a BOS, a default system prompt, the assistant header): the
+    text that `turn` rendered alone shares with it rendered without its content."""
+    try:
+        alone = _render(tokenizer, [turn], False)
+        empty = _render(tokenizer, [{**turn, "content": ""}], False)
+    except Exception:  # noqa: BLE001 - a template that rejects such a conversation
+        return ""
+    return os.path.commonprefix([alone, empty])
+
+
 def _encode_messages(
     messages: list[dict[str, Any]], tokenizer: Any, *, loss_from: int
 ) -> tuple[list[int], list[int]]:
@@ -197,7 +215,7 @@ def _encode_messages(
     for i in range(loss_from, len(messages)):
         if messages[i]["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:i], True) if i else ""
+        before = _render(tokenizer, messages[:i], True) if i else _opening(tokenizer, messages[0])
         through = _render(tokenizer, messages[: i + 1], False)
         if not (full.startswith(before) and full.startswith(through)):
             raise ValueError(
