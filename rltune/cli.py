@@ -141,10 +141,53 @@ def check_override_keys(args: list[str]) -> None:
             )
 
 
+def sweep_jobs(args: list[str]) -> list[list[str]]:
+    """The overrides of each job of a multirun (`-m key=a,b`), as Hydra's basic sweeper
+    expands them; [] when `args` is not a multirun or uses sweeps that sweeper cannot expand."""
+    if not {"-m", "--multirun"} & set(args):
+        return []
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    overrides = [a for a in args if not a.startswith(("-", "hydra.", "+hydra.", "~hydra."))]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
+    except HydraException:  # a range or interval sweep (another sweeper's): Hydra reports it
+        return []
+    return [job for batch in batches for job in batch]
+
+
+def check_sweep(args: list[str]) -> None:
+    """Every job of a multirun composed and checked before the first starts: a bad value in
+    the last job would otherwise fail only after the others had trained. ConfigError names
+    the job."""
+    jobs = sweep_jobs(args)
+    if len(jobs) < 2:
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    for i, job in enumerate(jobs):
+        GlobalHydra.instance().clear()
+        try:
+            with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+                check_schema(compose(config_name="config", overrides=job))
+        except ConfigError as err:
+            raise ConfigError(f"sweep job {i} ({' '.join(job)}): {err}") from None
+        except Exception:  # noqa: BLE001 - composition errors: Hydra reports them itself
+            break
+        finally:
+            GlobalHydra.instance().clear()
+
+
 def main() -> None:
     """Console entry point (`rltune ...`, `python -m rltune ...`)."""
     try:
         check_override_keys(sys.argv[1:])
+        check_sweep(sys.argv[1:])
     except ConfigError as err:
         print(f"rltune: error: {err}", file=sys.stderr)
         sys.exit(CONFIG_ERROR_EXIT)

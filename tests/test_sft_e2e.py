@@ -213,6 +213,17 @@ def test_multirun_gives_each_job_its_own_dir(tmp_path, cli):
     assert lrs == pytest.approx([1e-4, 3e-4])
 
 
+def test_a_sweep_checks_every_job_before_the_first_trains(tmp_path, cli):
+    """The bad value is in the last job: it is named before job 0 trains (nothing written)."""
+    proc = cli(
+        "-m", "train.lr=1e-4,-1", "train.max_steps=2", f"hydra.sweep.dir={tmp_path}", *FAST,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "sweep job 1 (train.lr=-1" in proc.stderr and "train.lr=-1.0 must be > 0" in proc.stderr
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
 def test_lora_trains_only_adapters_and_exports_merged_model(tmp_path):
     run_dir = run(
         [
