@@ -17,6 +17,8 @@ position ids come from the attention mask (`position_ids`), as `generate` assign
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -169,6 +171,26 @@ def finish(
     )
 
 
+@contextmanager
+def bare_generation_config(model: nn.Module) -> Iterator[None]:
+    """While generating, the model's own generation_config is a default one. `generate` fills
+    every setting a passed GenerationConfig leaves unset from the model's, so a preset's
+    repetition penalty, n-gram ban or filters would otherwise shape the tokens: sampling would
+    leave the distribution the loss's log-probs assume, and "greedy" would not be greedy."""
+    from transformers import GenerationConfig
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
+    saved = getattr(base, "generation_config", None)
+    if saved is None:
+        yield
+        return
+    base.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        base.generation_config = saved
+
+
 @torch.no_grad()
 @torch.compiler.set_stance("force_eager")  # train.compile: see fast_sample
 def sample(
@@ -196,15 +218,13 @@ def sample(
     # ZeRO-3: whole parameters on every rank while generating, so ranks whose completions end at
     # different lengths never wait on each other's per-layer gathers
     try:
-        with gathered(model):
+        with gathered(model), bare_generation_config(model):
             for start in range(0, len(rows), batch_size):
                 ids = prompt_ids[start : start + batch_size]
                 mask = prompt_mask[start : start + batch_size]
                 out = model.generate(
                     input_ids=ids,
                     attention_mask=mask,
-                    # only these settings, not the model's generation_config (which may add a
-                    # repetition penalty or other filters the log-probs would not know about)
                     generation_config=GenerationConfig(
                         do_sample=True,
                         temperature=params.temperature,
@@ -249,14 +269,12 @@ def greedy_rollout(
     prompt_ids, prompt_mask = left_pad(prompts, pad, device)  # [N, P]
     generated: list[torch.Tensor] = []
     try:
-        with gathered(model):  # ZeRO-3: see sample()
+        with gathered(model), bare_generation_config(model):  # ZeRO-3: see sample()
             for start in range(0, len(prompts), batch_size):
                 ids = prompt_ids[start : start + batch_size]
                 out = model.generate(
                     input_ids=ids,
                     attention_mask=prompt_mask[start : start + batch_size],
-                    # only these settings: a model's generation_config may carry sampling or a
-                    # repetition penalty, which would make "greedy" something else
                     generation_config=GenerationConfig(
                         max_new_tokens=max_new_tokens,
                         do_sample=False,

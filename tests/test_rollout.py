@@ -1,6 +1,8 @@
 """Sampling rollouts with the tiny model: layout, masks, truncation, stop strings, and log-probs
 of left-padded rows that match an unpadded forward pass."""
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -479,7 +481,6 @@ def test_both_engines_end_at_a_stop_string_that_comes_before_the_eos(tiny, pad_i
     """The fast engine decodes on to EOS; a stop string before it still ends the completion,
     exactly where `generate`'s stop criterion ends it. With pad == EOS (Llama-style
     tokenizers) the padding `generate` writes after a stopped row is not taken for an EOS."""
-    import copy
 
     model, tokenizer = tiny
     tokenizer = copy.deepcopy(tokenizer)
@@ -539,3 +540,30 @@ def test_calls_of_equal_size_share_one_static_decoder(tiny, monkeypatch):
             batch_size=8, decoder="graph",
         )  # fmt: skip
     assert made == [6]
+
+
+def test_the_models_generation_config_does_not_shape_sampling_or_greedy_eval(tiny):
+    """`generate` fills what a passed GenerationConfig leaves unset from the model's own, so a
+    preset's repetition penalty would bend sampling away from the distribution the loss's
+    log-probs assume, and make "greedy" evaluation something else."""
+    from rltune.rollout import greedy_rollout
+
+    model, tokenizer = tiny
+    prompts = _arith_prompts(tokenizer, 6)
+    params = SamplingParams(max_new_tokens=8, top_k=1)
+
+    def both():
+        sampled = sample(model, tokenizer, prompts, params).completions
+        greedy = greedy_rollout(model, tokenizer, prompts, max_new_tokens=8).completions
+        return sampled, greedy
+
+    plain = both()
+    saved = model.generation_config
+    model.generation_config = copy.deepcopy(saved)
+    model.generation_config.repetition_penalty = 50.0
+    model.generation_config.no_repeat_ngram_size = 1
+    try:
+        assert both() == plain
+    finally:
+        model.generation_config = saved
+    assert model.generation_config is saved
