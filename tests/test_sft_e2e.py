@@ -194,6 +194,22 @@ def test_sigint_saves_a_checkpoint_and_resume_finishes(tmp_path):
     assert max(losses(run_dir)) == stopped_at + 2
 
 
+def test_eval_loss_covers_eval_samples_whatever_the_micro_batch(tmp_path):
+    """eval/loss over the first train.eval_samples held-out examples, in micro-batches of 8 or
+    of 64: the same examples, so the same loss."""
+    losses = []
+    for mb in (8, 64):
+        run_dir = run(
+            [
+                "model=tiny_init", "algo=sft", "train.max_steps=1", "train.eval_samples=100",
+                f"train.micro_batch_size={mb}", "train.batch_size=64", "data.eval_ratio=0.1",
+                f"hydra.run.dir={tmp_path / str(mb)}",
+            ]
+        )  # fmt: skip
+        losses.append(read_metrics(run_dir / "metrics.jsonl")[0]["eval/loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
 def test_multirun_gives_each_job_its_own_dir(tmp_path, cli):
     proc = cli(
         "-m",

@@ -171,9 +171,9 @@ class SFT(AlgorithmBase):
                     self.eval_examples[start : min(n, start + mb)], self.tokenizer.pad_token_id
                 )
                 batch = {k: v.to(self.ctx.device) for k, v in batch.items()}
-                nll, n = token_nll_sum(self._forward(batch), batch["labels"])
+                nll, count = token_nll_sum(self._forward(batch), batch["labels"])
                 nll_total += nll.item()
-                tokens += int(n.item())
+                tokens += int(count.item())
             metrics["eval/loss"] = nll_total / max(1, tokens)
         self.policy.train(was_training)
         task_metrics, samples = self.task_accuracy()
