@@ -156,3 +156,16 @@ def test_rejection_sampling_reports_the_mean_over_a_steps_rounds():
     assert metrics["acceptance_rate"] == 0.5
     assert metrics["reward"] == pytest.approx((0.625 + 0.475) / 2)
     assert metrics["rounds"] == 2.0
+
+
+def test_rejection_sampling_averages_each_metric_over_the_rounds_that_report_it():
+    """A reward function that scores nothing in a round reports no mean for it: the step's
+    metric is the mean of the rounds that have it, not a KeyError."""
+    rs = _rs_stub([0.7, 0.9, 0.8, 0.1], [False, True, True, False])
+    rs.steps, rs.ctx = 0, SimpleNamespace(device=torch.device("cpu"))
+    rs._collate = lambda examples: examples
+    reports = iter([{"reward": 0.5, "rewards/f/mean": 0.25}, {"reward": 0.3}])
+    rs.rollout_metrics = lambda rollout, scores: next(reports)
+    rs.next_batches(1, 2)
+    metrics, _ = rs.report()
+    assert metrics["reward"] == pytest.approx(0.4) and metrics["rewards/f/mean"] == 0.25

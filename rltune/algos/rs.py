@@ -111,8 +111,13 @@ class RejectionSampling(OnlineAlgorithm):
                     f"rs: {MAX_EMPTY_ROUNDS} rounds in a row accepted no completion with reward >= "
                     f"algo.threshold={self.cfg.threshold}; lower the threshold or check the rewards"
                 )
-        # the step's rounds (of equal size) averaged; `rounds` is the count so far
-        metrics = {k: sum(r[k] for r in rounds) / len(rounds) for k in rounds[0]} if rounds else {}
+        # the step's rounds (of equal size) averaged, each key over the rounds that report it
+        # (a reward function that scored nothing in a round reports no mean); `rounds` is the
+        # count so far
+        keys = {k for r in rounds for k in r}
+        metrics = {
+            k: sum(r[k] for r in rounds if k in r) / sum(k in r for r in rounds) for k in keys
+        }
         if rounds:
             metrics["rounds"] = float(self.rounds)
         self._report = (metrics, [])
