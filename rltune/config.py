@@ -17,7 +17,6 @@ micro_batch_size * grad_accum * world_size. The resolved numbers are logged at s
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -578,7 +577,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 
 ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
-"""transformers' attention implementations (it also takes hub kernels named org/name)."""
+"""The common attention implementations; others are checked against transformers' registry
+(which also takes hub kernels named org/name)."""
 
 
 def check_algorithm(algo: Any) -> None:
@@ -642,8 +642,15 @@ def validate(cfg: RLTuneConfig) -> None:
         raise ConfigError(f"train.weight_decay={t.weight_decay} must be >= 0")
     if t.max_grad_norm < 0:
         raise ConfigError(f"train.max_grad_norm={t.max_grad_norm} must be >= 0 (0: no clipping)")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device):
-        raise ConfigError(f"train.device={t.device!r} is not one of: auto, cpu, cuda, cuda:N")
+    if t.device != "auto":
+        import torch
+
+        try:
+            torch.device(t.device)
+        except RuntimeError:
+            raise ConfigError(
+                f"train.device={t.device!r} is not a device: auto, cpu, cuda, cuda:N, mps, ..."
+            ) from None
     check_algorithm(cfg.algo)
     if cfg.model.dtype == "fp16" and cfg.peft.method == "none" and cfg.algo.name != "rm":
         raise ConfigError(
@@ -654,10 +661,14 @@ def validate(cfg: RLTuneConfig) -> None:
         )
     attn = cfg.model.attn_implementation
     if attn is not None and attn not in ATTENTION and "/" not in attn:
-        raise ConfigError(
-            f"model.attn_implementation={attn!r} is not one of: {', '.join(ATTENTION)} "
-            "(or a hub kernel, org/name)"
-        )
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        known = ["eager", *ALL_ATTENTION_FUNCTIONS.keys()]
+        if attn not in known:
+            raise ConfigError(
+                f"model.attn_implementation={attn!r} is not one of: {', '.join(known)} "
+                "(or a hub kernel, org/name)"
+            )
     if cfg.peft.method != "none":
         p = cfg.peft
         if p.r < 1 or not p.alpha > 0 or not 0.0 <= p.dropout < 1.0:

@@ -162,3 +162,17 @@ def test_override_typos_are_caught_before_hydra(args, message):
         check_override_keys(args)
     # valid keys, groups, hydra's own and +additions pass through
     check_override_keys(["algo=dpo", "algo.beta=0.2", "model.lrs.sft=1e-5", "hydra.run.dir=x"])
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "model.attn_implementation=flash_attention_4",  # in transformers' registry
+        "model.attn_implementation=kernels-community/flash-attn",  # a hub kernel
+        "train.device=cuda:1",
+        "train.max_grad_norm=0",  # no clipping
+        "train.min_lr_ratio=1",
+    ],
+)
+def test_valid_values_on_the_edges_pass(override):
+    check_schema(_compose([override]))
