@@ -23,7 +23,12 @@ from typing import Any
 import torch
 
 from rltune.algos import BuildContext, build_algorithm
-from rltune.checkpoint import find_resume, load_algo_state, set_aside_after
+from rltune.checkpoint import (
+    clear_temporaries,
+    find_resume,
+    load_algo_state,
+    set_aside_after,
+)
 from rltune.config import BatchPlan, ConfigError, RLTuneConfig, TrainConfig
 from rltune.distributed import (
     all_reduce_sum,
@@ -93,7 +98,6 @@ IGNORED_CHANGES = ("train.resume", "train.fail_at_step", "train.max_steps", "tra
 def config_changes(checkpoint: Path, config: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Keys (dotted) whose value in this run's config differs from the one in the checkpoint's
     config.yaml, with (saved, now)."""
-    import yaml
 
     def flat(node: Any, prefix: str = "") -> dict[str, Any]:
         if not isinstance(node, dict):
@@ -106,12 +110,38 @@ def config_changes(checkpoint: Path, config: dict[str, Any]) -> dict[str, tuple[
     path = checkpoint / "config.yaml"
     if not path.exists():
         return {}
-    saved, now = flat(yaml.safe_load(path.read_text()) or {}), flat(config)
+    saved, now = flat(_resolved_yaml(path)), flat(config)
     return {
         key: (saved.get(key), now.get(key))
         for key in sorted(saved.keys() | now.keys())
-        if saved.get(key) != now.get(key) and key not in IGNORED_CHANGES
+        if _normal(key, saved.get(key)) != _normal(key, now.get(key)) and key not in IGNORED_CHANGES
     }
+
+
+def _resolved_yaml(path: Path) -> dict[str, Any]:
+    """A saved config with its interpolations (${oc.env:...}) resolved as this run resolved its
+    own; as written where one cannot be resolved here."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.load(path)
+    try:
+        return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
+    except Exception:  # noqa: BLE001 - e.g. ${hydra:...}, which needs Hydra's runtime
+        return OmegaConf.to_container(node, resolve=False)  # type: ignore[return-value]
+
+
+def _normal(key: str, value: Any) -> Any:
+    """model.path spelled any way that names the same folder (a shipped name, a relative or
+    absolute path, a trailing slash) compares as that folder."""
+    if key == "model.path" and isinstance(value, str):
+        from rltune.models import resolve_path
+
+        try:
+            folder = Path(resolve_path(value))
+        except ConfigError:
+            return value
+        return str(folder.resolve()) if folder.exists() else value
+    return value
 
 
 SHAPING_KEYS = ("algo.name", "model.path", "peft.method", "peft.r", "peft.target_modules")
@@ -281,6 +311,8 @@ def train(
         for key, (saved, now) in config_changes(resume_from, config_dict).items():
             log.warning("resume: %s was %s in the checkpoint's run, is %s now", key, saved, now)
     if d.main:
+        if ckpt_root.is_dir():  # an interrupted save put back first, then judged like the rest
+            clear_temporaries(ckpt_root)
         for name, path in set_aside_after(ckpt_root, step):
             if resume_from is None:
                 log.warning("checkpoint %s is an earlier run's: kept as %s", name, path)

@@ -123,3 +123,18 @@ def test_wandb_run_continues_only_when_a_checkpoint_is_resumed(tmp_path):
     assert _wandb_run_id(tmp_path, resuming=True) == first
     fresh = _wandb_run_id(tmp_path, resuming=False)  # a fresh start in the same folder
     assert fresh != first and _wandb_run_id(tmp_path, resuming=True) == fresh
+
+
+def test_config_changes_resolve_interpolations_and_spellings_of_a_path(tmp_path, monkeypatch):
+    """The checkpoint's config.yaml is saved unresolved: ${oc.env:...} there and its value here
+    are the same setting, and so are `tiny` and the shipped folder's path."""
+    from rltune.models import SHIPPED
+    from rltune.trainer import check_resumable, config_changes
+
+    monkeypatch.setenv("RLTUNE_TEST_LR", "0.001")
+    (tmp_path / "config.yaml").write_text(
+        "model:\n  path: tiny\ntrain:\n  lr: ${oc.env:RLTUNE_TEST_LR}\n  seed: 0\n"
+    )
+    now = {"model": {"path": str(SHIPPED["tiny"]) + "/"}, "train": {"lr": "0.001", "seed": 1}}
+    assert config_changes(tmp_path, now) == {"train.seed": (0, 1)}
+    check_resumable(tmp_path, now)  # the same model: no error
