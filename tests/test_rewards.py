@@ -147,11 +147,13 @@ def test_a_function_failing_on_every_sample_stops_the_run_after_three_rollouts()
     fine = rewards.score([broken], ["p"], ["a"], {}, timeout_s=5)
     assert failing.errors["noargs"] == 2 and fine.errors["noargs"] == 0
     assert "TypeError" in failing.last_error["noargs"]
+    assert rewards.failed_everywhere(failing, 2) == {"noargs": 1.0}
+    assert rewards.failed_everywhere(fine, 1) == {"noargs": 0.0}
     watch = rewards.FailureWatch()
-    for scores, n in ((failing, 2), (failing, 2), (fine, 1), (failing, 2), (failing, 2)):
-        watch.update(scores, n)
+    for failed in (True, True, False, True, True):
+        watch.update({"noargs": failed}, failing.last_error)
     with pytest.raises(rewards.RewardError, match="noargs failed on every sample of 3 rollouts"):
-        watch.update(failing, 2)
+        watch.update({"noargs": True}, failing.last_error)
 
 
 def test_a_checker_without_an_answer_column_fails_before_loading(tmp_path, cli):

@@ -20,6 +20,7 @@ from rltune.data import DataError
 from rltune.data.source import split_records
 from rltune.data.stream import IndexStream
 from rltune.decode import fast_sample
+from rltune.distributed import all_reduce_sum
 from rltune.evaluation import get_task, render_prompt
 from rltune.losses import linear_token_logps, token_entropy, token_logps
 from rltune.models import (
@@ -213,7 +214,12 @@ class OnlineAlgorithm(AlgorithmBase):
         generated = time.perf_counter()
         peak = cuda_peak_gib(self.ctx.device)  # the step's peak so far: its rollout's
         scores = self._score(prompts, rollout, g)
-        self.reward_watch.update(scores, len(rollout.completions))
+        failed = rewards.failed_everywhere(scores, len(rollout.completions))
+        if self.ctx.world_size > 1:  # every rank stops, or none: the next step is collective
+            failed = all_reduce_sum(failed, self.ctx.device)
+        self.reward_watch.update(
+            {name: v == self.ctx.world_size for name, v in failed.items()}, scores.last_error
+        )
         timing = {
             "time/generate": generated - started,
             "time/reward": time.perf_counter() - generated,

@@ -85,14 +85,22 @@ class FailureWatch:
     def __init__(self) -> None:
         self.streak: dict[str, int] = {}
 
-    def update(self, scores: RewardScores, n: int) -> None:
-        for name, failed in scores.errors.items():
-            self.streak[name] = self.streak.get(name, 0) + 1 if n and failed == n else 0
+    def update(self, failed_all: dict[str, bool], last_error: dict[str, str]) -> None:
+        """`failed_all`: per function, whether it failed on every sample of this rollout (on
+        every process: the decision to stop must be the same everywhere)."""
+        for name, failed in failed_all.items():
+            self.streak[name] = self.streak.get(name, 0) + 1 if failed else 0
             if self.streak[name] >= FAILING_STEPS:
                 raise RewardError(
                     f"reward function {name} failed on every sample of {FAILING_STEPS} rollouts "
-                    f"in a row; the last failure: {scores.last_error.get(name, '?')}"
+                    f"in a row; the last failure: {last_error.get(name, '?')}"
                 )
+
+
+def failed_everywhere(scores: RewardScores, n: int) -> dict[str, float]:
+    """Per function, 1.0 when it failed on all `n` samples (0.0 otherwise): summed over the
+    processes, it is their number exactly when it failed everywhere."""
+    return {name: float(n > 0 and failed == n) for name, failed in scores.errors.items()}
 
 
 def check_columns(functions: list[RewardFunction], rows: list[dict[str, Any]], where: str) -> None:
