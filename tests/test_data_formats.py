@@ -460,3 +460,12 @@ def test_csv_extra_cells_and_unicode_line_separators(tmp_path):
     jsonl = tmp_path / "rows.jsonl"
     jsonl.write_text(json.dumps({"text": "line one\u2028line two"}, ensure_ascii=False) + "\n")
     assert [r.data for r in load_records(str(jsonl))] == [{"text": "line one\u2028line two"}]
+
+
+def test_csv_trailing_empty_cells_are_not_extra_cells(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text("prompt,completion\n1+1=,2,\n2+2=,4,,\n")
+    assert [r.data for r in load_records(str(path))] == [
+        {"prompt": "1+1=", "completion": "2"},
+        {"prompt": "2+2=", "completion": "4"},
+    ]

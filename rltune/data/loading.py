@@ -155,6 +155,8 @@ def _read_csv(p: Path) -> list[dict[str, Any]]:
             # unquoted comma shifts a row's columns) would be silently lost: an error instead.
             rows = []
             for row in reader:
+                if None in row and not any(cell.strip() for cell in row[None]):
+                    del row[None]  # trailing empty cells ("a,b,"): nothing is lost
                 if None in row:
                     raise DataError(
                         f"{p}, line {reader.line_num}: {len(row[None])} more cells than the "
