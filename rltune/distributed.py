@@ -204,9 +204,17 @@ def gathered(model: torch.nn.Module):
 def partition_frozen(models: dict[str, torch.nn.Module], ds_config: dict[str, Any]) -> None:
     """Under ZeRO-3, partition frozen models (the reference copy) across ranks in place, as
     DeepSpeed inference engines: each rank keeps its shard and forward passes gather layer by
-    layer. Other stages leave them whole."""
+    layer, in the trained models' dtype. Other stages leave them whole, cast to bf16 when
+    DeepSpeed trains in bf16: its engine holds the policy in bf16, and a reference kept in
+    fp32 would differ from it at step 0 (a KL above 0 before any update)."""
     zero = ds_config.get("zero_optimization", {})
-    if zero.get("stage") != 3 or not models:
+    if not models:
+        return
+    if zero.get("stage", 0) != 3:
+        if ds_config.get("bf16", {}).get("enabled"):
+            for model in models.values():  # parameters only, as DeepSpeed casts the policy:
+                for param in model.parameters():  # buffers (rotary inv_freq) stay fp32
+                    param.data = param.data.to(torch.bfloat16)
         return
     import deepspeed
 

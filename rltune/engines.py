@@ -201,7 +201,7 @@ class DeepSpeedEngine:
             self.settings[role] = optimizer_settings(engine.optimizer)
             log.warning(
                 "deepspeed: ZeRO stage %d, rank %d of %d holds %s bytes of %s parameters",
-                ds_config["zero_optimization"].get("stage", 0),
+                ds_config.get("zero_optimization", {}).get("stage", 0),
                 dist.rank,
                 dist.world_size,
                 f"{partitioned_bytes(model):,}",

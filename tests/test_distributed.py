@@ -111,6 +111,25 @@ def test_ppo_with_a_reward_model_under_zero3_partitions_all_four_models(tmp_path
     assert "rewards/reward_model/mean" in rows[0]
 
 
+def test_zero2_bf16_reference_and_adaptive_kl_agree_across_ranks(tmp_path):
+    """ZeRO-2 in bf16 holds the policy in bf16: the frozen reference is cast alike, so the KL
+    before any update is 0. PPO's adaptive KL controller takes one step from every rank's
+    completions, so both ranks keep the same kl_coef (each used to follow its own half)."""
+    proc = torchrun(
+        "algo=ppo", "deepspeed=zero2", "train.dtype=bf16", *SMALL, "algo.ppo_epochs=1",
+        "algo.adaptive_kl=true", "algo.kl_horizon=16", "algo.target_kl=0.01",
+        "train.save_every=3", f"hydra.run.dir={tmp_path}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert rows[0]["kl"] == 0.0
+    states = [
+        torch.load(tmp_path / "checkpoints" / "step-3" / f"algo-{rank}.pt", weights_only=False)
+        for rank in (0, 1)
+    ]
+    assert states[0]["kl_coef"] == states[1]["kl_coef"] != 0.05  # moved, and in step
+
+
 def test_zero2_resume_matches_the_uninterrupted_run(tmp_path):
     common = ["algo=sft", "deepspeed=zero2", *SMALL, "train.max_steps=6", "train.save_every=3"]
     assert torchrun(*common, f"hydra.run.dir={tmp_path / 'straight'}").returncode == 0

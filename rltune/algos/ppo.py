@@ -141,8 +141,13 @@ class PPO(OnlineAlgorithm):
         raw_adv_mean = masked_mean(advantages, mask).item()
         if self.cfg.whiten_advantages:  # over every rank's tokens, as one process would
             advantages = masked_whiten(advantages, mask, reduce=all_reduce_tensor)
-        kl_per_seq = ((old_logps - ref_logps) * mask).sum(-1)  # [N]
-        kl = kl_per_seq[~no_reward].mean().item() if (~no_reward).any() else 0.0
+        kl_per_seq = ((old_logps - ref_logps) * mask).sum(-1)[~no_reward]  # [scored]
+        # over every rank's completions, as one process would see them: the controller below
+        # must take the same step on every rank
+        total = all_reduce_sum(
+            {"kl": kl_per_seq.sum().item(), "n": len(kl_per_seq), "rows": len(score)}, device
+        )
+        kl = total["kl"] / total["n"] if total["n"] else 0.0
 
         metrics = self.rollout_metrics(rollout, scores) | timing
         metrics.update(
@@ -157,7 +162,7 @@ class PPO(OnlineAlgorithm):
         self._report = (metrics, self.samples(prompts, rollout, score, advantages[:, 0], g))
         if self.cfg.adaptive_kl:  # proportional controller (Ziegler et al. 2019)
             error = max(-0.2, min(0.2, kl / self.cfg.target_kl - 1))
-            self.kl_coef *= 1 + error * len(score) / self.cfg.kl_horizon
+            self.kl_coef *= 1 + error * total["rows"] / self.cfg.kl_horizon
 
         full.update(
             old_logps=old_logps, old_values=old_values, advantages=advantages, returns=returns
