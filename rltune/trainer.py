@@ -208,6 +208,9 @@ def train(
     dtype = resolve_dtype(t.dtype, device)
     seed_everything(t.seed)  # the same on every rank: new heads start identical everywhere
     ckpt_root = run_dir / "checkpoints"
+    if d.main and ckpt_root.is_dir():  # an interrupted save put back before choosing where
+        clear_temporaries(ckpt_root)  # to resume (and before later checkpoints are set aside)
+    barrier()
     resume_from = find_resume(t.resume, ckpt_root)
     if resume_from is not None:  # before any model loads
         check_resumable(resume_from, config_dict)
@@ -311,8 +314,6 @@ def train(
         for key, (saved, now) in config_changes(resume_from, config_dict).items():
             log.warning("resume: %s was %s in the checkpoint's run, is %s now", key, saved, now)
     if d.main:
-        if ckpt_root.is_dir():  # an interrupted save put back first, then judged like the rest
-            clear_temporaries(ckpt_root)
         for name, path in set_aside_after(ckpt_root, step):
             if resume_from is None:
                 log.warning("checkpoint %s is an earlier run's: kept as %s", name, path)

@@ -122,6 +122,21 @@ def test_resume_from_an_older_checkpoint_with_a_new_lr(tmp_path):
     assert new_lr[6] == old_lr[6]
 
 
+def test_a_checkpoint_moved_aside_by_a_crashed_save_is_put_back_before_resuming(tmp_path):
+    """A crash while re-saving step 8 (after moving the old step-8 aside, before renaming the
+    new one in) leaves .tmp-old-step-8 as step 8's only complete copy: resume=auto puts it back
+    and continues from step 8, not from step 4."""
+    common = ["model=tiny_init", "train.save_every=4", "train.log_every=1", *FAST]
+    run_dir = tmp_path / "run"
+    run([*common, "train.max_steps=8", f"hydra.run.dir={run_dir}"])
+    root = run_dir / "checkpoints"
+    (root / "step-8").rename(root / ".tmp-old-step-8")
+    (root / ".tmp-step-8").mkdir()  # the half-written new copy
+    run([*common, "train.max_steps=9", "train.resume=auto", f"hydra.run.dir={run_dir}"])
+    assert f"resumed from {root / 'step-8'} at step 8" in (run_dir / "cli.log").read_text()
+    assert sorted(p.name for p in root.iterdir()) == ["step-4", "step-8"]
+
+
 def test_resuming_another_runs_checkpoint_fails_before_loading(tmp_path, cli):
     """A checkpoint of full weights resumed with LoRA adapters (or by another algorithm) would
     fail deep inside loading; it is named before any model loads."""
