@@ -31,3 +31,16 @@ def rltune_cli(
 @pytest.fixture
 def cli():
     return rltune_cli
+
+
+def crash_and_resume(tmp_path: Path, common: list[str], *, fail_at: int) -> tuple[Path, Path]:
+    """The run of `common` straight through, and the same run killed right after step
+    `fail_at` (train.fail_at_step) then resumed with train.resume=auto: their run folders."""
+    from rltune.cli import run
+
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    run([*common, f"hydra.run.dir={straight}"])
+    proc = rltune_cli(*common, f"hydra.run.dir={crashed}", f"train.fail_at_step={fail_at}")
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    run([*common, f"hydra.run.dir={crashed}", "train.resume=auto"])
+    return straight, crashed

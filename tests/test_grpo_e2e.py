@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import crash_and_resume
 
 from rltune.cli import run
 from rltune.logging import read_metrics
@@ -276,7 +277,7 @@ def test_variants_run_and_report(tmp_path, variant):
 
 
 @pytest.mark.parametrize("mu", [1, 2])
-def test_resume_after_crash_reproduces_the_uninterrupted_run(tmp_path, cli, mu):
+def test_resume_after_crash_reproduces_the_uninterrupted_run(tmp_path, mu):
     """With mu = 2 rollouts come at steps 1, 3, 5 and the checkpoint at step 3 falls inside
     one: the resumed run must train step 4 on that rollout, not sample a new one."""
     common = [
@@ -287,12 +288,8 @@ def test_resume_after_crash_reproduces_the_uninterrupted_run(tmp_path, cli, mu):
         "train.eval_samples=0",
         f"algo.num_iterations={mu}",
     ]
-    run([*common, f"hydra.run.dir={tmp_path / 'straight'}"])
-    crashed = tmp_path / "crashed"
-    proc = cli(*common, f"hydra.run.dir={crashed}", "train.fail_at_step=4")
-    assert proc.returncode == 3, proc.stderr[-2000:]
-    run([*common, f"hydra.run.dir={crashed}", "train.resume=auto"])
-    a = {r["step"]: r for r in _rows(tmp_path / "straight")}
+    straight, crashed = crash_and_resume(tmp_path, common, fail_at=4)
+    a = {r["step"]: r for r in _rows(straight)}
     b = {r["step"]: r for r in _rows(crashed)}
     for step in (4, 5, 6):  # sampled with the restored RNG from the restored policy
         assert ("reward" in b[step]) == ("reward" in a[step])  # a rollout at the same steps

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest import crash_and_resume
 
 from rltune.cli import run
 from rltune.logging import read_metrics
@@ -142,7 +143,7 @@ def test_entropy_bonus_from_hidden_states_trains_as_from_logits(tmp_path):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
 
 
-def test_ppo_resumes_inside_a_rollout_exactly(tmp_path, cli):
+def test_ppo_resumes_inside_a_rollout_exactly(tmp_path):
     """A rollout serves ppo_epochs x num_minibatches = 2 steps here (1, 3, 5 sample); the
     checkpoint at step 3 holds the rollout's second minibatch step, and the epoch counts
     prompts, not steps."""
@@ -160,12 +161,8 @@ def test_ppo_resumes_inside_a_rollout_exactly(tmp_path, cli):
         "train.lr=1e-4",
         "train.eval_samples=0",
     ]
-    run([*common, f"hydra.run.dir={tmp_path / 'straight'}"])
-    crashed = tmp_path / "crashed"
-    proc = cli(*common, f"hydra.run.dir={crashed}", "train.fail_at_step=4")
-    assert proc.returncode == 3, proc.stderr[-2000:]
-    run([*common, f"hydra.run.dir={crashed}", "train.resume=auto"])
-    a = {r["step"]: r for r in _rows(tmp_path / "straight")}
+    straight, crashed = crash_and_resume(tmp_path, common, fail_at=4)
+    a = {r["step"]: r for r in _rows(straight)}
     b = {r["step"]: r for r in _rows(crashed)}
     # 24 prompts x 2 completions = 48 completions, 8 a step, each trained on twice: 12 steps
     assert sorted(a) == sorted(b) == list(range(1, 13))
