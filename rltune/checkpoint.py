@@ -40,7 +40,8 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
 
 
-def _fsync_tree(folder: Path) -> None:
+def fsync_tree(folder: Path) -> None:
+    """Flush every file under `folder`, and the folder itself, to disk."""
     for path in folder.rglob("*"):
         if path.is_file():
             with open(path, "rb") as f:
@@ -99,7 +100,7 @@ def save_checkpoint(
     torch.save(algo_state, tmp / algo_file(0))
     (tmp / "config.yaml").write_text(config_yaml)
     (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=2))
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     final = root / f"step-{step}"
     replace_dir(tmp, final)
     rotate(root, keep)

@@ -255,6 +255,7 @@ class DeepSpeedEngine:
             (tmp / ckpt.STATE_FILE).write_text(
                 json.dumps({"step": step, **trainer_state}, indent=2)
             )
+            ckpt.fsync_tree(tmp)  # every rank's files on disk before the rename makes them a step
             ckpt.replace_dir(tmp, final)
             ckpt.rotate(root, keep)
         barrier()
