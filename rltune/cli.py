@@ -57,21 +57,19 @@ def unknown_keys(node: DictConfig, prefix: str = "") -> list[tuple[str, list[str
     return found
 
 
+def unknown_key_error(key: str, allowed: list[str]) -> ConfigError:
+    """The error for an unknown (dotted) `key`, with the closest of the `allowed` names."""
+    prefix, _, name = key.rpartition(".")
+    close = difflib.get_close_matches(name, allowed, n=1)
+    hint = f" Did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else ""
+    return ConfigError(f"Unknown config key '{key}'.{hint} Valid keys here: {', '.join(allowed)}")
+
+
 def check_schema(cfg: DictConfig) -> RLTuneConfig:
     """The composed config as typed dataclasses, or a ConfigError naming the first bad key."""
     bad = unknown_keys(cfg)
     if bad:
-        key, allowed = bad[0]
-        name = key.rsplit(".", 1)[-1]
-        close = difflib.get_close_matches(name, allowed, n=1)
-        hint = (
-            f" Did you mean '{key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}'?"
-            if close
-            else ""
-        )
-        raise ConfigError(
-            f"Unknown config key '{key}'.{hint} Valid keys here: {', '.join(allowed)}"
-        )
+        raise unknown_key_error(*bad[0])
     try:
         settings = OmegaConf.to_object(cfg)
     except MissingMandatoryValue as err:
@@ -133,12 +131,7 @@ def check_override_keys(args: list[str]) -> None:
         else:
             continue
         if name not in allowed:
-            close = difflib.get_close_matches(name, allowed, n=1)
-            hint = f" Did you mean '{section}.{close[0]}'?" if close else ""
-            raise ConfigError(
-                f"Unknown config key '{section}.{name}'.{hint} Valid keys here: "
-                f"{', '.join(allowed)}"
-            )
+            raise unknown_key_error(f"{section}.{name}", allowed)
 
 
 def sweep_jobs(args: list[str]) -> list[list[str]]:
