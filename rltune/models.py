@@ -99,7 +99,10 @@ def check_model_folder(path: str, key: str, *, scalar_head: bool = False) -> Non
     if scalar_head:
         import json
 
-        architectures = json.loads(config.read_text()).get("architectures") or []
+        try:
+            architectures = json.loads(config.read_text()).get("architectures") or []
+        except (json.JSONDecodeError, AttributeError) as err:
+            raise ConfigError(f"{key}={path}: config.json is not a JSON object ({err})") from None
         if architectures and not any(
             a.endswith("ForSequenceClassification") for a in architectures
         ):

@@ -140,6 +140,9 @@ def test_a_local_folder_without_a_model_is_named_before_loading(tmp_path):
         check_schema(_compose([f"model.path={tmp_path}"]))
     with pytest.raises(ConfigError, match=r"reward.model_path=.*a Qwen2ForCausalLM, not a reward"):
         rewards.resolve(RewardConfig(model_path=str(SHIPPED["tiny"])), max_new_tokens=8)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"reward.model_path=.*config.json is not a JSON object"):
+        rewards.resolve(RewardConfig(model_path=str(tmp_path)), max_new_tokens=8)
     with pytest.raises(ConfigError, match=r"model.tokenizer_path=/no/such: no such folder"):
         load_tokenizer(ModelConfig(tokenizer_path="/no/such"))
 
