@@ -97,6 +97,18 @@ def all_reduce_sum(values: dict[str, float], device: torch.device) -> dict[str, 
     return dict(zip(keys, t.tolist(), strict=True))
 
 
+def shared_denominator(local: float, device: torch.device) -> float:
+    """A step-level loss denominator counted on this rank's share of the step (tokens, rows,
+    pairs), made global: the sum over ranks, at least 1, divided by the number of ranks. Each rank
+    divides its own sum by it and DeepSpeed averages the gradients over ranks, which gives the
+    one-process gradient of the whole step; metrics divided by it likewise average over ranks to
+    the whole step's mean. The floor applies to the total only, so a rank with nothing to count
+    changes nothing."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    total = all_reduce_sum({"n": local}, device)["n"]
+    return max(total, 1.0) / world
+
+
 def all_reduce_tensor(x: torch.Tensor) -> torch.Tensor:
     """`x` summed over ranks (a copy; unchanged with one process)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

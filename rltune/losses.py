@@ -472,6 +472,8 @@ def loss_denominator(masks: list[torch.Tensor], mode: str, *, max_tokens: int) -
     token_mean               completion tokens in the step              (DAPO)
     seq_mean_token_mean      completions in the step                    (GRPO)
     seq_mean_token_sum_norm  completions in the step x max_tokens       (Dr. GRPO)
+
+    Counted on this rank's rows; the trainer makes it global (`shared_denominator`).
     """
     if mode == "token_mean":
         total = sum(float(m.sum()) for m in masks)
@@ -481,7 +483,7 @@ def loss_denominator(masks: list[torch.Tensor], mode: str, *, max_tokens: int) -
         total = float(sum(m.shape[0] for m in masks) * max_tokens)
     else:
         raise ValueError(f"unknown loss_agg {mode!r}; expected one of {LOSS_AGGREGATIONS}")
-    return max(total, 1.0)
+    return total
 
 
 def aggregate_loss(

@@ -39,6 +39,7 @@ from rltune.distributed import (
     init_distributed,
     merge_ranks,
     partition_frozen,
+    shared_denominator,
 )
 from rltune.engines import MAIN, DeepSpeedEngine, PlainEngine, make_optimizer
 from rltune.logging import MetricsLogger, NullLogger
@@ -357,11 +358,7 @@ def train(
             step_metrics, samples = algo.report()
             if samples:
                 logger.log_samples(step + 1, list(samples[0]), [list(s.values()) for s in samples])
-            norm = algo.normaliser(batches)
-            if d.world_size > 1:
-                # the step's count over all ranks, shared out: with gradients averaged over
-                # ranks this gives exactly the single-process gradient
-                norm = all_reduce_sum({"n": norm}, device)["n"] / d.world_size
+            norm = shared_denominator(algo.normaliser(batches), device)
             train_started = time.perf_counter()
             step_lr = engine.lr()
             for i, batch in enumerate(batches):

@@ -106,3 +106,57 @@ print(json.dumps([before, memory_metrics(torch.device("cpu")), gib]))
     before, after, gib = json.loads(proc.stdout)
     assert set(before) == set(after) == {"memory/peak_rss_gib"}
     assert after["memory/peak_rss_gib"] >= gib * 0.98 > before["memory/peak_rss_gib"] + 0.9
+
+
+def _shared_denominator_worker(rank: int, port: int, out: str) -> None:
+    import json
+
+    import torch
+    import torch.distributed as dist
+
+    from rltune.distributed import shared_denominator
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        cpu = torch.device("cpu")
+        # rank 0 has no loss tokens this step, rank 1 has three with per-token losses 1, 2, 6
+        tokens = [torch.zeros(0), torch.tensor([1.0, 2.0, 6.0])][rank]
+        denominator = shared_denominator(float(len(tokens)), cpu)
+        share = tokens.sum().item() / denominator
+        nothing = shared_denominator(0.0, cpu)
+        shares = [None, None]
+        dist.all_gather_object(shares, share)
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump({"denominator": denominator, "mean": sum(shares) / 2, "none": nothing}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_without_tokens_leaves_the_step_mean_exact(tmp_path):
+    """Two ranks, 0 and 3 loss tokens: each divides by (0 + 3) / 2, so the mean over ranks (what
+    DeepSpeed does to gradients, and merge_ranks to metrics) is the mean over the 3 tokens. The
+    floor of 1 applies to the total: with a per-rank floor it would have been 4 / 2."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out.json"
+    mp.spawn(_shared_denominator_worker, args=(port, str(out)), nprocs=2)
+    result = json.loads(out.read_text())
+    assert result["denominator"] == pytest.approx(1.5)
+    assert result["mean"] == pytest.approx(3.0)  # (1 + 2 + 6) / 3
+    assert result["none"] == pytest.approx(0.5)  # nothing anywhere: 1 / 2, never a division by 0
+
+
+def test_one_process_denominator_has_a_floor_of_one():
+    import torch
+
+    from rltune.distributed import shared_denominator
+
+    assert shared_denominator(0.0, torch.device("cpu")) == 1.0
+    assert shared_denominator(7.0, torch.device("cpu")) == 7.0

@@ -51,7 +51,7 @@ from rltune.algos import BuildContext
 from rltune.algos.online import OnlineAlgorithm
 from rltune.config import ConfigError, GRPOConfig
 from rltune.data.stream import length_sorted
-from rltune.distributed import all_gather_cat
+from rltune.distributed import all_gather_cat, shared_denominator
 from rltune.losses import (
     aggregate_loss,
     clipped_surrogate,
@@ -130,7 +130,11 @@ class GRPO(OnlineAlgorithm):
         denominator = loss_denominator(
             [b["loss_mask"] for b in batches], self.cfg.loss_agg, max_tokens=self.max_new_tokens
         )
-        step_tokens = max(1.0, sum(float(b["loss_mask"].sum()) for b in batches))
+        # per-token metrics divide by the step's tokens over all ranks, so that their mean over
+        # ranks is the whole step's mean, not a mean of each rank's mean
+        step_tokens = shared_denominator(
+            sum(float(b["loss_mask"].sum()) for b in batches), self.ctx.device
+        )
         for b in batches:
             b["denominator"], b["step_tokens"] = denominator, step_tokens
 

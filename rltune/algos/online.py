@@ -409,7 +409,7 @@ class OnlineAlgorithm(AlgorithmBase):
 
     def normaliser(self, batches: list[dict[str, Any]]) -> float:
         """The step denominator each micro-batch carries (set when the batches are built)."""
-        return batches[0]["denominator"] if batches else 1.0
+        return batches[0]["denominator"] if batches else 0.0
 
     def policy_logps(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """(completion-token log-probs [b, C] at the sampling temperature, their entropies

@@ -127,7 +127,7 @@ class RejectionSampling(OnlineAlgorithm):
         ]
 
     def normaliser(self, batches: list[dict[str, Any]]) -> float:
-        return max(1.0, sum(float(b["loss_mask"].sum()) for b in batches))
+        return sum(float(b["loss_mask"].sum()) for b in batches)
 
     def loss(
         self, batch: dict[str, Any], normaliser: float
