@@ -11,9 +11,11 @@ allowed set. Those exit with status 2 and a message naming the key.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import difflib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -187,6 +189,21 @@ def main() -> None:
     register_configs()
     app = hydra.main(config_path=str(conf_dir()), config_name="config", version_base=None)(_task)
     app()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _exit_launched_process()
+
+
+def _exit_launched_process() -> None:
+    """End a process of a multi-process launch whose runs all finished: the exit handlers run
+    (process group torn down, wandb and logs closed), then the process ends without the
+    interpreter's own teardown. That teardown can abort (`terminate called without an active
+    exception`, rarely, from a native thread of the communication backends) after every file
+    is written, turning a finished run into a failed launch."""
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run(overrides: list[str]) -> Path:
