@@ -12,7 +12,10 @@ greedy accuracy after a few minutes of SFT on a CPU: high enough that sampled co
 sometimes right (GRPO and PPO need reward variance), low enough that RL has room to improve it.
 
 Train and eval never share a question: a question belongs to the eval split when a stable hash of
-its text falls in the eval bucket, so the split does not depend on ``n`` or ``seed``.
+its text falls in the eval bucket, so the split does not depend on ``n`` or ``seed``. The hash is
+of the text, so an eval question ``a+b=`` can have its twin ``b+a=`` in train. The shipped tiny
+model shows no memorisation through that: on the 969 eval additions, its greedy accuracy was
+0.82 where the twin is in train (861) and 0.88 where it is in eval too (108).
 
 ``rows`` renders problems in the data shapes the algorithms read (prompt-completion and chat for
 SFT, preference pairs for DPO and reward models, prompt plus answer for GRPO and PPO rewards).
