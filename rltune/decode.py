@@ -40,6 +40,7 @@ from rltune.rollout import (
     cat_padded,
     eos_ids,
     finish,
+    first_rows,
     left_pad,
     merge_rollouts,
     position_ids,
@@ -400,11 +401,17 @@ def fast_sample(
     # not 8 + 4), so one static decoder, captured and compiled once, serves them all
     calls = math.ceil(len(prompts) / max(1, batch_size // group_size))
     per_call = math.ceil(len(prompts) / calls)
-    parts = [
-        _fast_sample(
+    parts = []
+    for s in range(0, len(prompts), per_call):
+        chunk = prompts[s : s + per_call]
+        # where they do not (5 prompts in calls of at most 4: 3 + 2), the graph's short last call
+        # is filled up with copies of a prompt and their completions dropped, so the decoder
+        # made for the others serves it too
+        fill = per_call - len(chunk) if decoder == "graph" else 0
+        rollout, logps = _fast_sample(
             model,
             tokenizer,
-            prompts[s : s + per_call],
+            chunk + [chunk[0]] * fill,
             params,
             group_size=group_size,
             greedy=greedy,
@@ -412,8 +419,10 @@ def fast_sample(
             dtype=dtype,
             compile=compile,
         )
-        for s in range(0, len(prompts), per_call)
-    ]
+        if fill:
+            kept = len(chunk) * group_size
+            rollout, logps = first_rows(rollout, kept), logps[:kept]
+        parts.append((rollout, logps))
     if len(parts) == 1:
         return parts[0]
     pad = tokenizer.pad_token_id

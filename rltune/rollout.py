@@ -322,6 +322,18 @@ def cat_padded(parts: list[torch.Tensor], value, *, left: bool = False) -> torch
     )
 
 
+def first_rows(rollout: Rollout, n: int) -> Rollout:
+    """The rollout of its first `n` rows."""
+    return Rollout(
+        prompt_ids=rollout.prompt_ids[:n],
+        prompt_mask=rollout.prompt_mask[:n],
+        completion_ids=rollout.completion_ids[:n],
+        completion_mask=rollout.completion_mask[:n],
+        truncated=rollout.truncated[:n],
+        completions=rollout.completions[:n],
+    )
+
+
 def merge_rollouts(parts: list[Rollout], pad: int) -> Rollout:
     """One rollout from several (prompts re-padded on the left, completions on the right)."""
     return Rollout(

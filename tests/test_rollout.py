@@ -542,6 +542,42 @@ def test_calls_of_equal_size_share_one_static_decoder(tiny, monkeypatch):
     assert made == [6]
 
 
+def test_a_short_last_call_is_filled_up_to_use_the_same_decoder(tiny, monkeypatch):
+    """5 prompts x 2 with at most 8 rows per call run as 3 + 2 prompts; the second call is
+    filled with copies up to 3, so one decoder serves both, and the result is the 5 prompts'
+    own: greedy, it equals one call over all of them."""
+    from rltune import decode
+
+    model, tokenizer = tiny
+    model = copy.deepcopy(model)  # no decoder left from other tests
+    made = []
+    original = decode.StaticDecoder.__init__
+
+    def spy(self, model, rows, *args, **kwargs):
+        made.append(rows)
+        original(self, model, rows, *args, **kwargs)
+
+    monkeypatch.setattr(decode.StaticDecoder, "__init__", spy)
+    prompts = _arith_prompts(tokenizer, 5)
+    params = SamplingParams(max_new_tokens=6)
+
+    def run(batch_size):
+        return decode.fast_sample(
+            model, tokenizer, prompts, params, group_size=2, batch_size=batch_size,
+            greedy=True, decoder="graph",
+        )  # fmt: skip
+
+    split, split_logps = run(8)
+    assert made == [6]
+    whole, whole_logps = run(10)
+    assert len(split.completions) == 10
+    assert split.completions == whole.completions
+    n = whole.completion_mask.shape[1]
+    torch.testing.assert_close(split.completion_mask[:, :n], whole.completion_mask)
+    assert not split.completion_mask[:, n:].any()
+    torch.testing.assert_close(split_logps[:, :n], whole_logps, atol=1e-5, rtol=1e-5)
+
+
 def test_the_models_generation_config_does_not_shape_sampling_or_greedy_eval(tiny):
     """`generate` fills what a passed GenerationConfig leaves unset from the model's own, so a
     preset's repetition penalty would bend sampling away from the distribution the loss's
