@@ -190,6 +190,8 @@ class DeepSpeedEngine:
         self.dist = dist
         self.models = {role: m for role, (m, _) in models.items()}
         self.engines, self.schedulers, self.settings = {}, {}, {}
+        self.unreported: set[str] = set()  # roles whose gradient norm the loop measures itself
+        self.norms: dict[str, float] = {}
         for role, (model, lr) in models.items():
             engine, _, _, scheduler = deepspeed.initialize(
                 model=model,
@@ -198,6 +200,11 @@ class DeepSpeedEngine:
                 config=ds_config,
             )
             self.engines[role], self.schedulers[role] = engine, scheduler
+            # without ZeRO or a 16-bit optimizer DeepSpeed clips, but keeps no gradient norm
+            if not (
+                engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled()
+            ):
+                self.unreported.add(role)
             self.settings[role] = optimizer_settings(engine.optimizer)
             log.warning(
                 "deepspeed: ZeRO stage %d, rank %d of %d holds %s bytes of %s parameters",
@@ -216,6 +223,9 @@ class DeepSpeedEngine:
             engine = self.engines[role]
             engine.set_gradient_accumulation_boundary(last)
             engine.backward(part, scale_wrt_gas=False)
+            if last and role in self.unreported:  # averaged over ranks, not yet clipped
+                grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+                self.norms[role] = torch.nn.utils.get_total_norm(grads).item()
             engine.step()
             # The algorithms call the module, not engine.forward, which is where ZeRO-3 counts
             # micro-steps; without this it would overwrite instead of accumulate gradients.
@@ -230,6 +240,8 @@ class DeepSpeedEngine:
         metrics = {}
         for role, engine in self.engines.items():
             norm = engine.get_global_grad_norm()
+            if role in self.unreported:
+                norm = self.norms.pop(role, None)
             key = "grad_norm" if role == MAIN else f"grad_norm/{role}"
             metrics[key] = float(norm) if norm is not None else float("nan")
         return metrics

@@ -203,3 +203,21 @@ print("after the run, group alive:", dist.is_initialized())
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "after the run, group alive: True" in proc.stdout
     assert "at exit, group alive: False" in proc.stdout
+
+
+def test_deepspeed_without_zero_reports_the_gradient_norm(tmp_path):
+    """DeepSpeed with ZeRO stage 0 in fp32 clips gradients but keeps no norm (get_global_grad_norm
+    is None); the loop measures it, and it equals the plain engine's."""
+    config = tmp_path / "ds.json"
+    config.write_text('{"zero_optimization": {"stage": 0}}')
+    ds = run(["algo=sft", f"deepspeed.config={config}", *SMALL, f"hydra.run.dir={tmp_path / 'ds'}"])
+    plain = run(["algo=sft", *SMALL, f"hydra.run.dir={tmp_path / 'plain'}"])
+
+    def norms(run_dir):
+        rows = read_metrics(run_dir / "metrics.jsonl")
+        return {r["step"]: r["grad_norm"] for r in rows if "grad_norm" in r}
+
+    a, b = norms(plain), norms(ds)
+    assert sorted(b) == [1, 2, 3]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-4), (step, a[step], b[step])
