@@ -170,3 +170,58 @@ def test_ppo_resumes_inside_a_rollout_exactly(tmp_path):
     for step in range(4, 13):
         assert ("reward" in b[step]) == ("reward" in a[step])
         assert b[step]["loss"] == pytest.approx(a[step]["loss"], abs=1e-6), step
+
+
+def _reward_model_of_another_vocabulary(folder):
+    import torch
+    from transformers import Qwen2ForSequenceClassification
+
+    from rltune import tiny
+
+    tokenizer = tiny.build_tokenizer(300, seed=1)
+    config = tiny.build_model_config(
+        len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        hidden_size=32,
+        num_hidden_layers=1,
+        intermediate_size=64,
+    )
+    config.num_labels = 1
+    torch.manual_seed(0)
+    Qwen2ForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_reward_model_of_another_vocabulary_scores_but_does_not_start_the_critic(tmp_path, cli):
+    """The critic reads the policy's token ids; a reward model with its own tokenizer can score
+    (it re-encodes the text) but not start the value model: auto falls back to the policy, an
+    explicit algo.critic_init=reward is an error."""
+    rm = _reward_model_of_another_vocabulary(tmp_path / "rm")
+    common = ["algo=ppo", "reward.funcs=[]", f"reward.model_path={rm}", "train.max_steps=1"]
+    run_dir = run([*common, "train.eval_samples=8", f"hydra.run.dir={tmp_path / 'auto'}"])
+    log = (run_dir / "cli.log").read_text()
+    assert "has another tokenizer than the policy: the value model starts from the policy" in log
+    assert "value model (trained, from tiny with a new head)" in log
+    assert _rows(run_dir, "rewards/reward_model/mean")
+
+    proc = cli(*common, "algo.critic_init=reward", f"hydra.run.dir={tmp_path / 'explicit'}")
+    assert proc.returncode == 2
+    assert f"reward.model_path={rm} has another tokenizer than model.path=tiny" in proc.stderr
+
+
+def test_a_reward_model_that_cannot_render_the_prompts_fails_at_start(tmp_path, cli):
+    from transformers import AutoTokenizer
+
+    rm = _reward_model_of_another_vocabulary(tmp_path / "rm")
+    tokenizer = AutoTokenizer.from_pretrained(rm)
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(rm)
+    (rm / "chat_template.jinja").unlink(missing_ok=True)
+    proc = cli("algo=grpo", "reward.funcs=[]", f"reward.model_path={rm}", "train.max_steps=1",
+               f"hydra.run.dir={tmp_path / 'run'}")  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"reward.model_path={rm}: cannot score a prompt of data.task=arith" in proc.stderr
+    assert "chat template" in proc.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

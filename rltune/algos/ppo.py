@@ -27,6 +27,7 @@ ppo/approx_kl, value/clipfrac, entropy; eval/reward and eval/accuracy at eval st
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -44,7 +45,6 @@ from rltune.losses import (
     loss_denominator,
 )
 from rltune.models import autocast, load_value_model
-from rltune.rewards import MODEL_REWARD
 from rltune.rollout import position_ids
 
 log = logging.getLogger(__name__)
@@ -73,15 +73,35 @@ class PPO(OnlineAlgorithm):
         if source == "reward" and reward_cfg.model_path is None:
             raise ConfigError("algo.critic_init=reward needs reward.model_path")
         super().__init__(cfg, ctx)
-        path = reward_cfg.model_path if source == "reward" else ctx.cfg.model.path
+        model_cfg = ctx.cfg.model
+        if source == "reward":
+            # the critic reads the policy's token ids: a reward model of another vocabulary
+            # (which scores text re-encoded with its own tokenizer) cannot start it
+            scorer = next(f.fn for f in self.reward_fns if f.model)
+            if scorer.tokenizer.get_vocab() != self.tokenizer.get_vocab():
+                if cfg.critic_init == "reward":
+                    raise ConfigError(
+                        f"algo.critic_init=reward: reward.model_path={reward_cfg.model_path} has "
+                        f"another tokenizer than model.path={model_cfg.path}, and the value "
+                        "model reads the policy's tokens; use algo.critic_init=policy"
+                    )
+                log.warning(
+                    "reward.model_path=%s has another tokenizer than the policy: the value model "
+                    "starts from the policy instead (algo.critic_init=auto)",
+                    reward_cfg.model_path,
+                )
+                source = "policy"
+            else:  # the policy's revision names a commit of the policy's repository only
+                model_cfg = dataclasses.replace(model_cfg, revision=None)
+        path = reward_cfg.model_path if source == "reward" else model_cfg.path
         self.critic = load_value_model(
-            path, ctx.cfg.model, device=ctx.device, pad_token_id=self.tokenizer.pad_token_id
+            path, model_cfg, device=ctx.device, pad_token_id=self.tokenizer.pad_token_id
         )
         self.kl_coef = cfg.kl_coef
         self.queue: list[list[dict[str, Any]]] = []  # minibatches left from the current rollout
         self.last_approx_kl = 0.0
-        rm = [f.name for f in self.reward_fns if f.name == MODEL_REWARD]
-        funcs = [f.name for f in self.reward_fns if f.name != MODEL_REWARD]
+        rm = [f.name for f in self.reward_fns if f.model]
+        funcs = [f.name for f in self.reward_fns if not f.model]
         ref = (
             "frozen copy"
             if self.reference and self.reference.copy is not None

@@ -40,6 +40,18 @@ class RewardModelScorer:
         self.model.to(device).eval().requires_grad_(False)
         self.device = device
         self.batch_size = batch_size
+        self.path = path
+
+    def check_prompt(self, prompt: Any, where: str) -> None:
+        """Raise ConfigError naming reward.model_path when its tokenizer cannot render `prompt`
+        (a message list without a chat template, ...): found at start, not at the first
+        rollout's scoring."""
+        try:
+            self._encode(prompt, "")
+        except (ValueError, TypeError, KeyError) as err:
+            raise ConfigError(
+                f"reward.model_path={self.path}: cannot score a prompt of {where}: {err}"
+            ) from None
 
     def _encode(self, prompt: Any, completion: str) -> list[int]:
         from rltune.data.sft import encode_sft
