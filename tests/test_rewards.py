@@ -53,6 +53,9 @@ def test_format_reward_and_resolution_of_builtins():
         (RewardConfig(funcs=["arith"], weights=[1.0, 2.0]), "reward.weights has 2 entries"),
         (RewardConfig(funcs=[]), "nothing to score"),
         (RewardConfig(funcs=["format"], format_pattern="(unclosed"), "reward.format_pattern"),
+        (RewardConfig(funcs=["arith"], weights=[float("nan")]), "nan is not a finite number"),
+        (RewardConfig(funcs=["arith"], weights=[float("inf")]), "inf is not a finite number"),
+        (RewardConfig(funcs=["math:reward_model"]), "'reward_model' is the reward model's"),
     ],
 )
 def test_resolution_errors_name_the_entry(cfg, message):
@@ -164,3 +167,67 @@ def test_a_checker_without_an_answer_column_fails_before_loading(tmp_path, cli):
     assert "arith compares each completion with the row's 'answer' column" in proc.stderr
     assert str(data) in proc.stderr
     assert "Loading weights" not in proc.stderr  # before any model loaded
+
+
+def _trl_style(completions, **kwargs):
+    return [1.0] * len(completions)
+
+
+def _needs_level(prompts, completions, level, **kwargs):
+    return [float(level[0])] * len(completions)
+
+
+def test_a_function_that_cannot_take_the_columns_fails_before_any_rollout():
+    """TRL's fn(completions, **kwargs) would fail on every sample, found only after 3 rollouts;
+    a required column the data lacks likewise."""
+    rows = [{"answer": "3"}, {"answer": "5"}]
+    ok = rewards.RewardFunction("ok", _needs_level, 1.0)
+    rewards.check_columns([ok], [{"answer": "3", "level": 1}], "data.path=x.jsonl")
+    for f, message in [
+        (rewards.RewardFunction("_trl_style", _trl_style, 1.0), r"_trl_style\(completions"),
+        (ok, "missing a required argument: 'level'"),
+    ]:
+        with pytest.raises(rewards.RewardError, match=message) as err:
+            rewards.check_columns([f], rows, "data.path=x.jsonl")
+        assert "answer, completion_ids, truncated" in str(err.value)
+
+
+def _editor(prompts, completions, **columns):
+    prompts[0][0]["content"] = "edited"
+    completions[0] = "edited"
+    columns["answer"].clear()
+    return [0.0] * len(completions)
+
+
+def _reader(prompts, completions, **columns):
+    return [float(prompts[0][0]["content"] == "q" and c == "a") for c in completions]
+
+
+def test_a_function_editing_its_arguments_changes_nothing_for_the_others():
+    prompts, completions = [[{"role": "user", "content": "q"}]], ["a"]
+    columns = {"answer": ["1"]}
+    fns = [
+        rewards.RewardFunction("editor", _editor, 1.0),
+        rewards.RewardFunction("r", _reader, 1.0),
+    ]
+    out = rewards.score(fns, prompts, completions, columns, timeout_s=5)
+    assert out.values["r"] == [1.0] and out.errors == {"editor": 0, "r": 0}
+    assert prompts[0][0]["content"] == "q" and completions == ["a"] and columns["answer"] == ["1"]
+
+
+def test_retries_after_a_timeout_share_one_more_timeout():
+    """A function that hangs on the batch: its per-sample retries get one timeout_s between
+    them, not one each, so 6 samples cost 2 waits, not 7."""
+    calls = []
+
+    def hangs(prompts, completions, **columns):
+        calls.append(len(completions))
+        time.sleep(3)
+        return [1.0] * len(completions)
+
+    out = rewards.score(
+        [rewards.RewardFunction("hangs", hangs, 1.0)], ["p"] * 6, ["c"] * 6, {}, timeout_s=0.2
+    )
+    assert calls == [6, 1]
+    assert out.errors == {"hangs": 6} and out.total.isnan().all()
+    assert "no time left" in out.last_error["hangs"]

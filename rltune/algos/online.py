@@ -86,11 +86,8 @@ class OnlineAlgorithm(AlgorithmBase):
 
         self.tokenizer = load_tokenizer(c.model)
         self.prompts = self._encode(train, "train")
-        rewards.check_columns(
-            self.reward_fns,
-            [p.columns for p in self.prompts],
-            f"data.path={c.data.path}" if c.data.path is not None else f"data.task={c.data.task}",
-        )
+        where = f"data.path={c.data.path}" if c.data.path else f"data.task={c.data.task}"
+        rewards.check_columns(self.reward_fns, [p.columns for p in self.prompts], where)
         self.reward_watch = rewards.FailureWatch()
         self.eval_prompts = self._encode(eval_part[0], "eval") if eval_part else []
         self.policy = load_policy(
@@ -109,9 +106,9 @@ class OnlineAlgorithm(AlgorithmBase):
             log.info("reference: none (algo.kl_coef=0)")
         if c.reward.model_path is not None:
             weight = c.reward.weights[-1] if c.reward.weights is not None else 1.0
-            self.reward_fns.append(
-                rewards.load_model_reward(c.reward, weight, device=ctx.device, dtype=ctx.dtype)
-            )
+            scorer = rewards.load_model_reward(c.reward, weight, device=ctx.device, dtype=ctx.dtype)
+            scorer.fn.check_prompt(self.prompts[0].prompt, where)
+            self.reward_fns.append(scorer)
         log.info(
             "rewards: %s",
             ", ".join(f"{f.name} (weight {f.weight:g})" for f in self.reward_fns),
@@ -391,7 +388,7 @@ class OnlineAlgorithm(AlgorithmBase):
         copy = self.reference.copy if self.reference is not None else None
         roles = {"policy": self.policy} | ({"reference": copy} if copy is not None else {})
         for f in self.reward_fns:
-            if f.name == rewards.MODEL_REWARD:
+            if f.model:
                 roles["reward_model"] = f.fn.model
         return roles
 

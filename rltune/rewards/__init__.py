@@ -12,8 +12,11 @@ Names and imports are resolved by `resolve` before any model loads, so a typo fa
 `score` calls every user or built-in function with a timeout (`reward.timeout_s`; the reward
 model, rltune's own code, runs directly). A call that raises, times out
 or returns something other than one number-or-None per completion is retried one sample at a
-time, so only the samples that fail lose their reward; each failure counts in
-`rewards/<name>/errors`, and the run goes on.
+time, within one more timeout_s for all the retries, so only the samples that fail lose their
+reward; each failure counts in `rewards/<name>/errors`, and the run goes on, unless a function
+fails on every sample of FAILING_STEPS rollouts in a row (`FailureWatch`). The timeout cannot
+interrupt code that holds Python's global lock (a long regular-expression match): such a call
+ends when it ends. Each function gets its own copies of the arguments.
 
 A sample's reward is the weighted sum of the values its functions returned (None values are
 skipped); it is None (NaN in tensors) when any function failed on it or none returned a value.
@@ -21,8 +24,10 @@ skipped); it is None (NaN in tensors) when any function failed on it or none ret
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
+import inspect
 import logging
 import math
 import numbers
@@ -30,6 +35,7 @@ import os
 import re
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +61,8 @@ class RewardFunction:
     weight: float
     needs: tuple[str, ...] = ()
     """Data columns without which it scores nothing (the built-in checkers need `answer`)."""
+    model: bool = False
+    """reward.model_path's scorer (rltune's own code, run without a timeout)."""
 
 
 @dataclass
@@ -103,10 +111,31 @@ def failed_everywhere(scores: RewardScores, n: int) -> dict[str, float]:
     return {name: float(n > 0 and failed == n) for name, failed in scores.errors.items()}
 
 
+ROLLOUT_COLUMNS = ("completion_ids", "truncated")
+"""Keyword arguments every call gets beside the data's columns."""
+
+
 def check_columns(functions: list[RewardFunction], rows: list[dict[str, Any]], where: str) -> None:
     """Raise RewardError when a function's needed column is in none of `rows` (every reward
-    would be missing and nothing would train)."""
+    would be missing and nothing would train), or when a function cannot be called as
+    `fn(prompts, completions, **columns)` with these rows' columns (it would fail on every
+    sample, found only after rollouts)."""
+    names = sorted({k for row in rows for k in row} | set(ROLLOUT_COLUMNS))
     for f in functions:
+        try:
+            signature = inspect.signature(f.fn)
+        except (TypeError, ValueError):  # a builtin or an object whose signature is hidden
+            signature = None
+        if signature is not None and not f.model:
+            try:
+                signature.bind([], [], **dict.fromkeys(names, []))
+            except TypeError as err:
+                raise RewardError(
+                    f"reward.funcs: {f.name}{signature} cannot be called as "
+                    f"fn(prompts, completions, **columns) with the columns of {where} "
+                    f"({', '.join(names)}): {err}. Give it two positional parameters and "
+                    "**kwargs (or a parameter per column it reads)"
+                ) from None
         for column in f.needs:
             if not any(row.get(column) is not None for row in rows):
                 raise RewardError(
@@ -136,6 +165,9 @@ def resolve(cfg: RewardConfig, *, max_new_tokens: int) -> list[RewardFunction]:
             f"reward.weights has {len(weights)} entries but there are {count} reward functions "
             f"({', '.join(names + ([MODEL_REWARD] if cfg.model_path else []))})"
         )
+    bad = [w for w in weights if not (isinstance(w, int | float) and math.isfinite(w))]
+    if bad:
+        raise ConfigError(f"reward.weights={weights}: {bad[0]} is not a finite number")
     if len(set(names)) != len(names):
         raise ConfigError(f"reward.funcs={names} names a function twice")
     if not cfg.timeout_s > 0:
@@ -150,6 +182,11 @@ def resolve(cfg: RewardConfig, *, max_new_tokens: int) -> list[RewardFunction]:
     # unless two share one
     short = [n.rpartition(":")[2] for n in names]
     labels = [s if short.count(s) == 1 else n for s, n in zip(short, names, strict=True)]
+    if MODEL_REWARD in labels:
+        raise ConfigError(
+            f"reward.funcs: {names[labels.index(MODEL_REWARD)]!r}: the name {MODEL_REWARD!r} is "
+            "the reward model's (reward.model_path); rename the function"
+        )
     return [
         RewardFunction(label, _make(name, cfg, max_new_tokens), weight, _needs(name))
         for name, label, weight in zip(names, labels, weights, strict=False)
@@ -170,7 +207,7 @@ def load_model_reward(
     scorer = RewardModelScorer(
         cfg.model_path, device=device, dtype=dtype, batch_size=cfg.model_batch_size
     )
-    return RewardFunction(MODEL_REWARD, scorer, weight)
+    return RewardFunction(MODEL_REWARD, scorer, weight, model=True)
 
 
 def _make(name: str, cfg: RewardConfig, max_new_tokens: int) -> RewardFn:
@@ -282,7 +319,11 @@ def _call(
     """(values, failed, the last failure's message) for one function over the batch, falling
     back to one sample at a time."""
     n = len(completions)
-    if f.name == MODEL_REWARD:
+    # each function gets its own copies: one that edits its arguments (a prompt's message list
+    # is the dataset's own object) changes nothing for the next function or a later step
+    prompts, completions = copy.deepcopy(prompts), list(completions)
+    columns = {k: list(v) for k, v in columns.items()}
+    if f.model:
         # rltune's own reward model runs in this thread: under ZeRO-3 its forward passes are
         # collective, and a call abandoned by a timeout on one rank would hang the others
         return _checked(f.fn(prompts, completions, **columns), n), [False] * n, None
@@ -296,12 +337,18 @@ def _call(
             type(err).__name__,
             err,
         )
+    # the retries share one more timeout_s: a function that hangs costs a rollout twice its
+    # timeout, not once per sample
+    deadline = time.monotonic() + timeout_s
     values, failed, last = [], [], None
     for i in range(n):
         try:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _Timeout(f"no time left of reward.timeout_s={timeout_s} for the retries")
             one = call_with_timeout(
                 f.fn,
-                timeout_s,
+                left,
                 prompts[i : i + 1],
                 completions[i : i + 1],
                 **{k: v[i : i + 1] for k, v in columns.items()},
