@@ -17,6 +17,7 @@ micro_batch_size * grad_accum * world_size. The resolved numbers are logged at s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -340,6 +341,8 @@ class PPOConfig:
     """Stop a rollout's remaining minibatches once a step's approximate KL to the rollout policy exceeds this; null never."""
     entropy_coef: float = 0.0
     """Weight of an entropy bonus in the loss (entropy is always logged)."""
+    missing_eos_penalty: float | None = None
+    """Subtracted from the score of a completion cut at data.max_new_tokens, without EOS or a stop string (TRL's missing_eos_penalty); null none."""
     logprob_chunk_size: int = 1024
     """Positions whose fp32 log-softmax is computed at once."""
     fused_logps: bool = True
@@ -349,6 +352,13 @@ class PPOConfig:
 
     def check(self) -> None:
         """Value checks run before anything is loaded; ConfigError names the key."""
+        if self.missing_eos_penalty is not None and not (
+            math.isfinite(self.missing_eos_penalty) and self.missing_eos_penalty >= 0
+        ):
+            raise ConfigError(
+                f"algo.missing_eos_penalty={self.missing_eos_penalty} must be a number >= 0 "
+                "(or null)"
+            )
         positive = {
             "algo.group_size": self.group_size,
             "algo.num_minibatches": self.num_minibatches,

@@ -225,3 +225,24 @@ def test_a_reward_model_that_cannot_render_the_prompts_fails_at_start(tmp_path, 
     assert f"reward.model_path={rm}: cannot score a prompt of data.task=arith" in proc.stderr
     assert "chat template" in proc.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_missing_eos_penalty_lowers_the_score_of_cut_completions(tmp_path):
+    """One new token per completion: a completion is cut unless that token is EOS, its return is
+    its score (no KL at step 1, nothing to bootstrap), so the penalty moves returns/mean by
+    exactly -penalty x the share of cut completions."""
+    common = ["algo=ppo", "data.max_new_tokens=1", "train.max_steps=1", "train.eval_samples=0"]
+    plain = run([*common, f"hydra.run.dir={tmp_path / 'plain'}"])
+    penalised = run([*common, "algo.missing_eos_penalty=5", f"hydra.run.dir={tmp_path / 'pen'}"])
+    (a,), (b,) = _rows(plain, "returns/mean"), _rows(penalised, "returns/mean")
+    assert a["completions/clipped_ratio"] == b["completions/clipped_ratio"] > 0.5
+    expected = a["returns/mean"] - 5 * a["completions/clipped_ratio"]
+    assert b["returns/mean"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_under_lora_the_whole_value_model_takes_the_full_fine_tuning_lr(tmp_path):
+    run_dir = run(["algo=ppo", "peft=lora", "train.max_steps=1", "train.eval_samples=0",
+                   f"hydra.run.dir={tmp_path}"])  # fmt: skip
+    log = (run_dir / "cli.log").read_text()
+    assert "steps at lr 0.001 " in log  # conf/tuned/ppo_tiny.yaml's LoRA rate for the policy
+    assert "value: trained beside the policy at lr 0.0001" in log  # its full fine-tuning rate

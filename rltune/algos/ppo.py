@@ -153,6 +153,8 @@ class PPO(OnlineAlgorithm):
         ref_logps = torch.cat(parts["ref_logps"]) if parts["ref_logps"] else old_logps
         old_values = torch.cat(parts["old_values"]) * mask  # [N, C]
         score = scores.total.nan_to_num(0.0).to(device)  # [N]
+        if self.cfg.missing_eos_penalty is not None:  # cut at max_new_tokens: never finished
+            score = score - self.cfg.missing_eos_penalty * rollout.truncated.to(device)
 
         token_rewards = kl_shaped_rewards(score, old_logps, ref_logps, mask, self.kl_coef)
         advantages, returns = gae(
@@ -206,7 +208,14 @@ class PPO(OnlineAlgorithm):
     # --- the Algorithm protocol -------------------------------------------------------------
 
     def extra_trained(self, lr: float) -> dict[str, tuple[torch.nn.Module, float]]:
-        return {"value": (self.critic, self.cfg.critic_lr or lr)}
+        critic_lr = self.cfg.critic_lr
+        if critic_lr is None:
+            c = self.ctx.cfg
+            # the value model is trained whole: under LoRA the policy's lr is an adapter's,
+            # ten times or more a full fine-tuning lr, so it takes the full fine-tuning default
+            full = c.peft.method == "none"
+            critic_lr = lr if full else c.model.lrs.get(self.cfg.name, self.cfg.lr)
+        return {"value": (self.critic, critic_lr)}
 
     def models(self) -> dict[str, torch.nn.Module]:
         return super().models() | {"value": self.critic}
