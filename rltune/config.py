@@ -18,6 +18,7 @@ micro_batch_size * grad_accum * world_size. The resolved numbers are logged at s
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -538,6 +539,26 @@ class BatchPlan:
         )
 
 
+def check_groups(plan: BatchPlan, group_size: int, *, explicit_accum: bool) -> None:
+    """train.batch_size counts completions, and each process's share of a step (micro-batch x
+    accumulation) must hold whole groups of algo.group_size; ConfigError with a batch size
+    that satisfies both this and the micro-batch arithmetic."""
+    per_process = plan.micro_batch_size * plan.grad_accum
+    if group_size < 1 or per_process % group_size == 0:
+        return  # group_size < 1 is the algorithm's own check
+    unit = plan.world_size * math.lcm(group_size, plan.micro_batch_size)
+    hint = f"train.batch_size={unit * max(1, round(plan.batch_size / unit))}"
+    if explicit_accum:
+        accum = group_size // math.gcd(group_size, plan.micro_batch_size)
+        hint = f"train.grad_accum={accum * max(1, round(plan.grad_accum / accum))}"
+    raise ConfigError(
+        f"train.batch_size={plan.batch_size} counts completions: each process's share "
+        f"({per_process} = micro_batch_size {plan.micro_batch_size} x grad_accum "
+        f"{plan.grad_accum}) must hold whole groups of algo.group_size={group_size}; "
+        f"e.g. {hint}"
+    )
+
+
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring under each dataclass field, read from the source."""
     import ast
@@ -662,6 +683,11 @@ def validate(cfg: RLTuneConfig) -> None:
                 f"train.device={t.device!r} is not a device: auto, cpu, cuda, cuda:N, mps, ..."
             ) from None
     check_algorithm(cfg.algo)
+    # the batch arithmetic too, so that a sweep's pre-check finds a bad combination in any job
+    plan = BatchPlan.from_config(t, int(os.environ.get("WORLD_SIZE", "1")))
+    group_size = getattr(cfg.algo, "group_size", None)
+    if group_size is not None:
+        check_groups(plan, group_size, explicit_accum=t.grad_accum is not None)
     if cfg.model.dtype == "fp16" and cfg.peft.method == "none" and cfg.algo.name != "rm":
         raise ConfigError(
             "model.dtype=fp16 with peft=none would train fp16 weights in place, with no fp32 "

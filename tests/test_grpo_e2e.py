@@ -216,7 +216,8 @@ def test_batch_must_hold_whole_groups(tmp_path, cli):
     )
     assert proc.returncode == 2
     assert (
-        "train.batch_size=12 counts completions: it must be a multiple of algo.group_size=8"
+        "train.batch_size=12 counts completions: each process's share (12 = micro_batch_size 4 "
+        "x grad_accum 3) must hold whole groups of algo.group_size=8; e.g. train.batch_size=16"
         in proc.stderr
     )
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from rltune.config import ConfigError, TrainConfig
+from rltune.config import ConfigError, TrainConfig, check_groups
 from rltune.data.stream import IndexStream, length_sorted
 from rltune.trainer import BatchPlan, lr_lambda
 
@@ -160,3 +160,21 @@ def test_one_process_denominator_has_a_floor_of_one():
 
     assert shared_denominator(0.0, torch.device("cpu")) == 1.0
     assert shared_denominator(7.0, torch.device("cpu")) == 7.0
+
+
+@pytest.mark.parametrize(
+    ("train", "world_size", "group_size", "hint"),
+    [
+        (TrainConfig(batch_size=256, micro_batch_size=128), 1, 7, "train.batch_size=896"),
+        (TrainConfig(batch_size=24, micro_batch_size=4), 2, 8, "train.batch_size=32"),
+        (TrainConfig(micro_batch_size=4, grad_accum=3), 1, 8, "train.grad_accum=4"),
+    ],
+)
+def test_a_batch_of_broken_groups_gets_a_hint_that_works(train, world_size, group_size, hint):
+    """The suggested setting must itself pass both the micro-batch and the group arithmetic."""
+    plan = BatchPlan.from_config(train, world_size)
+    with pytest.raises(ConfigError, match=f"algo.group_size={group_size}; e.g. {hint}$"):
+        check_groups(plan, group_size, explicit_accum=train.grad_accum is not None)
+    key, value = hint.split("=")
+    fixed = TrainConfig(**{**vars(train), key.split(".")[1]: int(value)})
+    check_groups(BatchPlan.from_config(fixed, world_size), group_size, explicit_accum=True)

@@ -15,7 +15,7 @@ import torch
 
 from rltune import rewards
 from rltune.algos import AlgorithmBase, BuildContext
-from rltune.config import ConfigError
+from rltune.config import ConfigError, check_groups
 from rltune.data import DataError
 from rltune.data.source import split_records
 from rltune.data.stream import IndexStream
@@ -124,14 +124,7 @@ class OnlineAlgorithm(AlgorithmBase):
     def check_batch(self) -> None:
         """train.batch_size counts completions and must hold whole groups."""
         plan, g = self.ctx.plan, self.cfg.group_size
-        per_process = plan.micro_batch_size * plan.grad_accum
-        if plan.batch_size % g or per_process % g:
-            raise ConfigError(
-                f"train.batch_size={plan.batch_size} counts completions: it must be a multiple of "
-                f"algo.group_size={g}, and so must each process's share ({per_process} = "
-                f"micro_batch_size {plan.micro_batch_size} x grad_accum {plan.grad_accum}); e.g. "
-                f"train.batch_size={g * max(1, plan.batch_size // g)}"
-            )
+        check_groups(plan, g, explicit_accum=self.ctx.cfg.train.grad_accum is not None)
         log.info(
             "%s batch: %d prompts x %d completions = %d completions per step",
             self.cfg.name,
