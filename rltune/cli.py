@@ -4,9 +4,11 @@
     rltune -m key=a,b ...                            a sweep, one run directory per job
     rltune +recipe=<name>                            a ready preset from recipes/
 
-Everything that can be checked without loading a model is checked first: unknown keys
-(including ones added with `+`), unknown group options (Hydra), and values outside their
-allowed set. Those exit with status 2 and a message naming the key.
+Everything that can be checked without loading a model is checked first, for every job of a
+sweep: unknown keys (including ones added with `+`), unknown group options and values of the
+wrong type (Hydra's errors), and values outside their allowed set. Those exit with status 2 and
+a message naming the key; so does bad data, found when a run reads it (in a sweep, after the
+other jobs have run). A crash exits 1.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import difflib
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
@@ -82,14 +85,19 @@ def check_schema(cfg: DictConfig) -> RLTuneConfig:
 
 
 _last_run_dir: Path | None = None
+_failed_jobs: list[str] = []
+"""A sweep's jobs that stopped on bad input, reported once every job has run."""
 
 
 def _task(cfg: DictConfig) -> None:
     global _last_run_dir
+    from hydra.types import RunMode
+
     from rltune.data import DataError
     from rltune.trainer import Interrupted, train
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     _last_run_dir = run_dir
     try:
         settings = check_schema(cfg)
@@ -100,12 +108,27 @@ def _task(cfg: DictConfig) -> None:
             config_dict=OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
         )
     except (ConfigError, DataError) as err:
-        log.error("%s", err)
+        _to_log_file(f"rltune: error: {err}")
         print(f"rltune: error: {err}", file=sys.stderr)
+        if hydra_cfg.mode == RunMode.MULTIRUN:  # the sweep's other jobs still run
+            _failed_jobs.append(f"job {hydra_cfg.job.num} ({' '.join(hydra_cfg.overrides.task)})")
+            return
         sys.exit(CONFIG_ERROR_EXIT)
     except Interrupted as stop:
         log.warning("%s; continue with train.resume=auto", stop)
         sys.exit(128 + stop.signum)
+    except Exception:
+        _to_log_file(f"the run failed:\n{traceback.format_exc()}")
+        raise
+
+
+def _to_log_file(message: str) -> None:
+    """`message` in the run's cli.log only: the console gets the error once, from the caller
+    (or Hydra's own report of a crash), not a second time through logging."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def check_override_keys(args: list[str]) -> None:
@@ -136,6 +159,11 @@ def check_override_keys(args: list[str]) -> None:
             raise unknown_key_error(f"{section}.{name}", allowed)
 
 
+def job_overrides(args: list[str]) -> list[str]:
+    """The config overrides among `args`: not flags, not Hydra's own settings."""
+    return [a for a in args if not a.startswith(("-", "hydra.", "+hydra.", "~hydra."))]
+
+
 def sweep_jobs(args: list[str]) -> list[list[str]]:
     """The overrides of each job of a multirun (`-m key=a,b`), as Hydra's basic sweeper
     expands them; [] when `args` is not a multirun or uses sweeps that sweeper cannot expand."""
@@ -145,7 +173,7 @@ def sweep_jobs(args: list[str]) -> list[list[str]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    overrides = [a for a in args if not a.startswith(("-", "hydra.", "+hydra.", "~hydra."))]
+    overrides = job_overrides(args)
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
         batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
@@ -154,41 +182,74 @@ def sweep_jobs(args: list[str]) -> list[list[str]]:
     return [job for batch in batches for job in batch]
 
 
-def check_sweep(args: list[str]) -> None:
-    """Every job of a multirun composed and checked before the first starts: a bad value in
-    the last job would otherwise fail only after the others had trained. ConfigError names
-    the job."""
-    jobs = sweep_jobs(args)
-    if len(jobs) < 2:
+HYDRA_FLAGS = (
+    "--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--version", "--resolve",
+    "--package", "-p", "--shell-completion", "-sc", "--config-name", "-cn", "--config-path",
+    "-cp", "--config-dir", "-cd", "--experimental-rerun",
+)  # fmt: skip
+"""Hydra's own flags: with any of them, Hydra alone reads the command line."""
+
+
+def check_jobs(args: list[str]) -> None:
+    """Every job's config composed and checked before the first starts: one for a run, each
+    job of a multirun (a bad value in the last job would otherwise fail only after the others
+    had trained). ConfigError names the key, and the job in a sweep. Hydra's own errors (an
+    unknown group option, a value of the wrong type, a malformed override) become
+    ConfigErrors too, so every bad command exits with the same status."""
+    if any(a.split("=")[0] in HYDRA_FLAGS for a in args):
         return
+    sweep = bool({"-m", "--multirun"} & set(args))
+    jobs = sweep_jobs(args) if sweep else [job_overrides(args)]
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
     register_configs()
     for i, job in enumerate(jobs):
+        where = f"sweep job {i} ({' '.join(job)}): " if sweep else ""
         GlobalHydra.instance().clear()
         try:
             with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
                 check_schema(compose(config_name="config", overrides=job))
         except ConfigError as err:
-            raise ConfigError(f"sweep job {i} ({' '.join(job)}): {err}") from None
-        except Exception:  # noqa: BLE001 - composition errors: Hydra reports them itself
-            break
+            raise ConfigError(f"{where}{err}") from None
+        except (HydraException, OmegaConfBaseException) as err:
+            raise ConfigError(f"{where}{_hydra_message(err)}") from None
         finally:
             GlobalHydra.instance().clear()
+
+
+def _hydra_message(err: Exception) -> str:
+    """Hydra's composition error in a line or two: the option lists without the schema
+    nodes (base_*) and the search path, a failed conversion with its reason."""
+    from hydra.errors import MissingConfigException
+
+    if isinstance(err, MissingConfigException) and err.options and err.missing_cfg_file:
+        group, _, name = err.missing_cfg_file.rpartition("/")
+        options = [o for o in err.options if not o.startswith("base_")]
+        return f"{group}={name}: no such option; one of: {', '.join(options)}"
+    text = str(err).strip()
+    if err.__cause__ is not None:
+        text += f": {str(err.__cause__).strip().splitlines()[0]}"
+    return text
 
 
 def main() -> None:
     """Console entry point (`rltune ...`, `python -m rltune ...`)."""
     try:
         check_override_keys(sys.argv[1:])
-        check_sweep(sys.argv[1:])
+        check_jobs(sys.argv[1:])
     except ConfigError as err:
         print(f"rltune: error: {err}", file=sys.stderr)
         sys.exit(CONFIG_ERROR_EXIT)
     register_configs()
+    _failed_jobs.clear()
     app = hydra.main(config_path=str(conf_dir()), config_name="config", version_base=None)(_task)
     app()
+    if _failed_jobs:
+        print(f"rltune: error: stopped on bad input: {', '.join(_failed_jobs)}", file=sys.stderr)
+        sys.exit(CONFIG_ERROR_EXIT)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         _exit_launched_process()
 

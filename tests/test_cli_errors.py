@@ -17,13 +17,17 @@ pytestmark = pytest.mark.slow
         ("train.max_stepz=3", "Did you mean 'train.max_steps'"),
         ("+algo.lrr=1", "Unknown config key 'algo.lrr'"),
         ("+train.max_stepz=3", "Did you mean 'train.max_steps'"),
-        ("model=no_such_model", "Could not find 'model/no_such_model'"),
+        ("model=no_such_model", "model=no_such_model: no such option"),
+        ("train.lr=abc", "train.lr=abc: Value 'abc' of type 'str' could not be converted"),
+        ("no_such_section=1", "Could not override 'no_such_section'"),
+        ("+recipe=nope", "recipe=nope: no such option; one of: sft_tiny_arith"),
     ],
 )
 def test_bad_key_or_option_exits_fast_naming_it(tmp_path, cli, override, expected):
+    """Hydra's own composition errors too: every bad command exits 2, a crash 1."""
     started = time.time()
     proc = cli(override, f"hydra.run.dir={tmp_path}", timeout=60)
-    assert proc.returncode == (1 if override.startswith("model=") else 2)  # Hydra's own: 1
+    assert proc.returncode == 2
     assert expected in proc.stderr
     assert time.time() - started < 60
     assert not (tmp_path / "metrics.jsonl").exists()  # nothing ran
@@ -32,6 +36,7 @@ def test_bad_key_or_option_exits_fast_naming_it(tmp_path, cli, override, expecte
 def test_unknown_option_lists_the_valid_ones(tmp_path, cli):
     proc = cli("model=no_such_model", f"hydra.run.dir={tmp_path}", timeout=60)
     assert "tiny_init" in proc.stderr and "qwen-7b" in proc.stderr
+    assert "base_model" not in proc.stderr  # the schema node is no option
 
 
 def test_missing_data_file_is_named(tmp_path, cli):
@@ -107,3 +112,19 @@ def test_missing_reward_model_or_deepspeed_config_fails_before_loading(
     assert proc.returncode == 2
     assert expected in proc.stderr
     assert "Loading weights" not in proc.stderr
+
+
+def test_a_crash_is_written_to_the_runs_log(tmp_path, monkeypatch):
+    """A run that crashes leaves its traceback in cli.log, not only on the console."""
+    from rltune import trainer
+    from rltune.cli import run
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("out of something at step 7")
+
+    monkeypatch.setattr(trainer, "train", crash)
+    with pytest.raises(SystemExit) as stopped:  # Hydra reports the crash and exits 1
+        run(["algo=sft", f"hydra.run.dir={tmp_path}"])
+    assert stopped.value.code == 1
+    log = (tmp_path / "cli.log").read_text()
+    assert "the run failed:" in log and "RuntimeError: out of something at step 7" in log

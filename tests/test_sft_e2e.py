@@ -255,6 +255,19 @@ def test_a_sweep_checks_every_job_before_the_first_trains(tmp_path, cli):
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 
+def test_a_sweep_job_that_stops_on_bad_data_leaves_the_others_running(tmp_path, cli):
+    """Bad input found only when a job reads its data: the job stops, the sweep goes on, and
+    the command exits 2 naming the job. The error is also in that job's cli.log."""
+    proc = cli(
+        "-m", f"data.path={tmp_path}/nope.jsonl,null", "train.max_steps=1",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}", *FAST, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"stopped on bad input: job 0 (data.path={tmp_path}/nope.jsonl " in proc.stderr
+    assert "not found" in (tmp_path / "sweep" / "0" / "cli.log").read_text()
+    assert (tmp_path / "sweep" / "1" / "final" / "config.json").exists()
+
+
 def test_lora_trains_only_adapters_and_exports_merged_model(tmp_path):
     run_dir = run(
         [
