@@ -173,7 +173,7 @@ class LoggerConfig:
     run_name: str | None = None
     """wandb run name; null uses the run directory's name."""
     mode: str = "auto"
-    """wandb mode: auto (offline when no API key is configured), online or offline."""
+    """wandb mode: auto (WANDB_MODE or WANDB_DISABLED where set; else online with an API key, offline without), online, offline or disabled."""
 
 
 @dataclass
@@ -595,7 +595,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
         "prompt_answer",
     ),
     "logger.backend": ("none", "wandb"),
-    "logger.mode": ("auto", "online", "offline"),
+    "logger.mode": ("auto", "online", "offline", "disabled"),
     "algo.loss_type": ("sigmoid", "robust", "ipo", "hinge"),
     "algo.scale_rewards": ("group", "batch", "none"),
     "algo.estimator": ("grpo", "rloo", "reinforce"),

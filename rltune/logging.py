@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -127,12 +128,15 @@ class MetricsLogger:
     def start_progress(self, initial: int) -> None:
         from tqdm.auto import tqdm
 
+        # redirected to a file (a batch job's log) the bar is a line per update: a few a minute,
+        # not one a second; metrics.jsonl and the log carry the numbers
+        interactive = sys.stderr.isatty()
         self._bar = tqdm(
             total=self.total_steps,
             initial=initial,
             desc="train",
             dynamic_ncols=True,
-            mininterval=1.0,
+            mininterval=1.0 if interactive else 30.0,
         )
 
     def advance(self, summary: dict[str, Any]) -> None:
@@ -173,10 +177,31 @@ class MetricsLogger:
 
 
 def _wandb_has_key() -> bool:
+    """An API key in the environment, or a login in the netrc file for wandb's host (its
+    public one, or the server in WANDB_BASE_URL)."""
     if os.environ.get("WANDB_API_KEY"):
         return True
+    from urllib.parse import urlparse
+
+    base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    host = urlparse(base).hostname or base
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    return netrc.exists() and "api.wandb.ai" in netrc.read_text()
+    return netrc.exists() and f"machine {host}" in netrc.read_text()
+
+
+def _auto_mode() -> tuple[str, str]:
+    """logger.mode=auto: (mode, why). The environment's WANDB_MODE or WANDB_DISABLED decide
+    where set (a cluster may run offline by policy); else online with a key, offline without."""
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if os.environ.get("WANDB_DISABLED", "").strip().lower() in ("1", "true", "yes"):
+        return "disabled", "WANDB_DISABLED is set"
+    if env in ("online", "offline", "disabled"):
+        return env, f"WANDB_MODE={env}"
+    if env == "dryrun":
+        return "offline", "WANDB_MODE=dryrun"
+    if _wandb_has_key():
+        return "online", "an API key is configured"
+    return "offline", "no API key configured"
 
 
 def _start_wandb(run_dir: Path, cfg: LoggerConfig, config: dict[str, Any], *, resuming: bool):
@@ -184,14 +209,17 @@ def _start_wandb(run_dir: Path, cfg: LoggerConfig, config: dict[str, Any], *, re
 
     mode = cfg.mode
     if mode == "auto":
-        mode = "online" if _wandb_has_key() else "offline"
+        mode, why = _auto_mode()
         if mode == "offline":
             log.info(
-                "wandb: no API key configured, logging offline to %s (upload later with `wandb sync`)",
+                "wandb: %s, logging offline to %s (upload later with `wandb sync`)",
+                why,
                 run_dir / "wandb",
             )
+        elif mode == "disabled":
+            log.info("wandb: disabled (%s)", why)
     if mode not in ("online", "offline", "disabled"):
-        raise ValueError(f"logger.mode={cfg.mode!r} is not one of: auto, online, offline")
+        raise ValueError(f"logger.mode={cfg.mode!r} is not one of: auto, online, offline, disabled")
     run = wandb.init(
         project=cfg.project,
         entity=cfg.entity,

@@ -327,6 +327,25 @@ def test_wandb_logs_offline_without_a_key(tmp_path):
     assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
 
 
+def test_wandb_auto_mode_follows_the_environment(tmp_path, monkeypatch):
+    """A login for a private wandb server counts as a key; WANDB_MODE and WANDB_DISABLED, a
+    cluster's policy, win over a key."""
+    from rltune.logging import _auto_mode
+
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine wandb.mycorp.com\n  login user\n  password secret\n")
+    monkeypatch.setenv("NETRC", str(netrc))
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DISABLED", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    assert _auto_mode() == ("offline", "no API key configured")  # a login for another host
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.mycorp.com")
+    assert _auto_mode() == ("online", "an API key is configured")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert _auto_mode() == ("offline", "WANDB_MODE=offline")
+    monkeypatch.setenv("WANDB_DISABLED", "true")
+    assert _auto_mode() == ("disabled", "WANDB_DISABLED is set")
+
+
 def test_packing_fills_rows_and_trains(tmp_path):
     common = ["train.max_steps=3", "train.log_every=1", "data.max_length=128", *FAST]
     plain = run([*common, f"hydra.run.dir={tmp_path / 'plain'}"])
