@@ -737,6 +737,10 @@ def validate(cfg: RLTuneConfig) -> None:
             f"rollout.engine={r.engine} rollout.cuda_graphs={r.cuda_graphs} does not run: "
             "set rollout.engine=fast (or auto) and rollout.cuda_graphs=true"
         )
+    if not cfg.model.path:
+        raise ConfigError(
+            f"model.path must be set: model={cfg.model.name} model.path=<hub id or local folder>"
+        )
     from rltune.models import check_model_folder
 
     check_model_folder(cfg.model.path, "model.path")

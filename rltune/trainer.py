@@ -145,6 +145,33 @@ def _normal(key: str, value: Any) -> Any:
     return value
 
 
+def preset_mismatch(cfg: RLTuneConfig) -> str | None:
+    """A warning when model.path names another model than its preset's own while settings
+    tuned for that preset apply (its model.lrs, conf/tuned/<algo>_<preset>.yaml): `rltune
+    model.path=/my/model` keeps the default preset, tiny, whose rates are 100 times an 8B
+    model's."""
+    from omegaconf import OmegaConf
+
+    from rltune.cli import conf_dir
+
+    conf = conf_dir()
+    preset = conf / "model" / f"{cfg.model.name}.yaml"
+    own = OmegaConf.load(preset).get("path") if preset.exists() else None
+    if own is None or _normal("model.path", own) == _normal("model.path", cfg.model.path):
+        return None
+    tuned = [f"model.lrs {dict(cfg.model.lrs)}"] if cfg.model.lrs else []
+    tuned_file = Path("tuned") / f"{cfg.algo.name}_{cfg.model.name}.yaml"
+    if (conf / tuned_file).exists():
+        tuned.append(f"conf/{tuned_file}")
+    if not tuned:
+        return None
+    return (
+        f"model.path={cfg.model.path} is not model={cfg.model.name}'s own model ({own}), yet "
+        f"settings tuned for that model apply: {' and '.join(tuned)}. For another model, use "
+        f"model=custom model.path={cfg.model.path} (the algorithms' defaults)"
+    )
+
+
 SHAPING_KEYS = ("algo.name", "model.path", "peft.method", "peft.r", "peft.target_modules")
 """Config keys a checkpoint's weights and optimizer state depend on: a resume must keep them."""
 
@@ -243,8 +270,17 @@ def train(
             f"{trainable:,}",
             100 * trainable / max(1, total),
         )
-    lr_key = cfg.algo.name + ("_lora" if cfg.peft.method in ("lora", "qlora") else "")
-    lr = t.lr if t.lr is not None else cfg.model.lrs.get(lr_key, algo.default_lr())
+    lora = cfg.peft.method in ("lora", "qlora")
+    lr_key = cfg.algo.name + ("_lora" if lora else "")
+    if t.lr is not None:
+        lr, lr_from = t.lr, "train.lr"
+    elif lr_key in cfg.model.lrs:
+        lr, lr_from = cfg.model.lrs[lr_key], f"model.lrs.{lr_key} of model={cfg.model.name}"
+    else:
+        lr, lr_from = algo.default_lr(), f"algo.{'lora_lr' if lora else 'lr'}"
+    mismatch = preset_mismatch(cfg)
+    if mismatch:
+        log.warning("%s", mismatch)
     examples = algo.examples_per_epoch()
     if t.max_steps > 0:
         max_steps = t.max_steps
@@ -253,10 +289,11 @@ def train(
     else:
         raise ConfigError("train.max_steps must be set for an algorithm that generates its batches")
     log.info(
-        "batch: %s; %d steps at lr %.3g on %s (%s)",
+        "batch: %s; %d steps at lr %.3g (%s) on %s (%s)",
         plan.describe(),
         max_steps,
         lr,
+        lr_from,
         device,
         str(dtype).replace("torch.", ""),
     )

@@ -179,3 +179,25 @@ def test_override_typos_are_caught_before_hydra(args, message):
 )
 def test_valid_values_on_the_edges_pass(override):
     check_schema(_compose([override]))
+
+
+def test_another_model_under_a_tuned_preset_is_named(tmp_path):
+    """`model.path=X` keeps the default preset, tiny, whose learning rates and tuned settings
+    are for the tiny model: the start log says so and names model=custom; the same folder
+    spelled another way, or model=custom, is no mismatch."""
+    import shutil
+
+    from rltune.models import SHIPPED
+    from rltune.trainer import preset_mismatch
+
+    other = tmp_path / "other"
+    shutil.copytree(SHIPPED["tiny"], other)
+    warning = preset_mismatch(check_schema(_compose([f"model.path={other}"])))
+    assert warning is not None
+    assert f"model.path={other} is not model=tiny's own model (tiny)" in warning
+    assert "conf/tuned/grpo_tiny.yaml" in warning and "'grpo': 0.0001" in warning
+    assert f"use model=custom model.path={other}" in warning
+    for same in ([], [f"model.path={SHIPPED['tiny']}/"], ["model=custom", f"model.path={other}"]):
+        assert preset_mismatch(check_schema(_compose(same))) is None, same
+    with pytest.raises(ConfigError, match="model.path must be set: model=custom model.path="):
+        check_schema(_compose(["model=custom"]))

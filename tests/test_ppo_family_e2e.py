@@ -244,5 +244,5 @@ def test_under_lora_the_whole_value_model_takes_the_full_fine_tuning_lr(tmp_path
     run_dir = run(["algo=ppo", "peft=lora", "train.max_steps=1", "train.eval_samples=0",
                    f"hydra.run.dir={tmp_path}"])  # fmt: skip
     log = (run_dir / "cli.log").read_text()
-    assert "steps at lr 0.001 " in log  # conf/tuned/ppo_tiny.yaml's LoRA rate for the policy
+    assert "steps at lr 0.001 (model.lrs.ppo_lora of model=tiny)" in log  # the policy's
     assert "value: trained beside the policy at lr 0.0001" in log  # its full fine-tuning rate
