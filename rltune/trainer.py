@@ -42,7 +42,7 @@ from rltune.distributed import (
     shared_denominator,
 )
 from rltune.engines import MAIN, DeepSpeedEngine, PlainEngine, make_optimizer
-from rltune.logging import MetricsLogger, NullLogger
+from rltune.logging import METRICS_FILE, MetricsLogger, NullLogger, read_metrics
 from rltune.models import (
     autocast,
     compile_stack,
@@ -376,7 +376,12 @@ def train(
         evals.append((at, metrics))
         return metrics
 
-    evals: list[tuple[int, dict[str, Any]]] = []
+    # a resumed run's summary starts from the evaluations already logged (step 0's included)
+    evals: list[tuple[int, dict[str, Any]]] = [
+        (row["step"], {k: float(v) for k, v in row.items() if k.startswith("eval/")})  # "nan"
+        for row in read_metrics(run_dir / METRICS_FILE)
+        if resume_from is not None and any(k.startswith("eval/") for k in row)
+    ]
 
     if step == 0:
         initial = evaluate(0)

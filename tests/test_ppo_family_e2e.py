@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import crash_and_resume
 
@@ -109,12 +111,26 @@ def test_rs_logs_acceptance(tmp_path):
             "algo.prompts_per_round=16",
             "algo.group_size=4",
             "train.log_every=1",
-            "train.eval_samples=16",
+            "train.eval_samples=0",
+            "algo.sample_every=2",
             f"hydra.run.dir={tmp_path}",
         ]
     )
     rows = _rows(run_dir)
     assert 0 < rows[0]["acceptance_rate"] <= 1 and rows[0]["rounds"] >= 1
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [2] * 4  # the latest round's first prompts
+    assert {"prompt", "completion", "reward", "accepted"} <= set(samples[0])
+
+
+def test_ppo_writes_samples_though_its_rollouts_skip_the_sample_steps(tmp_path):
+    """PPO's defaults sample a rollout every 4 steps (1, 5, 9, ...), which never lands on a
+    multiple of sample_every=2: the rollout that serves step 2 (and 4) writes its samples."""
+    run_dir = run(["algo=ppo", "train.max_steps=8", "train.eval_samples=0",
+                   "algo.sample_every=2", f"hydra.run.dir={tmp_path}"])  # fmt: skip
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert sorted({s["step"] for s in samples}) == [1, 5]
+    assert all("advantage" in s for s in samples)
 
 
 def test_reinforce_rejects_group_scaling(tmp_path, cli):

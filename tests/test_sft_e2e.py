@@ -89,6 +89,11 @@ def test_resume_after_crash_reproduces_the_uninterrupted_run(tmp_path, cli):
         assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
     orphaned = read_metrics(crashed / "metrics.orphaned.jsonl")
     assert [r["step"] for r in orphaned] == [5, 6]
+    # the resumed run's closing summary starts from the step-0 evaluation, logged before the crash
+    summary = [
+        line for line in (crashed / "cli.log").read_text().splitlines() if "eval/loss:" in line
+    ]
+    assert " at step 0 -> " in summary[-1] and summary[-1].endswith(" at step 12"), summary
     # keep_checkpoints=2: step-4 was rotated out once step-8 and step-12 were complete
     assert sorted(p.name for p in (crashed / "checkpoints").iterdir()) == ["step-12", "step-8"]
 

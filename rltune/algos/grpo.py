@@ -147,7 +147,10 @@ class GRPO(OnlineAlgorithm):
             )
         if self.cfg.filter_zero_std:
             metrics["filtered_groups"] = float(zero_std.sum())
-        self._report = (metrics, self.samples(prompts, rollout, rewards_t, advantages, g))
+        samples = self.samples(
+            prompts, rollout, rewards_t, advantages, g, serves=self.cfg.num_iterations
+        )
+        self._report = (metrics, samples)
         return batches
 
     def _log_layout(self) -> None:

@@ -358,9 +358,14 @@ class OnlineAlgorithm(AlgorithmBase):
             metrics[f"rewards/{name}/errors"] = float(scores.errors[name])
         return metrics
 
-    def samples(self, prompts, rollout, rewards_t, advantages, g: int) -> list[dict[str, Any]]:
+    def samples(
+        self, prompts, rollout, rewards_t, advantages, g: int, *, serves: int = 1
+    ) -> list[dict[str, Any]]:
+        """A few of this rollout's samples when one of the `serves` steps it is trained in
+        (from this one) is a multiple of sample_every: a rollout every 4 steps would otherwise
+        never land on step 50."""
         every = self.cfg.sample_every
-        if not every or self.steps % every:
+        if not every or all((self.steps + i) % every for i in range(serves)):
             return []
         out = []
         for i in range(min(NUM_SAMPLES, len(prompts))):

@@ -181,7 +181,9 @@ class PPO(OnlineAlgorithm):
                 "value/explained_var": explained_variance(old_values, returns, mask),
             }
         )
-        self._report = (metrics, self.samples(prompts, rollout, score, advantages[:, 0], g))
+        serves = self.cfg.ppo_epochs * self.cfg.num_minibatches
+        samples = self.samples(prompts, rollout, score, advantages[:, 0], g, serves=serves)
+        self._report = (metrics, samples)
         if self.cfg.adaptive_kl:  # proportional controller (Ziegler et al. 2019)
             error = max(-0.2, min(0.2, kl / self.cfg.target_kl - 1))
             self.kl_coef *= 1 + error * total["rows"] / self.cfg.kl_horizon

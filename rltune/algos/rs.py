@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from rltune.algos import BuildContext
-from rltune.algos.online import OnlineAlgorithm
+from rltune.algos.online import NUM_SAMPLES, OnlineAlgorithm
 from rltune.config import RSConfig
 from rltune.distributed import all_reduce_sum
 from rltune.rewards import RewardError
@@ -37,6 +37,7 @@ class RejectionSampling(OnlineAlgorithm):
         super().__init__(cfg, ctx)
         self.accepted: list[tuple[list[int], list[int]]] = []  # (prompt ids, completion ids)
         self.rounds = 0
+        self.last_samples: list[dict[str, Any]] = []  # a few of the latest round's prompts
 
     def check_batch(self) -> None:
         log.info(
@@ -63,6 +64,17 @@ class RejectionSampling(OnlineAlgorithm):
             if value >= self.cfg.threshold:  # -inf (none finished) never reaches it
                 completion = rollout.completion_ids[row, : lengths[row]].tolist()
                 kept.append((prompts[i].ids, completion))
+        self.last_samples = []
+        for i in range(min(NUM_SAMPLES, len(prompts))):
+            p, row, value = prompts[i].prompt, i * g + best.indices[i].item(), best.values[i].item()
+            self.last_samples.append(
+                {
+                    "prompt": p if isinstance(p, str) else p[-1]["content"],
+                    "completion": rollout.completions[row],  # the best finished one
+                    "reward": value if value > float("-inf") else None,  # None: none finished
+                    "accepted": value >= self.cfg.threshold,
+                }
+            )
         order = torch.randperm(len(kept)).tolist()
         self.accepted.extend(kept[k] for k in order)
         self.rounds += 1
@@ -120,7 +132,8 @@ class RejectionSampling(OnlineAlgorithm):
         }
         if rounds:
             metrics["rounds"] = float(self.rounds)
-        self._report = (metrics, [])
+        every = self.cfg.sample_every
+        self._report = (metrics, self.last_samples if every and self.steps % every == 0 else [])
         taken, self.accepted = self.accepted[:need], self.accepted[need:]
         return [
             self._collate(taken[s : s + micro_batch_size]) for s in range(0, need, micro_batch_size)
