@@ -469,3 +469,14 @@ def test_csv_trailing_empty_cells_are_not_extra_cells(tmp_path):
         {"prompt": "1+1=", "completion": "2"},
         {"prompt": "2+2=", "completion": "4"},
     ]
+
+
+def test_a_missing_eval_file_names_data_eval_path(tmp_path):
+    from rltune.config import DataConfig
+    from rltune.data.source import split_records
+
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"prompt": "1+1=", "completion": "2"}\n')
+    data = DataConfig(path=str(train), task=None, eval_path=str(tmp_path / "nope.jsonl"))
+    with pytest.raises(DataError, match=r"^data.eval_path: file not found: .*nope.jsonl"):
+        split_records(data, eval_n=8, task_kind="prompt_completion", allowed=None, algo="sft")

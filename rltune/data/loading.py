@@ -44,12 +44,13 @@ class Record:
     """0-based row number within ``file``."""
 
 
-def load_records(path: str | os.PathLike[str] | list[str]) -> list[Record]:
-    """Load every row of a file, a list of files, a folder, or a hub dataset id."""
+def load_records(path: str | os.PathLike[str] | list[str], key: str = "data.path") -> list[Record]:
+    """Load every row of a file, a list of files, a folder, or a hub dataset id; errors name
+    `key`, the setting that gave `path`."""
     if isinstance(path, list | tuple):
         if not path:
-            raise DataError("data.path: empty list of files")
-        return [record for p in path for record in load_records(p)]
+            raise DataError(f"{key}: empty list of files")
+        return [record for p in path for record in load_records(p, key)]
     name = os.fspath(path)
     p = Path(name).expanduser()
     if p.is_dir():
@@ -61,15 +62,13 @@ def load_records(path: str | os.PathLike[str] | list[str]) -> list[Record]:
             and not any(part.startswith(".") for part in f.relative_to(p).parts)
         )
         if not files:
-            raise DataError(
-                f"data.path: folder {name} has no {', '.join(SUPPORTED_SUFFIXES)} files"
-            )
+            raise DataError(f"{key}: folder {name} has no {', '.join(SUPPORTED_SUFFIXES)} files")
         return [record for f in files for record in _load_file(f)]
     if p.is_file():
         return _load_file(p)
     if _HUB_ID.match(name) and Path(name).suffix.lower() not in _FILE_LIKE_SUFFIXES:
         return _load_hub(name)
-    raise DataError(f"data.path: file not found: {name}")
+    raise DataError(f"{key}: file not found: {name}")
 
 
 def _load_file(p: Path) -> list[Record]:

@@ -44,7 +44,7 @@ def split_records(
         )
     else:
         train = load_records(data.path)
-        evals = load_records(data.eval_path) if data.eval_path is not None else []
+        evals = load_records(data.eval_path, "data.eval_path") if data.eval_path is not None else []
         if not evals and data.eval_ratio > 0:
             n_eval = max(1, int(len(train) * data.eval_ratio))
             order = torch.randperm(
