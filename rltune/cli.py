@@ -237,6 +237,14 @@ def _hydra_message(err: Exception) -> str:
 
 def main() -> None:
     """Console entry point (`rltune ...`, `python -m rltune ...`)."""
+    if sys.argv[1:] == ["--version"]:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"rltune {version('rltune')}")
+        except PackageNotFoundError:  # sources on the path, not installed
+            print("rltune (not installed)")
+        return
     try:
         check_override_keys(sys.argv[1:])
         check_jobs(sys.argv[1:])

@@ -128,3 +128,11 @@ def test_a_crash_is_written_to_the_runs_log(tmp_path, monkeypatch):
     assert stopped.value.code == 1
     log = (tmp_path / "cli.log").read_text()
     assert "the run failed:" in log and "RuntimeError: out of something at step 7" in log
+
+
+def test_help_and_version_are_rltunes(cli):
+    help_text = cli("--help", timeout=60).stdout
+    assert help_text.startswith("rltune: post-train language models")
+    assert "algo: " in help_text and "model: " in help_text
+    version = cli("--version", timeout=60)
+    assert version.returncode == 0 and version.stdout.startswith("rltune ")

@@ -42,6 +42,8 @@ def test_every_preset_composes(group):
         overrides = [f"{group}={option}"]
         if (group, option) == ("data", "custom"):
             overrides.append("data.path=x.jsonl")
+        if (group, option) == ("model", "custom"):
+            overrides.append("model.path=org/some-model")
         if (group, option) == ("peft", "qlora") and not torch.cuda.is_available():
             with pytest.raises(ConfigError, match="needs a CUDA GPU"):
                 check_schema(_compose(overrides))
