@@ -1,4 +1,4 @@
-from rltune.cli import main
+from rltune.cli import console
 
 if __name__ == "__main__":
-    main()
+    console()

@@ -188,6 +188,10 @@ HYDRA_FLAGS = (
     "-cp", "--config-dir", "-cd", "--experimental-rerun",
 )  # fmt: skip
 """Hydra's own flags: with any of them, Hydra alone reads the command line."""
+HYDRA_COMPOSITION = ("hydra.searchpath", "hydra.mode", "hydra.sweeper", "hydra/sweeper")
+"""Overrides that change how Hydra composes or launches (a search path, multirun mode), and
+`${hydra:...}` values, which need Hydra's runtime: with any of them the pre-check is left to
+Hydra's own run."""
 
 
 def check_jobs(args: list[str]) -> None:
@@ -196,7 +200,9 @@ def check_jobs(args: list[str]) -> None:
     had trained). ConfigError names the key, and the job in a sweep. Hydra's own errors (an
     unknown group option, a value of the wrong type, a malformed override) become
     ConfigErrors too, so every bad command exits with the same status."""
-    if any(a.split("=")[0] in HYDRA_FLAGS for a in args):
+    if any(a.split("=")[0] in HYDRA_FLAGS for a in args) or any(
+        a.lstrip("+~").startswith(HYDRA_COMPOSITION) or "${hydra:" in a for a in args
+    ):
         return
     sweep = bool({"-m", "--multirun"} & set(args))
     jobs = sweep_jobs(args) if sweep else [job_overrides(args)]
@@ -258,6 +264,13 @@ def main() -> None:
     if _failed_jobs:
         print(f"rltune: error: stopped on bad input: {', '.join(_failed_jobs)}", file=sys.stderr)
         sys.exit(CONFIG_ERROR_EXIT)
+
+
+def console() -> None:
+    """The `rltune` command and `python -m rltune`: `main`, then, in a process of a
+    multi-process launch, the end without the interpreter's teardown (`run`, for code that
+    calls rltune and goes on, does not end its process)."""
+    main()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         _exit_launched_process()
 

@@ -685,8 +685,10 @@ def validate(cfg: RLTuneConfig) -> None:
     check_algorithm(cfg.algo)
     # the batch arithmetic too, so that a sweep's pre-check finds a bad combination in any job
     plan = BatchPlan.from_config(t, int(os.environ.get("WORLD_SIZE", "1")))
+    # the online algorithms' batches count completions in whole groups; rejection sampling's
+    # count the accepted examples, one per prompt
     group_size = getattr(cfg.algo, "group_size", None)
-    if group_size is not None:
+    if group_size is not None and not isinstance(cfg.algo, RSConfig):
         check_groups(plan, group_size, explicit_accum=t.grad_accum is not None)
     if cfg.model.dtype == "fp16" and cfg.peft.method == "none" and cfg.algo.name != "rm":
         raise ConfigError(

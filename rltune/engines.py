@@ -225,7 +225,8 @@ class DeepSpeedEngine:
             engine.backward(part, scale_wrt_gas=False)
             if last and role in self.unreported:  # averaged over ranks, not yet clipped
                 grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-                self.norms[role] = torch.nn.utils.get_total_norm(grads).item()
+                norms = [torch.linalg.vector_norm(g.detach().float()) for g in grads]
+                self.norms[role] = torch.stack(norms).norm().item() if norms else 0.0
             engine.step()
             # The algorithms call the module, not engine.forward, which is where ZeRO-3 counts
             # micro-steps; without this it would overwrite instead of accumulate gradients.

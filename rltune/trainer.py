@@ -159,16 +159,23 @@ def preset_mismatch(cfg: RLTuneConfig) -> str | None:
     own = OmegaConf.load(preset).get("path") if preset.exists() else None
     if own is None or _normal("model.path", own) == _normal("model.path", cfg.model.path):
         return None
-    tuned = [f"model.lrs {dict(cfg.model.lrs)}"] if cfg.model.lrs else []
+    lr_key = cfg.algo.name + ("_lora" if cfg.peft.method in ("lora", "qlora") else "")
+    tuned = []
+    if cfg.train.lr is None and lr_key in cfg.model.lrs:
+        tuned.append(f"model.lrs.{lr_key}={cfg.model.lrs[lr_key]}")
     tuned_file = Path("tuned") / f"{cfg.algo.name}_{cfg.model.name}.yaml"
     if (conf / tuned_file).exists():
         tuned.append(f"conf/{tuned_file}")
     if not tuned:
         return None
+    if (conf / "model" / f"{cfg.model.path}.yaml").exists():  # a preset's name: tiny_init
+        instead = f"model={cfg.model.path}"
+    else:
+        instead = f"model=custom model.path={cfg.model.path} (the algorithms' defaults)"
     return (
         f"model.path={cfg.model.path} is not model={cfg.model.name}'s own model ({own}), yet "
         f"settings tuned for that model apply: {' and '.join(tuned)}. For another model, use "
-        f"model=custom model.path={cfg.model.path} (the algorithms' defaults)"
+        f"{instead}"
     )
 
 

@@ -197,9 +197,34 @@ def test_another_model_under_a_tuned_preset_is_named(tmp_path):
     warning = preset_mismatch(check_schema(_compose([f"model.path={other}"])))
     assert warning is not None
     assert f"model.path={other} is not model=tiny's own model (tiny)" in warning
-    assert "conf/tuned/grpo_tiny.yaml" in warning and "'grpo': 0.0001" in warning
+    assert "model.lrs.grpo=0.0001 and conf/tuned/grpo_tiny.yaml" in warning
     assert f"use model=custom model.path={other}" in warning
+    warning = preset_mismatch(check_schema(_compose(["model.path=tiny_init", "train.lr=1e-3"])))
+    assert warning.endswith(
+        "apply: conf/tuned/grpo_tiny.yaml. For another model, use model=tiny_init"
+    )
     for same in ([], [f"model.path={SHIPPED['tiny']}/"], ["model=custom", f"model.path={other}"]):
         assert preset_mismatch(check_schema(_compose(same))) is None, same
     with pytest.raises(ConfigError, match="model.path must be set: model=custom model.path="):
         check_schema(_compose(["model=custom"]))
+
+
+def test_rejection_sampling_batches_count_examples_not_groups():
+    settings = check_schema(_compose(["algo=rs", "train.batch_size=4", "train.micro_batch_size=4"]))
+    assert settings.algo.group_size == 8  # sampled per prompt; a step trains on 4 accepted
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["logger.run_name=${hydra:job.name}", "train.max_steps=1"],
+        ["hydra.mode=MULTIRUN", "train.seed=1,2"],
+        ["hydra.searchpath=[file:///no/such/dir]", "model=not_here_but_maybe_there"],
+    ],
+)
+def test_what_only_hydras_run_can_compose_is_left_to_it(args):
+    """${hydra:...} needs Hydra's runtime, hydra.mode and hydra.searchpath change what Hydra
+    composes: the pre-check stands aside instead of refusing valid commands."""
+    from rltune.cli import check_jobs
+
+    check_jobs(args)

@@ -322,7 +322,7 @@ def _call(
     # each function gets its own copies: one that edits its arguments (a prompt's message list
     # is the dataset's own object) changes nothing for the next function or a later step
     prompts, completions = copy.deepcopy(prompts), list(completions)
-    columns = {k: list(v) for k, v in columns.items()}
+    columns = copy.deepcopy(columns)
     if f.model:
         # rltune's own reward model runs in this thread: under ZeRO-3 its forward passes are
         # collective, and a call abandoned by a timeout on one rank would hang the others
