@@ -192,6 +192,7 @@ class DeepSpeedEngine:
         self.engines, self.schedulers, self.settings = {}, {}, {}
         self.unreported: set[str] = set()  # roles whose gradient norm the loop measures itself
         self.norms: dict[str, float] = {}
+        self.skipped: set[str] = set()  # roles whose DeepSpeed step this loop skipped
         for role, (model, lr) in models.items():
             engine, _, _, scheduler = deepspeed.initialize(
                 model=model,
@@ -224,9 +225,14 @@ class DeepSpeedEngine:
             engine.set_gradient_accumulation_boundary(last)
             engine.backward(part, scale_wrt_gas=False)
             if last and role in self.unreported:  # averaged over ranks, not yet clipped
-                grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-                norms = [torch.linalg.vector_norm(g.detach().float()) for g in grads]
-                self.norms[role] = torch.stack(norms).norm().item() if norms else 0.0
+                params = [p for p in engine.module.parameters() if p.grad is not None]
+                norms = [torch.linalg.vector_norm(p.grad.detach().float()) for p in params]
+                norm = torch.stack(norms).norm().item() if norms else 0.0
+                self.norms[role] = norm
+                if not math.isfinite(norm):  # DeepSpeed would apply it: no step at all
+                    engine.zero_grad()
+                    self.skipped.add(role)
+                    continue
             engine.step()
             # The algorithms call the module, not engine.forward, which is where ZeRO-3 counts
             # micro-steps; without this it would overwrite instead of accumulate gradients.
@@ -245,6 +251,15 @@ class DeepSpeedEngine:
                 norm = self.norms.pop(role, None)
             key = "grad_norm" if role == MAIN else f"grad_norm/{role}"
             metrics[key] = float(norm) if norm is not None else float("nan")
+            # a non-finite gradient: the update was skipped, by DeepSpeed's 16-bit optimizer
+            # or above; as in the plain engine the schedule still advances and the step says so
+            held_back = role in self.skipped or not engine.was_step_applied()
+            if held_back or not math.isfinite(metrics[key]):
+                log.warning("%s: gradient norm is %s: update skipped", role, metrics[key])
+                metrics["skipped_updates"] = 1.0
+            if held_back:  # DeepSpeed's step did not run or held its schedule back
+                self.schedulers[role].step()
+        self.skipped.clear()
         return metrics
 
     def save(

@@ -221,3 +221,22 @@ def test_deepspeed_without_zero_reports_the_gradient_norm(tmp_path):
     assert sorted(b) == [1, 2, 3]
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-4), (step, a[step], b[step])
+
+
+@pytest.mark.parametrize("engine", ["plain", "zero0", "zero2"])
+def test_a_non_finite_gradient_skips_the_update_and_the_schedule_goes_on(tmp_path, engine):
+    """lr 1e30 blows the weights up at step 1, so steps 2-4 have NaN gradients: each engine
+    skips those updates (the weights stay finite), says so, and keeps the schedule's pace
+    (DeepSpeed's 16-bit optimizer holds it back; its fp32 stage 0 would apply the NaN)."""
+    config = tmp_path / "ds0.json"
+    config.write_text('{"zero_optimization": {"stage": 0}}')
+    extra = {"plain": [], "zero0": [f"deepspeed.config={config}"], "zero2": ["deepspeed=zero2"]}
+    run_dir = run(["algo=sft", *extra[engine], "train.lr=1e30", "train.scheduler=linear",
+                   *SMALL, "train.max_steps=4", f"hydra.run.dir={tmp_path / 'run'}"])  # fmt: skip
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    assert [r.get("skipped_updates") for r in rows] == [None, 1.0, 1.0, 1.0]
+    assert [r["lr"] for r in rows] == pytest.approx([1e30, 7.5e29, 5e29, 2.5e29])
+    from safetensors.torch import load_file
+
+    weights = load_file(run_dir / "final" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
