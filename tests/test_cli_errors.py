@@ -85,6 +85,18 @@ def test_qlora_without_cuda_fails_before_loading(tmp_path, cli):
     assert "Loading weights" not in proc.stderr
 
 
+def test_a_lora_target_the_model_lacks_is_a_config_error(tmp_path, cli):
+    """Named with the model's linear layers, exit status 2, before a step trains (not peft's
+    traceback; and a good name beside it must not train alone)."""
+    proc = cli(
+        "peft=lora", "peft.target_modules=[q_prj,v_proj]", f"hydra.run.dir={tmp_path}", timeout=120
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "rltune: error: peft.target_modules: 'q_prj' matches no module" in proc.stderr
+    assert "its linear layers: down_proj, gate_proj, k_proj, " in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "metrics.jsonl").exists()
+
+
 @pytest.mark.parametrize(
     ("override", "expected"),
     [

@@ -179,3 +179,44 @@ def test_override_typos_are_caught_before_hydra(args, message):
 )
 def test_valid_values_on_the_edges_pass(override):
     check_schema(_compose([override]))
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("[]", "peft.target_modules=[] must be all-linear, a list of module names"),
+        ("[1]", "peft.target_modules: 1 is not a module name"),
+        ("'a('", "peft.target_modules='a(' is not a regular expression"),
+    ],
+)
+def test_lora_target_modules_of_the_wrong_form_fail_before_loading(value, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        check_schema(_compose(["peft=lora", f"peft.target_modules={value}"]))
+
+
+def test_lora_target_modules_are_checked_against_the_models_layers():
+    """Each name must match a layer LoRA can adapt: a typo next to a good name would otherwise
+    train the good one alone, silently. A plain string is one name, not peft's whole-name
+    regular expression (which `q_proj` never matches)."""
+    from peft import get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    from rltune.config import PeftConfig
+    from rltune.models import SHIPPED, apply_lora
+
+    def lora(target):
+        model = AutoModelForCausalLM.from_pretrained(SHIPPED["tiny"])
+        return apply_lora(model, PeftConfig(method="lora", target_modules=target))
+
+    for target in (["q_prj", "v_proj"], "q_prj"):
+        with pytest.raises(ConfigError) as err:
+            lora(target)
+        assert str(err.value).startswith(
+            "peft.target_modules: 'q_prj' matches no module of Qwen2ForCausalLM; its linear "
+            "layers: down_proj, gate_proj, k_proj, "
+        ) and str(err.value).endswith("q_proj, up_proj, v_proj (or all-linear)")
+    with pytest.raises(ConfigError, match=r"'mlp' matches model.layers.0.mlp, a Qwen2MLP, which"):
+        lora(["mlp"])
+    for target in ("q_proj", ["self_attn.q_proj"], r".*\.q_proj"):
+        adapted = {k.split(".")[-3] for k in get_peft_model_state_dict(lora(target))}
+        assert adapted == {"q_proj"}, (target, adapted)
