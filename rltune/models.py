@@ -198,14 +198,20 @@ def _layer_kinds() -> tuple[tuple[type, ...], tuple[type, ...]]:
 def check_lora_targets(model: nn.Module, targets: str | list[str]) -> None:
     """Before peft wraps `model`: every name in `targets` (from `lora_targets`) is a layer of
     `model` that LoRA can adapt (peft would fail with its own traceback on a name that matches
-    nothing, or silently skip it when another name matches)."""
+    nothing, or silently skip it when another name matches), and none is the output layer or
+    input embedding of a model that ties the two: merging the adapter into final/ would write
+    its update into the one shared matrix, so it would reach the other end too."""
     if targets == ALL_LINEAR:
         return  # peft leaves the output layer out of all-linear
     key = "peft.target_modules"
     linear_kinds, adaptable = _layer_kinds()
     modules = {n: m for n, m in model.named_modules() if n}  # not the model itself
+    output, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    ties = output is not None and embedding is not None and output.weight is embedding.weight
+    tied = {n: m for n, m in modules.items() if ties and (m is output or m is embedding)}
     linear = sorted(
         {n.rsplit(".", 1)[-1] for n, m in modules.items() if isinstance(m, linear_kinds)}
+        - {n.rsplit(".", 1)[-1] for n in tied}
     )
     if isinstance(targets, str):
         groups = {targets: [n for n in modules if re.fullmatch(targets, n)]}
@@ -222,6 +228,15 @@ def check_lora_targets(model: nn.Module, targets: str | list[str]) -> None:
             raise ConfigError(
                 f"{key}: {target!r} matches {other}, a {type(modules[other]).__name__}, which "
                 f"LoRA cannot adapt; its linear layers: {', '.join(linear)} (or {ALL_LINEAR})"
+            )
+        hit = next((n for n in names if n in tied), None)
+        if hit is not None:
+            partner = next(n for n, m in tied.items() if m is not tied[hit])
+            raise ConfigError(
+                f"{key}: {target!r} puts an adapter on {hit}, whose weight {type(model).__name__} "
+                f"shares with {partner} (tie_word_embeddings): merged into final/, its update "
+                f"would change both. Leave {hit} out ({ALL_LINEAR} does), or train from a copy "
+                "of the model saved with tie_word_embeddings=false"
             )
 
 

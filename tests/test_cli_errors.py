@@ -85,15 +85,22 @@ def test_qlora_without_cuda_fails_before_loading(tmp_path, cli):
     assert "Loading weights" not in proc.stderr
 
 
-def test_a_lora_target_the_model_lacks_is_a_config_error(tmp_path, cli):
-    """Named with the model's linear layers, exit status 2, before a step trains (not peft's
-    traceback; and a good name beside it must not train alone)."""
+@pytest.mark.parametrize(
+    ("targets", "expected"),
+    [
+        ("[q_prj,v_proj]", "peft.target_modules: 'q_prj' matches no module"),
+        ("[lm_head,q_proj]", "peft.target_modules: 'lm_head' puts an adapter on lm_head, whose"),
+    ],
+)
+def test_a_lora_target_that_cannot_be_trained_is_a_config_error(tmp_path, cli, targets, expected):
+    """A name the model lacks (not peft's traceback; and a good name beside it must not train
+    alone), or the tiny model's lm_head, tied to its embedding: exit status 2, before a step."""
     proc = cli(
-        "peft=lora", "peft.target_modules=[q_prj,v_proj]", f"hydra.run.dir={tmp_path}", timeout=120
-    )
+        "algo=sft", "peft=lora", f"peft.target_modules={targets}", f"hydra.run.dir={tmp_path}",
+        timeout=120,
+    )  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "rltune: error: peft.target_modules: 'q_prj' matches no module" in proc.stderr
-    assert "its linear layers: down_proj, gate_proj, k_proj, " in proc.stderr
+    assert f"rltune: error: {expected}" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "metrics.jsonl").exists()
 
 

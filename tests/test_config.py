@@ -211,12 +211,49 @@ def test_lora_target_modules_are_checked_against_the_models_layers():
     for target in (["q_prj", "v_proj"], "q_prj"):
         with pytest.raises(ConfigError) as err:
             lora(target)
-        assert str(err.value).startswith(
+        assert str(err.value) == (
             "peft.target_modules: 'q_prj' matches no module of Qwen2ForCausalLM; its linear "
-            "layers: down_proj, gate_proj, k_proj, "
-        ) and str(err.value).endswith("q_proj, up_proj, v_proj (or all-linear)")
+            "layers: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj (or all-linear)"
+        )  # not lm_head: the tiny model ties it to the embedding (below)
     with pytest.raises(ConfigError, match=r"'mlp' matches model.layers.0.mlp, a Qwen2MLP, which"):
         lora(["mlp"])
     for target in ("q_proj", ["self_attn.q_proj"], r".*\.q_proj"):
         adapted = {k.split(".")[-3] for k in get_peft_model_state_dict(lora(target))}
         assert adapted == {"q_proj"}, (target, adapted)
+
+
+def test_lora_on_a_tied_output_layer_or_embedding_is_refused_and_untied_merges_exactly():
+    """The tiny model ties lm_head to embed_tokens (one matrix): an adapter on either, merged
+    into final/, would change the other as well, so neither may be targeted. Untied, an adapter
+    on lm_head merges into a model that computes what base + adapter does."""
+    from transformers import AutoModelForCausalLM
+
+    from rltune.config import PeftConfig
+    from rltune.models import SHIPPED, apply_lora
+
+    tied = AutoModelForCausalLM.from_pretrained(SHIPPED["tiny"])
+    for target, hit, partner in (
+        (["lm_head", "q_proj"], "lm_head", "model.embed_tokens"),
+        (["embed_tokens"], "model.embed_tokens", "lm_head"),
+        ("lm_.*", "lm_head", "model.embed_tokens"),
+    ):
+        with pytest.raises(ConfigError) as err:
+            apply_lora(tied, PeftConfig(method="lora", target_modules=target))
+        assert str(err.value).startswith(
+            f"peft.target_modules: {target[0] if isinstance(target, list) else target!r} puts an "
+            f"adapter on {hit}, whose weight Qwen2ForCausalLM shares with {partner} "
+            "(tie_word_embeddings)"
+        ), str(err.value)
+    assert not hasattr(tied, "peft_config")  # refused before peft touched the model
+
+    untied = AutoModelForCausalLM.from_pretrained(SHIPPED["tiny"], tie_word_embeddings=False)
+    model = apply_lora(untied, PeftConfig(method="lora", target_modules=["lm_head", "q_proj"]))
+    model.eval()  # no LoRA dropout
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+        ids = torch.arange(5, 45)[None]
+        adapted = model(input_ids=ids).logits
+        merged = model.merge_and_unload()
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted, atol=1e-5, rtol=1e-5)
