@@ -131,6 +131,13 @@ def load_tokenizer(cfg: ModelConfig):
             else ""
         )
         raise ConfigError(f"{key}={path}: cannot load the tokenizer{offline}: {first}") from None
+    if tokenizer.eos_token is None:
+        # every algorithm ends its examples or completions with EOS, and pads with it when the
+        # tokenizer has no pad token
+        raise ConfigError(
+            f"{key}={path}: the tokenizer has no eos_token; rltune needs one to end examples and "
+            "completions (set eos_token in its tokenizer_config.json)"
+        )
     if tokenizer.pad_token is None:
         # Llama-style tokenizers have no pad token; padding is always masked, so reusing EOS is safe.
         tokenizer.pad_token = tokenizer.eos_token

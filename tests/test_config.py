@@ -257,3 +257,28 @@ def test_lora_on_a_tied_output_layer_or_embedding_is_refused_and_untied_merges_e
         adapted = model(input_ids=ids).logits
         merged = model.merge_and_unload()
         torch.testing.assert_close(merged(input_ids=ids).logits, adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_a_tokenizer_without_eos_is_named_before_the_model_loads(tmp_path):
+    """Without EOS (and so without the pad token that falls back to it) nothing can end an
+    example or pad a batch: online algorithms crashed in the rollout's padding."""
+    import json
+    import shutil
+
+    from rltune.config import ModelConfig
+    from rltune.models import SHIPPED, load_tokenizer
+
+    for name in ("tokenizer.json", "chat_template.jinja", "config.json"):
+        shutil.copy(SHIPPED["tiny"] / name, tmp_path / name)
+    settings = json.loads((SHIPPED["tiny"] / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({**settings, "eos_token": None, "pad_token": None})
+    )
+    for cfg, key in (
+        (ModelConfig(path=str(tmp_path)), "model.path"),
+        (ModelConfig(tokenizer_path=str(tmp_path)), "model.tokenizer_path"),
+    ):
+        with pytest.raises(ConfigError) as err:
+            load_tokenizer(cfg)
+        assert str(err.value).startswith(f"{key}={tmp_path}: the tokenizer has no eos_token;")
+    assert load_tokenizer(ModelConfig()).pad_token == "<|endoftext|>"
