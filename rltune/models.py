@@ -501,9 +501,13 @@ def is_peft(model: nn.Module) -> bool:
     return hasattr(model, "peft_config")
 
 
-def export_final(model: nn.Module, tokenizer, out_dir: Path) -> None:
-    """Write a Hugging Face folder that `from_pretrained` loads. With LoRA the adapter goes to
-    `out_dir/adapter/` and the merged model to `out_dir/` itself."""
+def export_final(
+    model: nn.Module, tokenizer, out_dir: Path, dtype: torch.dtype | None = None
+) -> None:
+    """Write a Hugging Face folder that `from_pretrained` loads, its weights in `dtype` (None:
+    as they are). With LoRA the adapter goes to `out_dir/adapter/` as trained (fp32) and the
+    model merged from it to `out_dir/` itself, while `model` keeps its adapters and dtype;
+    without, `model` itself is cast to `dtype` (training is over: no second copy)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if is_peft(model) and getattr(model, "is_loaded_in_4bit", False):
         # a 4-bit base cannot be merged without losing the adapter's precision: adapter only
@@ -514,11 +518,31 @@ def export_final(model: nn.Module, tokenizer, out_dir: Path) -> None:
         # Merge into a copy so the in-memory policy keeps its adapters (callers may go on).
         import copy
 
-        merged = copy.deepcopy(model).merge_and_unload()
-        merged.save_pretrained(out_dir)
+        merged = copy.deepcopy(model)
+        dtypes = {p.dtype for p in merged.parameters() if p.is_floating_point()}
+        if dtype is not None and not dtypes <= {torch.float32, dtype}:
+            # peft adds the fp32 update into the base weights in place, so the sum is rounded
+            # once, to the base's dtype: right when that is fp32 or the export dtype, a second
+            # rounding otherwise (an fp16 base exported in bf16)
+            merged.float()
+        _save_model(merged.merge_and_unload(), out_dir, dtype)
     else:
-        model.save_pretrained(out_dir)
+        _save_model(model, out_dir, dtype)
     tokenizer.save_pretrained(out_dir)
+
+
+def _save_model(model: nn.Module, out_dir: Path, dtype: torch.dtype | None) -> None:
+    if dtype is not None:
+        model.to(dtype)
+    # gradient checkpointing turns the KV cache off for training; whoever loads final/ decodes
+    cache_off = getattr(model.config, "use_cache", None) is False
+    if cache_off:
+        model.config.use_cache = True
+    try:
+        model.save_pretrained(out_dir)
+    finally:
+        if cache_off:
+            model.config.use_cache = False
 
 
 class Reference:
