@@ -117,7 +117,7 @@ class PeftConfig:
     dropout: float = 0.05
     """Dropout on the LoRA input."""
     target_modules: Any = "all-linear"
-    """Modules that get adapters: 'all-linear' or a list of module names."""
+    """Modules that get adapters: 'all-linear', a list of module names (or name suffixes: q_proj, mlp.up_proj), or a regular expression over whole module names."""
 
 
 @dataclass
@@ -714,6 +714,9 @@ def validate(cfg: RLTuneConfig) -> None:
                 f"peft.r={p.r} must be >= 1, peft.alpha={p.alpha} > 0 and "
                 f"peft.dropout={p.dropout} in [0, 1)"
             )
+        from rltune.models import lora_targets
+
+        lora_targets(p.target_modules)  # its form now; the names once the model has loaded
     if t.lr is not None and t.lr <= 0:
         raise ConfigError(f"train.lr={t.lr} must be > 0 (or null for the algorithm's default)")
     if cfg.data.path is None and cfg.data.task is None:

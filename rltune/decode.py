@@ -282,9 +282,11 @@ class _Replica:
     Where the trained weights are already in that dtype (`model.dtype=bf16`), the graph reads
     them: the optimizer updates them in place, and `refresh` checks that none has moved (a
     moved one means a new capture). Otherwise (fp32 master weights under autocast, which would
-    be cast anew into temporary tensors that a graph cannot hold on to) the graph reads a frozen
-    copy in the compute dtype, refreshed in place from the trained weights before each rollout.
-    The last `StaticDecoder` is kept for reuse while its shape still fits."""
+    be cast anew into temporary tensors that a graph cannot hold on to) the graph reads a copy
+    (`_graph_copy`) whose weights in another dtype are copies in the compute dtype, refreshed in
+    place from the trained weights before each rollout; the frozen ones already in that dtype (a
+    LoRA base) are the policy's own. The last `StaticDecoder` is kept for reuse while its shape
+    still fits."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype):
         floating = [p for p in model.parameters() if p.is_floating_point()]
@@ -293,8 +295,12 @@ class _Replica:
             self.model = weakref.proxy(model)
             self.pairs = []
         else:
-            self.model = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
-            self.pairs = list(zip(self.model.parameters(), model.parameters(), strict=True))
+            self.model = _graph_copy(model, dtype)
+            self.pairs = [
+                (r, p)
+                for r, p in zip(self.model.parameters(), model.parameters(), strict=True)
+                if r is not p
+            ]
         self.dtype = dtype
         self.pointers = self._pointers()
         self.decoder: StaticDecoder | None = None
@@ -306,9 +312,8 @@ class _Replica:
         if self.pairs:
             with torch.no_grad():
                 torch._foreach_copy_([r for r, _ in self.pairs], [p for _, p in self.pairs])
-            return
         pointers = self._pointers()
-        if pointers != self.pointers:  # a weight was replaced, not updated in place
+        if pointers != self.pointers:  # a weight the graph reads was replaced, not updated
             self.decoder, self.pointers = None, pointers
 
     def decoder_for(self, rows: int, width: int, room: int, compile: bool) -> StaticDecoder:
@@ -332,6 +337,32 @@ class _Replica:
             self.model, rows, width, width + room, capture=cuda, compile=compile
         )
         return self.decoder
+
+
+def _graph_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """`model` in `dtype`, in eval mode and frozen, for the graph decoder. What a cast would
+    leave as it is, it shares with `model` instead of copying: frozen parameters (a LoRA base:
+    the bulk of the model, 14 GiB of a 7B model in bf16, which a full copy would also refresh
+    before every rollout) and buffers, where they are in `dtype` already or not floating-point.
+    Only the rest is copied and cast: the trained weights (LoRA's fp32 adapters)."""
+    keep = [p for p in model.parameters() if not p.requires_grad and _as_is(p, dtype)]
+    keep += [b for b in model.buffers() if _as_is(b, dtype)]
+    replica = copy.deepcopy(model, {id(t): t for t in keep})
+    shared = {id(t) for t in keep}
+    with torch.no_grad():
+        for param in replica.parameters():
+            if id(param) not in shared:
+                param.data = param.data.to(dtype)
+        for module in replica.modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None and id(buffer) not in shared:
+                    module._buffers[name] = buffer.to(dtype)
+    return replica.eval().requires_grad_(False)
+
+
+def _as_is(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether casting `tensor` to `dtype` (as `nn.Module.to` does) leaves it unchanged."""
+    return tensor.dtype == dtype or not tensor.is_floating_point()
 
 
 _REPLICAS: weakref.WeakKeyDictionary[nn.Module, _Replica] = weakref.WeakKeyDictionary()

@@ -161,10 +161,11 @@ class PlainEngine:
         exporting never leaves a half-written final/ that looks complete."""
         tmp = final.with_name(f".tmp-{final.name}")
         shutil.rmtree(tmp, ignore_errors=True)
-        # training is over: export in the compute dtype (bf16 on GPUs), as the peers do
-        export_final(self.trained.to(dtype), tokenizer, tmp)
+        # training is over: export in the compute dtype (bf16 on GPUs), as the peers do; a LoRA
+        # adapter is saved and merged from its fp32 weights, and only the merged model is cast
+        export_final(self.trained, tokenizer, tmp, dtype)
         for role, model in self.extra_models.items():  # e.g. final/value/
-            export_final(model.to(dtype), tokenizer, tmp / role)
+            export_final(model, tokenizer, tmp / role, dtype)
         ckpt.replace_dir(tmp, final)
 
 

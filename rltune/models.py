@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -129,6 +131,13 @@ def load_tokenizer(cfg: ModelConfig):
             else ""
         )
         raise ConfigError(f"{key}={path}: cannot load the tokenizer{offline}: {first}") from None
+    if tokenizer.eos_token is None:
+        # every algorithm ends its examples or completions with EOS, and pads with it when the
+        # tokenizer has no pad token
+        raise ConfigError(
+            f"{key}={path}: the tokenizer has no eos_token; rltune needs one to end examples and "
+            "completions (set eos_token in its tokenizer_config.json)"
+        )
     if tokenizer.pad_token is None:
         # Llama-style tokenizers have no pad token; padding is always masked, so reusing EOS is safe.
         tokenizer.pad_token = tokenizer.eos_token
@@ -153,17 +162,101 @@ def load_causal_lm(cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device
     return model.to(device)
 
 
+ALL_LINEAR = "all-linear"
+PLAIN_NAME = re.compile(r"\w+(\.\w+)*")
+"""A module name or dotted name suffix (`q_proj`, `self_attn.o_proj`); any other string in
+peft.target_modules is a regular expression that peft matches against whole module names."""
+
+
+def lora_targets(value: Any) -> str | list[str]:
+    """peft.target_modules as peft takes it: `all-linear`, a regular expression, or a list of
+    names. A plain name on its own is a one-item list: peft would read it as a regular
+    expression that must match a whole module name (`model.layers.0.self_attn.q_proj`), which a
+    bare `q_proj` never does."""
+    key = "peft.target_modules"
+    if isinstance(value, str):
+        if value == ALL_LINEAR:
+            return value
+        if PLAIN_NAME.fullmatch(value):
+            return [value]
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise ConfigError(f"{key}={value!r} is not a regular expression: {err}") from None
+        return value
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ConfigError(
+            f"{key}={value!r} must be {ALL_LINEAR}, a list of module names or a regular expression"
+        )
+    bad = [v for v in value if not isinstance(v, str) or not PLAIN_NAME.fullmatch(v)]
+    if bad:
+        raise ConfigError(f"{key}: {bad[0]!r} is not a module name (like q_proj or mlp.up_proj)")
+    return list(value)
+
+
+def _layer_kinds() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(linear layers, every layer that LoRA adapts)."""
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
+
+    linear = (nn.Linear, Conv1D)
+    return linear, (*linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def check_lora_targets(model: nn.Module, targets: str | list[str]) -> None:
+    """Before peft wraps `model`: every name in `targets` (from `lora_targets`) is a layer of
+    `model` that LoRA can adapt (peft would fail with its own traceback on a name that matches
+    nothing, or silently skip it when another name matches), and none is the output layer or
+    input embedding of a model that ties the two: merging the adapter into final/ would write
+    its update into the one shared matrix, so it would reach the other end too."""
+    if targets == ALL_LINEAR:
+        return  # peft leaves the output layer out of all-linear
+    key = "peft.target_modules"
+    linear_kinds, adaptable = _layer_kinds()
+    modules = {n: m for n, m in model.named_modules() if n}  # not the model itself
+    output, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    ties = output is not None and embedding is not None and output.weight is embedding.weight
+    tied = {n: m for n, m in modules.items() if ties and (m is output or m is embedding)}
+    linear = sorted(
+        {n.rsplit(".", 1)[-1] for n, m in modules.items() if isinstance(m, linear_kinds)}
+        - {n.rsplit(".", 1)[-1] for n in tied}
+    )
+    if isinstance(targets, str):
+        groups = {targets: [n for n in modules if re.fullmatch(targets, n)]}
+    else:
+        groups = {t: [n for n in modules if n == t or n.endswith("." + t)] for t in targets}
+    for target, names in groups.items():
+        if not names:
+            raise ConfigError(
+                f"{key}: {target!r} matches no module of {type(model).__name__}; its linear "
+                f"layers: {', '.join(linear)} (or {ALL_LINEAR})"
+            )
+        other = next((n for n in names if not isinstance(modules[n], adaptable)), None)
+        if other is not None:
+            raise ConfigError(
+                f"{key}: {target!r} matches {other}, a {type(modules[other]).__name__}, which "
+                f"LoRA cannot adapt; its linear layers: {', '.join(linear)} (or {ALL_LINEAR})"
+            )
+        hit = next((n for n in names if n in tied), None)
+        if hit is not None:
+            partner = next(n for n, m in tied.items() if m is not tied[hit])
+            raise ConfigError(
+                f"{key}: {target!r} puts an adapter on {hit}, whose weight {type(model).__name__} "
+                f"shares with {partner} (tie_word_embeddings): merged into final/, its update "
+                f"would change both. Leave {hit} out ({ALL_LINEAR} does), or train from a copy "
+                "of the model saved with tie_word_embeddings=false"
+            )
+
+
 def apply_lora(model: nn.Module, cfg: PeftConfig, *, task_type: str = "CAUSAL_LM") -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
-    target = cfg.target_modules
-    if not isinstance(target, str):
-        target = list(target)
+    targets = lora_targets(cfg.target_modules)
+    check_lora_targets(model, targets)
     lora = LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=target,
+        target_modules=targets,
         task_type=task_type,  # SEQ_CLS also trains (and saves) the new score head in full
     )
     return get_peft_model(model, lora)
@@ -408,9 +501,13 @@ def is_peft(model: nn.Module) -> bool:
     return hasattr(model, "peft_config")
 
 
-def export_final(model: nn.Module, tokenizer, out_dir: Path) -> None:
-    """Write a Hugging Face folder that `from_pretrained` loads. With LoRA the adapter goes to
-    `out_dir/adapter/` and the merged model to `out_dir/` itself."""
+def export_final(
+    model: nn.Module, tokenizer, out_dir: Path, dtype: torch.dtype | None = None
+) -> None:
+    """Write a Hugging Face folder that `from_pretrained` loads, its weights in `dtype` (None:
+    as they are). With LoRA the adapter goes to `out_dir/adapter/` as trained (fp32) and the
+    model merged from it to `out_dir/` itself, while `model` keeps its adapters and dtype;
+    without, `model` itself is cast to `dtype` (training is over: no second copy)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if is_peft(model) and getattr(model, "is_loaded_in_4bit", False):
         # a 4-bit base cannot be merged without losing the adapter's precision: adapter only
@@ -421,11 +518,31 @@ def export_final(model: nn.Module, tokenizer, out_dir: Path) -> None:
         # Merge into a copy so the in-memory policy keeps its adapters (callers may go on).
         import copy
 
-        merged = copy.deepcopy(model).merge_and_unload()
-        merged.save_pretrained(out_dir)
+        merged = copy.deepcopy(model)
+        dtypes = {p.dtype for p in merged.parameters() if p.is_floating_point()}
+        if dtype is not None and not dtypes <= {torch.float32, dtype}:
+            # peft adds the fp32 update into the base weights in place, so the sum is rounded
+            # once, to the base's dtype: right when that is fp32 or the export dtype, a second
+            # rounding otherwise (an fp16 base exported in bf16)
+            merged.float()
+        _save_model(merged.merge_and_unload(), out_dir, dtype)
     else:
-        model.save_pretrained(out_dir)
+        _save_model(model, out_dir, dtype)
     tokenizer.save_pretrained(out_dir)
+
+
+def _save_model(model: nn.Module, out_dir: Path, dtype: torch.dtype | None) -> None:
+    if dtype is not None:
+        model.to(dtype)
+    # gradient checkpointing turns the KV cache off for training; whoever loads final/ decodes
+    cache_off = getattr(model.config, "use_cache", None) is False
+    if cache_off:
+        model.config.use_cache = True
+    try:
+        model.save_pretrained(out_dir)
+    finally:
+        if cache_off:
+            model.config.use_cache = False
 
 
 class Reference:

@@ -91,6 +91,47 @@ def test_qlora_without_cuda_fails_before_loading(tmp_path, cli):
 
 
 @pytest.mark.parametrize(
+    ("targets", "expected"),
+    [
+        ("[q_prj,v_proj]", "peft.target_modules: 'q_prj' matches no module"),
+        ("[lm_head,q_proj]", "peft.target_modules: 'lm_head' puts an adapter on lm_head, whose"),
+    ],
+)
+def test_a_lora_target_that_cannot_be_trained_is_a_config_error(tmp_path, cli, targets, expected):
+    """A name the model lacks (not peft's traceback; and a good name beside it must not train
+    alone), or the tiny model's lm_head, tied to its embedding: exit status 2, before a step."""
+    proc = cli(
+        "algo=sft", "peft=lora", f"peft.target_modules={targets}", f"hydra.run.dir={tmp_path}",
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"rltune: error: {expected}" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_an_online_run_with_a_tokenizer_without_eos_or_pad_names_it(tmp_path, cli):
+    """It crashed in the rollout's left padding (`Could not infer dtype of NoneType`)."""
+    import shutil
+
+    from rltune.models import SHIPPED
+
+    folder = tmp_path / "tok"
+    shutil.copytree(SHIPPED["tiny"], folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({**settings, "eos_token": None, "pad_token": None})
+    )
+    proc = cli(
+        "algo=grpo", f"model.tokenizer_path={folder}", "train.max_steps=1",
+        f"hydra.run.dir={tmp_path}/run", timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"rltune: error: model.tokenizer_path={folder}: the tokenizer has no eos_token" in (
+        proc.stderr
+    )
+
+
+@pytest.mark.parametrize(
     ("override", "expected"),
     [
         ("reward.model_path=./no/such/rm", "reward.model_path=./no/such/rm: no such folder"),

@@ -228,3 +228,106 @@ def test_what_only_hydras_run_can_compose_is_left_to_it(args):
     from rltune.cli import check_jobs
 
     check_jobs(args)
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("[]", "peft.target_modules=[] must be all-linear, a list of module names"),
+        ("[1]", "peft.target_modules: 1 is not a module name"),
+        ("'a('", "peft.target_modules='a(' is not a regular expression"),
+    ],
+)
+def test_lora_target_modules_of_the_wrong_form_fail_before_loading(value, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        check_schema(_compose(["peft=lora", f"peft.target_modules={value}"]))
+
+
+def test_lora_target_modules_are_checked_against_the_models_layers():
+    """Each name must match a layer LoRA can adapt: a typo next to a good name would otherwise
+    train the good one alone, silently. A plain string is one name, not peft's whole-name
+    regular expression (which `q_proj` never matches)."""
+    from peft import get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    from rltune.config import PeftConfig
+    from rltune.models import SHIPPED, apply_lora
+
+    def lora(target):
+        model = AutoModelForCausalLM.from_pretrained(SHIPPED["tiny"])
+        return apply_lora(model, PeftConfig(method="lora", target_modules=target))
+
+    for target in (["q_prj", "v_proj"], "q_prj"):
+        with pytest.raises(ConfigError) as err:
+            lora(target)
+        assert str(err.value) == (
+            "peft.target_modules: 'q_prj' matches no module of Qwen2ForCausalLM; its linear "
+            "layers: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj (or all-linear)"
+        )  # not lm_head: the tiny model ties it to the embedding (below)
+    with pytest.raises(ConfigError, match=r"'mlp' matches model.layers.0.mlp, a Qwen2MLP, which"):
+        lora(["mlp"])
+    for target in ("q_proj", ["self_attn.q_proj"], r".*\.q_proj"):
+        adapted = {k.split(".")[-3] for k in get_peft_model_state_dict(lora(target))}
+        assert adapted == {"q_proj"}, (target, adapted)
+
+
+def test_lora_on_a_tied_output_layer_or_embedding_is_refused_and_untied_merges_exactly():
+    """The tiny model ties lm_head to embed_tokens (one matrix): an adapter on either, merged
+    into final/, would change the other as well, so neither may be targeted. Untied, an adapter
+    on lm_head merges into a model that computes what base + adapter does."""
+    from transformers import AutoModelForCausalLM
+
+    from rltune.config import PeftConfig
+    from rltune.models import SHIPPED, apply_lora
+
+    tied = AutoModelForCausalLM.from_pretrained(SHIPPED["tiny"])
+    for target, hit, partner in (
+        (["lm_head", "q_proj"], "lm_head", "model.embed_tokens"),
+        (["embed_tokens"], "model.embed_tokens", "lm_head"),
+        ("lm_.*", "lm_head", "model.embed_tokens"),
+    ):
+        with pytest.raises(ConfigError) as err:
+            apply_lora(tied, PeftConfig(method="lora", target_modules=target))
+        assert str(err.value).startswith(
+            f"peft.target_modules: {target[0] if isinstance(target, list) else target!r} puts an "
+            f"adapter on {hit}, whose weight Qwen2ForCausalLM shares with {partner} "
+            "(tie_word_embeddings)"
+        ), str(err.value)
+    assert not hasattr(tied, "peft_config")  # refused before peft touched the model
+
+    untied = AutoModelForCausalLM.from_pretrained(SHIPPED["tiny"], tie_word_embeddings=False)
+    model = apply_lora(untied, PeftConfig(method="lora", target_modules=["lm_head", "q_proj"]))
+    model.eval()  # no LoRA dropout
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+        ids = torch.arange(5, 45)[None]
+        adapted = model(input_ids=ids).logits
+        merged = model.merge_and_unload()
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_a_tokenizer_without_eos_is_named_before_the_model_loads(tmp_path):
+    """Without EOS (and so without the pad token that falls back to it) nothing can end an
+    example or pad a batch: online algorithms crashed in the rollout's padding."""
+    import json
+    import shutil
+
+    from rltune.config import ModelConfig
+    from rltune.models import SHIPPED, load_tokenizer
+
+    for name in ("tokenizer.json", "chat_template.jinja", "config.json"):
+        shutil.copy(SHIPPED["tiny"] / name, tmp_path / name)
+    settings = json.loads((SHIPPED["tiny"] / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({**settings, "eos_token": None, "pad_token": None})
+    )
+    for cfg, key in (
+        (ModelConfig(path=str(tmp_path)), "model.path"),
+        (ModelConfig(tokenizer_path=str(tmp_path)), "model.tokenizer_path"),
+    ):
+        with pytest.raises(ConfigError) as err:
+            load_tokenizer(cfg)
+        assert str(err.value).startswith(f"{key}={tmp_path}: the tokenizer has no eos_token;")
+    assert load_tokenizer(ModelConfig()).pad_token == "<|endoftext|>"

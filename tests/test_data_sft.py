@@ -236,6 +236,12 @@ def test_encode_errors_name_the_row(tok):
         encode_sft(
             {"prompt": "hi", "chosen": "a", "rejected": "b"}, "preference", tok, max_length=8
         )
+    no_eos = make_tokenizer()
+    no_eos.eos_token = None  # preference pairs (DPO, RM) reach this too: no algorithm named
+    with pytest.raises(
+        ValueError, match=r"^the tokenizer has no eos_token, which ends each example$"
+    ):
+        encode_sft({"prompt": "hi", "completion": "a"}, "prompt_completion", no_eos, max_length=8)
 
 
 def _ex(ids: list[int]) -> dict[str, list[int]]:

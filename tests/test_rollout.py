@@ -294,6 +294,65 @@ def test_graph_decoder_bf16_replica_logps_match_an_autocast_forward(tiny, device
     assert not replica.shared and next(replica.model.parameters()).dtype == torch.bfloat16
 
 
+def test_graph_decoder_lora_replica_shares_the_frozen_base_and_follows_adapter_updates():
+    """peft=lora with a bf16 base (as `load_policy` loads it for bf16 compute): the graph's
+    replica reads the policy's own frozen base weights (same storage, nothing copied or
+    refreshed) and holds bf16 copies of the fp32 adapters only. After an update of the adapters
+    in place, the next rollout decodes with the new ones: greedy tokens equal a fresh bf16 copy
+    of the updated policy's, and the log-probs an autocast forward of the policy itself."""
+    import copy
+
+    from rltune.config import PeftConfig
+    from rltune.decode import _REPLICAS, fast_sample
+    from rltune.models import SHIPPED, apply_lora, autocast
+
+    tokenizer = AutoTokenizer.from_pretrained(SHIPPED["tiny"])
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(SHIPPED["tiny"], dtype=torch.bfloat16)
+    model = apply_lora(base, PeftConfig(method="lora")).eval()  # fp32 adapters, every linear
+    prompts = _arith_prompts(tokenizer, 16)
+    params = SamplingParams(max_new_tokens=16)
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+
+    def rollout():
+        with autocast(cpu, bf16):
+            out, logps = fast_sample(
+                model, tokenizer, prompts, params, greedy=True, decoder="graph", dtype=bf16
+            )
+            fresh = _fresh_logps(model, out) * out.completion_mask
+        err = (logps - fresh).abs()[out.completion_mask.bool()]
+        assert err.mean() < 0.03 and err.max() < 0.5, (err.mean(), err.max())
+        reference = copy.deepcopy(model).to(bf16)  # the old replica: a whole copy
+        expected, _ = fast_sample(
+            reference, tokenizer, prompts, params, greedy=True, decoder="static"
+        )
+        assert out.completions == expected.completions
+        return out.completions
+
+    before = rollout()
+    replica = _REPLICAS[model]
+    frozen = trained = 0
+    for (name, r), p in zip(replica.model.named_parameters(), model.parameters(), strict=True):
+        assert not r.requires_grad and r.dtype == bf16, name
+        if p.requires_grad:  # an adapter: a copy in the compute dtype
+            assert "lora_" in name and r.data_ptr() != p.data_ptr(), name
+            trained += r.numel()
+        else:  # the base: the policy's own tensor
+            assert r is p and r.data_ptr() == p.data_ptr(), name
+            frozen += r.numel()
+    assert trained == sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
+    assert frozen == sum(p.numel() for p in base.parameters() if not p.requires_grad) > trained
+    assert [p for _, p in replica.pairs] == [p for p in model.parameters() if p.requires_grad]
+    decoder = replica.decoder
+    with torch.no_grad():  # an optimizer step on the adapters, in place
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.2)
+    after = rollout()
+    assert sum(a != b for a, b in zip(before, after, strict=True)) > 8  # the update shows
+    assert _REPLICAS[model] is replica and replica.decoder is decoder  # refreshed, not rebuilt
+
+
 def _qwen05b_random(dtype):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 

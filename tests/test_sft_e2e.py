@@ -308,6 +308,84 @@ def test_lora_trains_only_adapters_and_exports_merged_model(tmp_path):
     assert not any("norm" in k or "embed" in k for k in changed)
 
 
+def test_lora_export_saves_the_fp32_adapter_and_merges_it_before_casting(tmp_path):
+    """bf16 compute (fp32 adapters on a bf16 base): final/adapter/ holds the adapter as trained,
+    in fp32, and final/ is base + that update rounded once to bf16 (as merging in fp32 and then
+    casting gives), not an update made of bf16-rounded adapters. Gradient checkpointing turned
+    the KV cache off for training only: final/config.json has it on."""
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    run_dir = run(
+        [
+            "peft=lora",
+            "train.dtype=bf16",
+            "train.gradient_checkpointing=true",
+            f"hydra.run.dir={tmp_path}",
+            "train.max_steps=3",
+            "train.lr=1e-2",
+            *FAST,
+            "train.eval_samples=0",
+        ]
+    )
+    final = run_dir / "final"
+    adapter = load_file(final / "adapter" / "adapter_model.safetensors")
+    assert {v.dtype for v in adapter.values()} == {torch.float32}
+    assert json.loads((final / "config.json").read_text())["use_cache"] is True
+    settings = json.loads((final / "adapter" / "adapter_config.json").read_text())
+    scale = settings["lora_alpha"] / settings["r"]
+    # the frozen base that trained: loaded in the compute dtype
+    tiny = REPO / "rltune" / "assets" / "tiny"
+    base = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.bfloat16).state_dict()
+    merged = load_file(final / "model.safetensors")
+    merged_layers = 0
+    for name, weight in merged.items():
+        a = "base_model.model." + name.replace(".weight", ".lora_A.weight")
+        expected = base[name].float()
+        if a in adapter:
+            delta = adapter[a.replace("lora_A", "lora_B")] @ adapter[a] * scale
+            expected = expected + delta
+            merged_layers += 1
+        assert weight.dtype == torch.bfloat16
+        assert torch.equal(weight, expected.to(torch.bfloat16)), name
+    assert merged_layers == 4 * 7  # every linear layer of the 4 decoder layers
+
+
+def test_export_merges_into_a_base_of_a_third_dtype_in_fp32(tmp_path):
+    """An fp16 base exported in bf16: the merge runs in fp32 and the sum is rounded once, to
+    bf16 (not to fp16 first); the policy keeps its adapters and dtypes. A full model's in-memory
+    config keeps use_cache off (for its training) while final/ has it on."""
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rltune.config import PeftConfig
+    from rltune.models import SHIPPED, apply_lora, export_final
+
+    tokenizer = AutoTokenizer.from_pretrained(SHIPPED["tiny"])
+    base = AutoModelForCausalLM.from_pretrained(SHIPPED["tiny"], dtype=torch.float16)
+    weight = base.model.layers[0].self_attn.q_proj.weight.float()
+    model = apply_lora(base, PeftConfig(method="lora", target_modules=["q_proj"]))
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        q.lora_B["default"].weight.normal_(std=0.05)
+    export_final(model, tokenizer, tmp_path / "lora", torch.bfloat16)
+    delta = q.lora_B["default"].weight @ q.lora_A["default"].weight * q.scaling["default"]
+    merged = load_file(tmp_path / "lora" / "model.safetensors")
+    expected = (weight + delta).to(torch.bfloat16)
+    assert torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], expected)
+    assert q.lora_A["default"].weight.dtype == torch.float32 and q.weight.dtype == torch.float16
+
+    full = AutoModelForCausalLM.from_pretrained(SHIPPED["tiny"])
+    full.config.use_cache = False  # as train.gradient_checkpointing leaves it
+    export_final(full, tokenizer, tmp_path / "full", torch.bfloat16)
+    assert json.loads((tmp_path / "full" / "config.json").read_text())["use_cache"] is True
+    assert full.config.use_cache is False and full.dtype == torch.bfloat16
+
+
 def test_wandb_logs_offline_without_a_key(tmp_path):
     env_key = os.environ.pop("WANDB_API_KEY", None)
     mode = os.environ.pop("WANDB_MODE", None)

@@ -63,7 +63,7 @@ def encode_sft(
             f"format {fmt!r} cannot be used for SFT; expected one of {sorted(SFT_FORMATS)}"
         )
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos_token; SFT needs one to end each example")
+        raise ValueError("the tokenizer has no eos_token, which ends each example")
     if fmt == "text":
         ids = _tokenize(tokenizer, record_data["text"], special=True) + [tokenizer.eos_token_id]
         starts = list(range(0, len(ids), max_length))
