@@ -116,13 +116,14 @@ def _rs_stub(rewards, truncated, threshold=0.5):
     from rltune.algos.rs import RejectionSampling
 
     rs = object.__new__(RejectionSampling)
-    rs.cfg = SimpleNamespace(group_size=2, prompts_per_round=2, threshold=threshold)
+    rs.cfg = SimpleNamespace(group_size=2, prompts_per_round=2, threshold=threshold, sample_every=0)
     rs.accepted, rs.rounds = [], 0
-    prompts = [SimpleNamespace(ids=[1]), SimpleNamespace(ids=[2])]
+    prompts = [SimpleNamespace(ids=[1], prompt="p0"), SimpleNamespace(ids=[2], prompt="p1")]
     rollout = SimpleNamespace(
         completion_ids=torch.tensor([[0], [1], [10], [11]]),
         completion_mask=torch.ones(4, 1, dtype=torch.long),
         truncated=torch.tensor(truncated),
+        completions=["c0", "c1", "c10", "c11"],
     )
     scores = SimpleNamespace(total=torch.tensor(rewards))
     rs.sample_prompts = lambda n: (prompts, rollout, scores, {})
@@ -137,6 +138,10 @@ def test_rejection_sampling_keeps_the_best_finished_completion():
     metrics = rs._round()
     assert rs.accepted == [([1], [0])]
     assert metrics["acceptance_rate"] == 0.5
+    assert rs.last_samples == [
+        {"prompt": "p0", "completion": "c0", "reward": pytest.approx(0.7), "accepted": True},
+        {"prompt": "p1", "completion": "c11", "reward": pytest.approx(0.1), "accepted": False},
+    ]
 
 
 def test_rejection_sampling_reports_the_mean_over_a_steps_rounds():
