@@ -101,6 +101,10 @@ def _task(cfg: DictConfig) -> None:
     _last_run_dir = run_dir
     try:
         settings = check_schema(cfg)
+        if hydra_cfg.mode == RunMode.MULTIRUN:  # wandb tells the jobs apart by what they vary
+            lg = settings.logger
+            lg.run_name = lg.run_name or hydra_cfg.job.override_dirname or str(hydra_cfg.job.num)
+            lg.group = lg.group or Path(hydra_cfg.sweep.dir).name
         train(
             settings,
             run_dir,

@@ -171,7 +171,9 @@ class LoggerConfig:
     entity: str | None = None
     """wandb entity (team or user)."""
     run_name: str | None = None
-    """wandb run name; null uses the run directory's name."""
+    """wandb run name; null uses the run directory's name, in a sweep the job's overrides."""
+    group: str | None = None
+    """wandb group; null groups a sweep's jobs under the sweep's directory name."""
     mode: str = "auto"
     """wandb mode: auto (WANDB_MODE or WANDB_DISABLED where set; else online with an API key, offline without), online, offline or disabled."""
 

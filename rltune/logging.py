@@ -224,6 +224,7 @@ def _start_wandb(run_dir: Path, cfg: LoggerConfig, config: dict[str, Any], *, re
         project=cfg.project,
         entity=cfg.entity,
         name=cfg.run_name or run_dir.name,
+        group=cfg.group,
         dir=str(run_dir),
         config=config,
         mode=mode,

@@ -429,6 +429,27 @@ def test_wandb_auto_mode_follows_the_environment(tmp_path, monkeypatch):
     assert _auto_mode() == ("disabled", "WANDB_DISABLED is set")
 
 
+def test_a_sweeps_wandb_runs_are_named_by_their_overrides_and_grouped(tmp_path, monkeypatch):
+    import types
+
+    import wandb
+
+    inits = []
+
+    def fake_init(**kwargs):
+        inits.append(kwargs)
+        nothing = lambda *a, **k: None  # noqa: E731
+        return types.SimpleNamespace(define_metric=nothing, log=nothing, finish=nothing)
+
+    monkeypatch.setattr(wandb, "init", fake_init)
+    run(["-m", "logger=wandb", "train.lr=1e-4,3e-4", "train.max_steps=1",
+         f"hydra.sweep.dir={tmp_path / 'sweep'}", *FAST])  # fmt: skip
+    names = [i["name"] for i in inits]  # Hydra's override_dirname: every override, sorted
+    assert len(names) == 2 and "train.lr=0.0001" in names[0] and "train.lr=0.0003" in names[1]
+    assert names[0].startswith("algo=sft,logger=wandb,")
+    assert [i["group"] for i in inits] == ["sweep", "sweep"]
+
+
 def test_packing_fills_rows_and_trains(tmp_path):
     common = ["train.max_steps=3", "train.log_every=1", "data.max_length=128", *FAST]
     plain = run([*common, f"hydra.run.dir={tmp_path / 'plain'}"])
