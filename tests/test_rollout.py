@@ -578,12 +578,10 @@ def test_a_stop_string_may_start_in_the_prompt_but_not_lie_in_it(tiny):
         assert out.completions == plain.completions
 
 
-def test_calls_of_equal_size_share_one_static_decoder(tiny, monkeypatch):
-    """12 rows with at most 8 per call run as 6 + 6, not 8 + 4: one decoder (one capture, one
-    compile on a GPU) serves both calls and the next rollout, instead of two alternating."""
+def _decoders_made(monkeypatch) -> list[int]:
+    """The row counts of the static decoders made from now on (by a spy on their __init__)."""
     from rltune import decode
 
-    model, tokenizer = tiny
     made = []
     original = decode.StaticDecoder.__init__
 
@@ -592,6 +590,17 @@ def test_calls_of_equal_size_share_one_static_decoder(tiny, monkeypatch):
         original(self, model, rows, *args, **kwargs)
 
     monkeypatch.setattr(decode.StaticDecoder, "__init__", spy)
+    return made
+
+
+def test_calls_of_equal_size_share_one_static_decoder(tiny, monkeypatch):
+    """12 rows with at most 8 per call run as 6 + 6, not 8 + 4: one decoder (one capture, one
+    compile on a GPU) serves both calls and the next rollout, instead of two alternating."""
+    from rltune import decode
+
+    model, tokenizer = tiny
+    model = copy.deepcopy(model)  # no decoder left from other tests
+    made = _decoders_made(monkeypatch)
     prompts = _arith_prompts(tokenizer, 6)
     for _ in range(2):
         decode.fast_sample(
@@ -609,14 +618,7 @@ def test_a_short_last_call_is_filled_up_to_use_the_same_decoder(tiny, monkeypatc
 
     model, tokenizer = tiny
     model = copy.deepcopy(model)  # no decoder left from other tests
-    made = []
-    original = decode.StaticDecoder.__init__
-
-    def spy(self, model, rows, *args, **kwargs):
-        made.append(rows)
-        original(self, model, rows, *args, **kwargs)
-
-    monkeypatch.setattr(decode.StaticDecoder, "__init__", spy)
+    made = _decoders_made(monkeypatch)
     prompts = _arith_prompts(tokenizer, 5)
     params = SamplingParams(max_new_tokens=6)
 
