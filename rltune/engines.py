@@ -163,7 +163,7 @@ class PlainEngine:
         shutil.rmtree(tmp, ignore_errors=True)
         # training is over: export in the compute dtype (bf16 on GPUs), as the peers do; a LoRA
         # adapter is saved and merged from its fp32 weights, and only the merged model is cast
-        export_final(self.trained, tokenizer, tmp, dtype)
+        export_final(self.trained, tokenizer, tmp, dtype, in_place=True)
         for role, model in self.extra_models.items():  # e.g. final/value/
             export_final(model, tokenizer, tmp / role, dtype)
         ckpt.replace_dir(tmp, final)

@@ -502,12 +502,19 @@ def is_peft(model: nn.Module) -> bool:
 
 
 def export_final(
-    model: nn.Module, tokenizer, out_dir: Path, dtype: torch.dtype | None = None
+    model: nn.Module,
+    tokenizer,
+    out_dir: Path,
+    dtype: torch.dtype | None = None,
+    *,
+    in_place: bool = False,
 ) -> None:
     """Write a Hugging Face folder that `from_pretrained` loads, its weights in `dtype` (None:
     as they are). With LoRA the adapter goes to `out_dir/adapter/` as trained (fp32) and the
-    model merged from it to `out_dir/` itself, while `model` keeps its adapters and dtype;
-    without, `model` itself is cast to `dtype` (training is over: no second copy)."""
+    model merged from it to `out_dir/` itself, while `model` keeps its adapters and dtype,
+    unless `in_place` (training is over: the merge needs no second copy of the base, which at
+    the end of a long run may not fit on the GPU); without LoRA, `model` itself is cast to
+    `dtype`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if is_peft(model) and getattr(model, "is_loaded_in_4bit", False):
         # a 4-bit base cannot be merged without losing the adapter's precision: adapter only
@@ -518,7 +525,7 @@ def export_final(
         # Merge into a copy so the in-memory policy keeps its adapters (callers may go on).
         import copy
 
-        merged = copy.deepcopy(model)
+        merged = model if in_place else copy.deepcopy(model)
         dtypes = {p.dtype for p in merged.parameters() if p.is_floating_point()}
         if dtype is not None and not dtypes <= {torch.float32, dtype}:
             # peft adds the fp32 update into the base weights in place, so the sum is rounded

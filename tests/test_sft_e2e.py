@@ -379,6 +379,15 @@ def test_export_merges_into_a_base_of_a_third_dtype_in_fp32(tmp_path):
     assert torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], expected)
     assert q.lora_A["default"].weight.dtype == torch.float32 and q.weight.dtype == torch.float16
 
+    # the trainer's export, training over: the same file, merged into the model itself (no
+    # second copy of the base on the device)
+    export_final(model, tokenizer, tmp_path / "in_place", torch.bfloat16, in_place=True)
+    in_place = load_file(tmp_path / "in_place" / "model.safetensors")
+    assert torch.equal(in_place["model.layers.0.self_attn.q_proj.weight"], expected)
+    assert (tmp_path / "in_place" / "adapter" / "adapter_model.safetensors").exists()
+    merged_q = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(merged_q) is torch.nn.Linear  # the live model was merged, not a copy of it
+
     full = AutoModelForCausalLM.from_pretrained(SHIPPED["tiny"])
     full.config.use_cache = False  # as train.gradient_checkpointing leaves it
     export_final(full, tokenizer, tmp_path / "full", torch.bfloat16)
