@@ -245,8 +245,23 @@ def _hydra_message(err: Exception) -> str:
     return text
 
 
+def launcher_args_removed(args: list[str]) -> list[str]:
+    """`args` without the `--local_rank=N` that the `deepspeed` launcher appends (Hydra would
+    refuse it; the launcher sets LOCAL_RANK in the environment too, which is what is read)."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in ("--local_rank", "--local-rank"):
+            skip = True  # its value follows
+        elif not a.startswith(("--local_rank=", "--local-rank=")):
+            out.append(a)
+    return out
+
+
 def main() -> None:
     """Console entry point (`rltune ...`, `python -m rltune ...`)."""
+    sys.argv = [sys.argv[0], *launcher_args_removed(sys.argv[1:])]
     if sys.argv[1:] == ["--version"]:
         from importlib.metadata import PackageNotFoundError, version
 

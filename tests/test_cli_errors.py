@@ -177,3 +177,17 @@ def test_help_and_version_are_rltunes(cli):
     assert "algo: " in help_text and "model: " in help_text
     version = cli("--version", timeout=60)
     assert version.returncode == 0 and version.stdout.startswith("rltune ")
+
+
+def test_the_deepspeed_launchers_local_rank_argument_is_accepted(tmp_path, cli):
+    """`deepspeed --module rltune ...` appends --local_rank=N, which Hydra would refuse."""
+    from rltune.cli import launcher_args_removed
+
+    assert launcher_args_removed(["a=1", "--local_rank", "3", "b=2", "--local-rank=1"]) == [
+        "a=1",
+        "b=2",
+    ]
+    proc = cli("--local_rank=0", "algo=sft", "train.max_steps=1", "train.eval_samples=0",
+               f"hydra.run.dir={tmp_path}", timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "final" / "config.json").exists()
