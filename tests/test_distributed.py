@@ -240,3 +240,18 @@ def test_a_non_finite_gradient_skips_the_update_and_the_schedule_goes_on(tmp_pat
 
     weights = load_file(run_dir / "final" / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_the_deepspeed_launcher_runs_rltune_as_the_readme_shows(tmp_path):
+    """`deepspeed --module rltune ...`: the launcher appends --local_rank=N to rltune's
+    arguments, which Hydra alone would refuse."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--module",
+         "rltune", "algo=sft", "deepspeed=zero2", *SMALL, "train.max_steps=2",
+         f"hydra.run.dir={tmp_path}"],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "rank 1 of 2 holds" in (tmp_path / "cli.log").read_text()
+    assert sorted(_losses(tmp_path)) == [1, 2]
