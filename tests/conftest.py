@@ -44,3 +44,17 @@ def crash_and_resume(tmp_path: Path, common: list[str], *, fail_at: int) -> tupl
     assert proc.returncode == 3, proc.stderr[-2000:]
     run([*common, f"hydra.run.dir={crashed}", "train.resume=auto"])
     return straight, crashed
+
+
+def small_model_config(tokenizer):
+    """A one-layer, width-32 Qwen2 config for `tokenizer`: a real model, fast to build."""
+    from rltune import tiny
+
+    return tiny.build_model_config(
+        len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        hidden_size=32,
+        num_hidden_layers=1,
+        intermediate_size=64,
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import crash_and_resume
+from conftest import crash_and_resume, small_model_config
 
 from rltune.cli import run
 from rltune.logging import read_metrics
@@ -195,14 +195,7 @@ def _reward_model_of_another_vocabulary(folder):
     from rltune import tiny
 
     tokenizer = tiny.build_tokenizer(300, seed=1)
-    config = tiny.build_model_config(
-        len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        hidden_size=32,
-        num_hidden_layers=1,
-        intermediate_size=64,
-    )
+    config = small_model_config(tokenizer)
     config.num_labels = 1
     torch.manual_seed(0)
     Qwen2ForSequenceClassification(config).save_pretrained(folder)

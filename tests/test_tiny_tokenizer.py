@@ -10,6 +10,7 @@ import random
 import string
 
 import pytest
+from conftest import small_model_config
 
 from rltune.evaluation import task_accuracy
 
@@ -87,15 +88,7 @@ def test_shipped_tokenizer_has_no_padding_baked_in():
 
 
 def test_task_accuracy_leaves_the_tokenizer_as_it_was(tokenizer, tmp_path):
-    config = tiny.build_model_config(
-        len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        hidden_size=32,
-        num_hidden_layers=1,
-        intermediate_size=64,
-    )
-    model = Qwen2ForCausalLM(config)
+    model = Qwen2ForCausalLM(small_model_config(tokenizer))
     was_training = model.training
     accuracy, _ = task_accuracy(model, tokenizer, arith, n=6, seed=0)
     assert 0.0 <= accuracy <= 1.0
