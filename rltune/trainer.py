@@ -145,6 +145,11 @@ def _normal(key: str, value: Any) -> Any:
     return value
 
 
+def lr_key(cfg: RLTuneConfig) -> str:
+    """This run's key in model.lrs: the algorithm's name, with `_lora` under LoRA."""
+    return cfg.algo.name + ("_lora" if cfg.peft.method in ("lora", "qlora") else "")
+
+
 def preset_mismatch(cfg: RLTuneConfig) -> str | None:
     """A warning when model.path names another model than its preset's own while settings
     tuned for that preset apply (its model.lrs, conf/tuned/<algo>_<preset>.yaml): `rltune
@@ -159,10 +164,10 @@ def preset_mismatch(cfg: RLTuneConfig) -> str | None:
     own = OmegaConf.load(preset).get("path") if preset.exists() else None
     if own is None or _normal("model.path", own) == _normal("model.path", cfg.model.path):
         return None
-    lr_key = cfg.algo.name + ("_lora" if cfg.peft.method in ("lora", "qlora") else "")
+    key = lr_key(cfg)
     tuned = []
-    if cfg.train.lr is None and lr_key in cfg.model.lrs:
-        tuned.append(f"model.lrs.{lr_key}={cfg.model.lrs[lr_key]}")
+    if cfg.train.lr is None and key in cfg.model.lrs:
+        tuned.append(f"model.lrs.{key}={cfg.model.lrs[key]}")
     tuned_file = Path("tuned") / f"{cfg.algo.name}_{cfg.model.name}.yaml"
     if (conf / tuned_file).exists():
         tuned.append(f"conf/{tuned_file}")
@@ -277,14 +282,14 @@ def train(
             f"{trainable:,}",
             100 * trainable / max(1, total),
         )
-    lora = cfg.peft.method in ("lora", "qlora")
-    lr_key = cfg.algo.name + ("_lora" if lora else "")
+    key = lr_key(cfg)
     if t.lr is not None:
         lr, lr_from = t.lr, "train.lr"
-    elif lr_key in cfg.model.lrs:
-        lr, lr_from = cfg.model.lrs[lr_key], f"model.lrs.{lr_key} of model={cfg.model.name}"
+    elif key in cfg.model.lrs:
+        lr, lr_from = cfg.model.lrs[key], f"model.lrs.{key} of model={cfg.model.name}"
     else:
-        lr, lr_from = algo.default_lr(), f"algo.{'lora_lr' if lora else 'lr'}"
+        lr_from = "algo.lora_lr" if key.endswith("_lora") else "algo.lr"
+        lr = algo.default_lr()
     mismatch = preset_mismatch(cfg)
     if mismatch:
         log.warning("%s", mismatch)
