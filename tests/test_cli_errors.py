@@ -56,14 +56,14 @@ def test_unknown_columns_are_listed(tmp_path, cli):
     )
 
 
-def test_null_field_names_file_row_and_column(tmp_path, cli):
+def test_null_field_names_file_line_and_column(tmp_path, cli):
     path = tmp_path / "pc.jsonl"
     rows = [{"prompt": f"{i}+1=", "completion": str(i + 1)} for i in range(5)]
     rows[3]["completion"] = None
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     proc = cli(f"data.path={path}", f"hydra.run.dir={tmp_path}/run", timeout=60)
     assert proc.returncode == 2
-    assert str(path) in proc.stderr and "row 3" in proc.stderr and "completion" in proc.stderr
+    assert str(path) in proc.stderr and "line 4" in proc.stderr and "completion" in proc.stderr
 
 
 def test_preference_data_is_the_wrong_kind_for_sft(tmp_path, cli):

@@ -284,12 +284,32 @@ def test_malformed_jsonl_line_number(tmp_path):
         load_records(str(path))
 
 
-def test_null_in_row_3_names_file_row_and_column(tmp_path):
+def test_null_in_row_3_names_file_line_and_column(tmp_path):
     rows = [{"instruction": "i", "output": "o"} for _ in range(5)]
     rows[3]["output"] = None
     path = write_rows(tmp_path / "inst.jsonl", rows, "jsonl")
-    with pytest.raises(DataError, match=rf"{path}, row 3, column 'output': null"):
+    with pytest.raises(DataError, match=rf"{path}, line 4, column 'output': null"):
         checked(load_records(str(path)), "auto", set(FORMATS), "any")
+
+
+def test_rows_are_named_by_the_line_an_editor_shows_where_the_file_has_lines(tmp_path):
+    """JSON Lines and CSV rows are named by the 1-based line they start on, counting blank
+    lines and cells that span lines; JSON lists and parquet by their 0-based index."""
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text('{"text": "a"}\n\n\n{"text": "b"}\n{"text": ""}\n')
+    assert [r.line for r in load_records(str(jsonl))] == [1, 4, 5]
+    with pytest.raises(DataError, match=r"d\.jsonl, line 5, column 'text': empty string"):
+        checked(load_records(str(jsonl)), "auto", set(FORMATS), "any")
+    csv_file = tmp_path / "d.csv"
+    csv_file.write_text('prompt,completion\n"two\nlines",x\n\nq,\n')
+    assert [r.line for r in load_records(str(csv_file))] == [2, 5]
+    with pytest.raises(DataError, match=r"d\.csv, line 5, column 'completion': empty string"):
+        checked(load_records(str(csv_file)), "auto", set(FORMATS), "any")
+    rows = [{"text": "a"}, {"text": ""}]
+    for kind in ("json", "parquet"):
+        path = write_rows(tmp_path / f"d{suffix(kind)}", rows, kind)
+        with pytest.raises(DataError, match=rf"d\.{kind}, row 1, column 'text': empty string"):
+            checked(load_records(str(path)), "auto", set(FORMATS), "any")
 
 
 @pytest.mark.parametrize(
@@ -314,7 +334,7 @@ def test_missing_column_in_one_row_and_csv_short_line(tmp_path):
         check_records([Record({"prompt": "p"}, "d.jsonl", 0)], "prompt_completion")
     path = tmp_path / "short.csv"
     path.write_text("prompt,completion\na,b\nc\n")
-    with pytest.raises(DataError, match=r"short\.csv, row 1, column 'completion': null"):
+    with pytest.raises(DataError, match=r"short\.csv, line 3, column 'completion': null"):
         checked(load_records(str(path)), "auto", set(FORMATS), "any")
 
 
@@ -445,7 +465,7 @@ def test_an_implicit_prompt_must_end_where_the_assistants_answers_begin(tmp_path
         {"chosen": [system, U, A], "rejected": [system, other, B]},
     ]
     records = load_records(str(write_rows(tmp_path / "prefs.jsonl", rows, "jsonl")))
-    with pytest.raises(DataError, match=r"prefs\.jsonl, row 1, .*first differ at message 1"):
+    with pytest.raises(DataError, match=r"prefs\.jsonl, line 2, .*first differ at message 1"):
         check_records(records, "preference")
     check_records(records[:1], "preference")
 

@@ -85,19 +85,19 @@ def test_precomputed_reference_is_reused_on_resume(tmp_path):
     assert rows[0]["step"] == 1 and rows[0]["loss"] == pytest.approx(0.693147, abs=1e-5)
 
 
-def test_preference_row_without_rejected_fails_naming_file_and_row(tmp_path, cli):
+def test_preference_row_without_rejected_fails_naming_file_and_line(tmp_path, cli):
     path = tmp_path / "prefs.jsonl"
     rows = [{"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": str(i + 2)} for i in range(4)]
     rows[2]["rejected"] = ""
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     proc = cli("algo=dpo", f"data.path={path}", f"hydra.run.dir={tmp_path / 'run'}", timeout=60)
     assert proc.returncode == 2
-    assert str(path) in proc.stderr and "row 2" in proc.stderr and "rejected" in proc.stderr
+    assert str(path) in proc.stderr and "line 3" in proc.stderr and "rejected" in proc.stderr
     del rows[2]["rejected"]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     proc = cli("algo=rm", f"data.path={path}", f"hydra.run.dir={tmp_path / 'run2'}", timeout=60)
     assert proc.returncode == 2
-    assert str(path) in proc.stderr and "row 2" in proc.stderr
+    assert str(path) in proc.stderr and "line 3" in proc.stderr
 
 
 def test_reward_model_trains_and_final_loads_and_scores(tmp_path):

@@ -150,7 +150,7 @@ class OnlineAlgorithm(AlgorithmBase):
                 else:
                     ids = self.tokenizer(prompt)["input_ids"]
             except Exception as err:  # a template that rejects the messages, ...
-                raise DataError(f"{record.file}, row {record.index}: {err}") from err
+                raise DataError(f"{record.where}: {err}") from err
             if len(ids) > budget:
                 ids, truncated = ids[-budget:], truncated + 1
             columns = {k: v for k, v in record.data.items() if k != "prompt"}

@@ -128,7 +128,7 @@ def check_records(records: Sequence[Record], fmt: str, *, max_errors: int = 5) -
         raise DataError(f"data.format: unknown format {fmt!r}; known: {', '.join(FORMATS)}")
     problems: list[str] = []
     for record in records:
-        where = f"{record.file}, row {record.index}"
+        where = record.where
         problems.extend(f"{where}, {p}" for p in _row_problems(record.data, fmt))
     if problems:
         shown = "\n  ".join(problems[:max_errors])

@@ -42,6 +42,18 @@ class Record:
     """The file (or hub dataset id) the row was read from."""
     index: int
     """0-based row number within ``file``."""
+    line: int | None = None
+    """1-based line of ``file`` where the row starts (JSON Lines and CSV), as an editor shows it."""
+
+    @property
+    def where(self) -> str:
+        """Where the row is, for error messages: its line where the file has lines, else its
+        0-based row (as ``rows[i]`` or ``dataset[i]`` reads it)."""
+        return (
+            f"{self.file}, line {self.line}"
+            if self.line is not None
+            else f"{self.file}, row {self.index}"
+        )
 
 
 def load_records(path: str | os.PathLike[str] | list[str], key: str = "data.path") -> list[Record]:
@@ -93,7 +105,7 @@ def _load_file(p: Path) -> list[Record]:
     }[suffix](p)
     if not rows:
         raise DataError(f"{file}: file has no rows")
-    return [Record(row, file, i) for i, row in enumerate(rows)]
+    return [Record(row, file, i, line) for i, (row, line) in enumerate(rows)]
 
 
 def _read_text(p: Path) -> str:
@@ -103,7 +115,11 @@ def _read_text(p: Path) -> str:
         raise DataError(f"{p}: not valid UTF-8 text (byte {e.start})") from e
 
 
-def _read_jsonl(p: Path) -> list[dict[str, Any]]:
+Rows = list[tuple[dict[str, Any], int | None]]
+"""A table's rows, each with the line it starts on (None where the file has no lines)."""
+
+
+def _read_jsonl(p: Path) -> Rows:
     rows = []
     # lines end at "\n" only: str.splitlines would also split at U+2028, U+2029 and U+0085,
     # which JSON allows unescaped inside strings (a trailing "\r" is whitespace to json.loads)
@@ -118,11 +134,11 @@ def _read_jsonl(p: Path) -> list[dict[str, Any]]:
             ) from e
         if not isinstance(row, dict):
             raise DataError(f"{p}, line {lineno}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
+        rows.append((row, lineno))
     return rows
 
 
-def _read_json(p: Path) -> list[dict[str, Any]]:
+def _read_json(p: Path) -> Rows:
     text = _read_text(p)
     try:
         data = json.loads(text)
@@ -140,10 +156,10 @@ def _read_json(p: Path) -> list[dict[str, Any]]:
     for i, row in enumerate(data):
         if not isinstance(row, dict):
             raise DataError(f"{p}, row {i}: expected a JSON object, got {type(row).__name__}")
-    return data
+    return [(row, None) for row in data]
 
 
-def _read_csv(p: Path) -> list[dict[str, Any]]:
+def _read_csv(p: Path) -> Rows:
     old_limit = csv.field_size_limit(2**31 - 1)  # a cell may hold a whole document
     try:
         with open(p, newline="", encoding="utf-8-sig") as f:
@@ -154,14 +170,17 @@ def _read_csv(p: Path) -> list[dict[str, Any]]:
             # unquoted comma shifts a row's columns) would be silently lost: an error instead.
             rows = []
             for row in reader:
+                # the reader's line_num is the row's last line; a quoted cell may span lines
+                cells = [c for v in row.values() for c in (v if isinstance(v, list) else [v])]
+                line = reader.line_num - sum(c.count("\n") for c in cells if c)
                 if None in row and not any(cell.strip() for cell in row[None]):
                     del row[None]  # trailing empty cells ("a,b,"): nothing is lost
                 if None in row:
                     raise DataError(
-                        f"{p}, line {reader.line_num}: {len(row[None])} more cells than the "
+                        f"{p}, line {line}: {len(row[None])} more cells than the "
                         f"header's {len(reader.fieldnames)} columns (quote cells that hold a comma)"
                     )
-                rows.append(row)
+                rows.append((row, line))
             return rows
     except UnicodeDecodeError as e:
         raise DataError(f"{p}: not valid UTF-8 text (byte {e.start})") from e
@@ -171,12 +190,12 @@ def _read_csv(p: Path) -> list[dict[str, Any]]:
         csv.field_size_limit(old_limit)
 
 
-def _read_parquet(p: Path) -> list[dict[str, Any]]:
+def _read_parquet(p: Path) -> Rows:
     import pyarrow as pa  # a dependency of `datasets`, so always installed
     import pyarrow.parquet as pq
 
     try:
-        return pq.read_table(p).to_pylist()
+        return [(row, None) for row in pq.read_table(p).to_pylist()]
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{p}: not a readable parquet file: {e}") from e
 

@@ -64,7 +64,7 @@ def encode_pairs(
         try:
             pair = encode_pair(record.data, tokenizer)
         except ValueError as err:
-            raise DataError(f"{record.file}, row {record.index}: {err}") from err
+            raise DataError(f"{record.where}: {err}") from err
         if pair["chosen"]["input_ids"] == pair["rejected"]["input_ids"]:
             ties.append(record)
         fitted = fit_pair(pair, max_length)
@@ -77,16 +77,15 @@ def encode_pairs(
                 fitted = {**fitted, "margin": float(record.data["margin"])}
             except (TypeError, ValueError):
                 raise DataError(
-                    f"{record.file}, row {record.index}: margin {record.data['margin']!r} is not a number"
+                    f"{record.where}: margin {record.data['margin']!r} is not a number"
                 ) from None
         pairs.append(fitted)
     if ties:
         log.warning(
-            "%d preference pairs have the same chosen and rejected response (first: %s, row "
-            "%d): they teach nothing (DPO's loss is log 2 with no gradient there)",
+            "%d preference pairs have the same chosen and rejected response (first: %s): they "
+            "teach nothing (DPO's loss is log 2 with no gradient there)",
             len(ties),
-            ties[0].file,
-            ties[0].index,
+            ties[0].where,
         )
     return pairs, truncated, dropped
 

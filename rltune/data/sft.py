@@ -144,7 +144,7 @@ def encode_sft_dataset(
                 record.data, fmt, tokenizer, max_length=max_length, completion_only=completion_only
             )
         except ValueError as e:
-            raise DataError(f"{record.file}, row {record.index}: {e}") from e
+            raise DataError(f"{record.where}: {e}") from e
         if fmt != "text" and len(encoded[0]["input_ids"]) == max_length:
             stats.truncated += _untruncated_length(record.data, fmt, tokenizer) > max_length
         for example in encoded:
