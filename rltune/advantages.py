@@ -60,18 +60,22 @@ def zero_std_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return std < 1e-6
 
 
-def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+def rloo_advantages(
+    rewards: torch.Tensor, group_size: int, *, normalize: bool = False
+) -> torch.Tensor:
     """RLOO: each completion's baseline is the mean reward of the *other* completions of its
     prompt: A_i = r_i - (sum_group - r_i) / (k - 1), which equals k / (k - 1) (r_i - mean).
-    NaN rewards are left out of the baselines and get advantage 0."""
+    NaN rewards are left out of the baselines and get advantage 0, as does the one reward of a
+    group with no other (no baseline). `normalize` then whitens the advantages over the batch,
+    over the completions that have one: a completion without an advantage counted as a 0 would
+    shrink the batch std and inflate every other advantage."""
     grouped = rewards.view(-1, group_size)  # [G, k]
     valid = ~grouped.isnan()
+    count = valid.sum(-1, keepdim=True)  # [G, 1]
     values = grouped.nan_to_num(0.0)
-    others = (values.sum(-1, keepdim=True) - values) / (valid.sum(-1, keepdim=True) - 1).clamp(
-        min=1
-    )  # [G, k]
-    adv = torch.where(valid & (valid.sum(-1, keepdim=True) > 1), values - others, 0.0)
-    return adv.view(-1)
+    others = (values.sum(-1, keepdim=True) - values) / (count - 1).clamp(min=1)  # [G, k]
+    adv = torch.where(valid & (count > 1), values - others, float("nan")).view(-1)  # [N]
+    return batch_whiten(adv) if normalize else adv.nan_to_num(0.0)
 
 
 def reinforce_advantages(

@@ -14,6 +14,8 @@ from rltune.advantages import (
     reinforce_advantages,
     rloo_advantages,
 )
+from rltune.algos.grpo import GRPO
+from rltune.config import GRPOConfig
 from rltune.losses import clipped_value_loss
 
 
@@ -87,6 +89,27 @@ def test_rloo_baseline_is_the_mean_of_the_others():
     torch.testing.assert_close(
         rloo_advantages(torch.tensor([1.0, float("nan"), 0, 0]), 4),
         torch.tensor([1.0, 0.0, -0.5, -0.5]),
+    )
+
+
+def test_rloo_whitening_leaves_out_completions_without_an_advantage():
+    """Groups of 2: [1, 0], [NaN, 3], [2, 5]. Leave-one-out advantages: [1, -1], none (the NaN
+    has no reward, the 3 no other sample to compare with), [-3, 3]. Whitened over the four
+    that exist: mean 0, unbiased variance (1 + 1 + 9 + 9) / 3 = 20/3, so A / (sqrt(20/3) +
+    1e-4); the two without an advantage stay 0. (Counting them as zeros gives variance
+    20/5 = 4 and advantages [0.5, -0.5, 0, 0, -1.5, 1.5], all too large by sqrt(5/3).)"""
+    r = torch.tensor([1.0, 0.0, float("nan"), 3.0, 2.0, 5.0])
+    s = math.sqrt(20 / 3) + 1e-4
+    torch.testing.assert_close(
+        rloo_advantages(r, 2, normalize=True),
+        torch.tensor([1 / s, -1 / s, 0.0, 0.0, -3 / s, 3 / s]),
+    )
+    torch.testing.assert_close(rloo_advantages(r, 2), torch.tensor([1.0, -1, 0, 0, -3, 3]))
+    # algo=rloo algo.scale_rewards=batch takes the same path
+    cfg = GRPOConfig(estimator="rloo", scale_rewards="batch", group_size=2)
+    torch.testing.assert_close(
+        GRPO._advantages(SimpleNamespace(cfg=cfg), r),
+        torch.tensor([1 / s, -1 / s, 0.0, 0.0, -3 / s, 3 / s]),
     )
 
 

@@ -40,7 +40,6 @@ from typing import Any
 import torch
 
 from rltune.advantages import (
-    batch_whiten,
     group_advantages,
     group_stats,
     reinforce_advantages,
@@ -91,8 +90,7 @@ class GRPO(OnlineAlgorithm):
         if self.cfg.estimator == "grpo":
             return group_advantages(rewards, g, scale)
         if self.cfg.estimator == "rloo":
-            adv = rloo_advantages(rewards, g)
-            return batch_whiten(adv) if scale == "batch" else adv
+            return rloo_advantages(rewards, g, normalize=scale == "batch")
         # reinforce: the baseline is a running mean of the rewards of earlier batches
         present = rewards[~rewards.isnan()]
         batch_mean = present.mean().item() if present.numel() else 0.0
