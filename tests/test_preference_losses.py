@@ -1,10 +1,13 @@
 """DPO-family and Bradley-Terry losses against values worked out by hand."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from rltune.algos.dpo import DPO
+from rltune.config import DPOConfig
 from rltune.losses import IGNORE_INDEX, bradley_terry_loss, dpo_loss, sequence_logps
 
 
@@ -102,3 +105,25 @@ def test_pairs_with_the_same_response_twice_are_reported(caplog):
     assert len(pairs) == 3  # kept: a warning, not an error
     assert "2 preference pairs have the same chosen and rejected response" in caplog.text
     assert "prefs.jsonl, row 1" in caplog.text
+
+
+def test_ipo_loss_on_token_averages_and_rewards_of_whole_responses():
+    """beta = 0.5, one pair. Chosen: policy -2 over 4 tokens, reference -4 (log-ratio 2, 0.5 per
+    token); rejected: policy -3 over 1 token, reference -4 (log-ratio 1, 1 per token).
+
+    IPO on per-token averages: h = 0.5 - 1 = -0.5, loss = (h - 1/(2 beta))^2 = (-1.5)^2 = 2.25.
+    The logged rewards are beta x the whole responses' log-ratios, as for the other losses (and
+    TRL): chosen 0.5 x 2 = 1.0, rejected 0.5 x 1 = 0.5, margin 0.5, accuracy 1. (From the
+    per-token averages they would be 0.25 and 0.5: accuracy 0 for this pair.)"""
+    cfg = DPOConfig(loss_type="ipo", beta=0.5)
+    stub = SimpleNamespace(
+        cfg=cfg,
+        policy=None,
+        _sides_logps=lambda model, batch: (torch.tensor([-2.0, -3.0]), torch.tensor([4, 1])),
+    )
+    losses, terms = DPO._pair_terms(stub, {"ref": torch.tensor([[-4.0, -4.0]])})
+    torch.testing.assert_close(losses, torch.tensor([2.25]))
+    torch.testing.assert_close(terms["rewards/chosen"], torch.tensor([1.0]))
+    torch.testing.assert_close(terms["rewards/rejected"], torch.tensor([0.5]))
+    torch.testing.assert_close(terms["rewards/margins"], torch.tensor([0.5]))
+    torch.testing.assert_close(terms["rewards/accuracies"], torch.tensor([1.0]))

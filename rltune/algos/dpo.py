@@ -219,6 +219,10 @@ class DPO(AlgorithmBase):
             loss_type=self.cfg.loss_type,
             label_smoothing=self.cfg.label_smoothing,
         )
+        if self.cfg.loss_type == "ipo":
+            # the logged rewards are of whole responses, as for every other loss
+            r_chosen = self.cfg.beta * (chosen - ref_chosen).detach()  # [B]
+            r_rejected = self.cfg.beta * (rejected - ref_rejected).detach()  # [B]
         if self.cfg.sft_weight:
             losses = losses + self.cfg.sft_weight * (
                 -chosen / n_chosen
