@@ -205,9 +205,9 @@ class DPOConfig:
     loss_type: str = "sigmoid"
     """sigmoid (DPO), robust, ipo or hinge."""
     label_smoothing: float = 0.0
-    """Assumed share of flipped labels: conservative DPO (sigmoid) or robust DPO (robust)."""
+    """Assumed share of flipped labels: conservative DPO (sigmoid; TRL 1.16's sigmoid has no smoothing) or robust DPO (robust); ipo and hinge ignore it."""
     sft_weight: float = 0.0
-    """Weight of an NLL term on the chosen responses (RPO); 0 disables it."""
+    """Weight of an NLL term on the chosen responses (RPO): each one's NLL per token, averaged over pairs as the RPO paper does (TRL's loss_type sft averages over all chosen tokens of the batch); 0 disables it."""
     precompute_ref: bool = False
     """Compute reference log-probs once before training (cached in the run dir); no reference model in memory."""
     fused_logps: bool = True
