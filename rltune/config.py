@@ -205,7 +205,7 @@ class DPOConfig:
     loss_type: str = "sigmoid"
     """sigmoid (DPO), robust, ipo or hinge."""
     label_smoothing: float = 0.0
-    """Assumed share of flipped labels: conservative DPO (sigmoid; TRL 1.16's sigmoid has no smoothing) or robust DPO (robust); ipo and hinge ignore it."""
+    """Assumed share of flipped labels: conservative DPO (sigmoid; TRL 1.16's sigmoid has no smoothing) or robust DPO (robust); ipo and hinge have none."""
     sft_weight: float = 0.0
     """Weight of an NLL term on the chosen responses (RPO): each one's NLL per token, averaged over pairs as the RPO paper does (TRL's loss_type sft averages over all chosen tokens of the batch); 0 disables it."""
     precompute_ref: bool = False
@@ -221,6 +221,11 @@ class DPOConfig:
             raise ConfigError(f"algo.beta={self.beta} must be > 0 (at 0 the loss has no gradient)")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"algo.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+        if self.label_smoothing and self.loss_type not in ("sigmoid", "robust"):
+            raise ConfigError(
+                f"algo.label_smoothing={self.label_smoothing} has no effect with "
+                f"algo.loss_type={self.loss_type}: only sigmoid and robust use it"
+            )
         if self.sft_weight < 0:
             raise ConfigError(f"algo.sft_weight={self.sft_weight} must be >= 0")
 

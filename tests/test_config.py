@@ -104,6 +104,7 @@ def test_plus_top_level_key_is_rejected():
         ("algo=sft,algo.name=dpo", "does not match the composed algo group"),
         ("algo=dpo,algo.beta=0", "algo.beta"),
         ("algo=dpo,algo.label_smoothing=0.5", "algo.label_smoothing"),
+        ("algo=dpo,algo.loss_type=ipo,algo.label_smoothing=0.1", "only sigmoid and robust"),
         ("algo=dpo,algo.sft_weight=-1", "algo.sft_weight"),
         ("algo=ppo,algo.vf_coef=-1", "algo.vf_coef"),
         ("algo=ppo,algo.adaptive_kl=true,algo.target_kl=0", "algo.target_kl"),
