@@ -217,6 +217,21 @@ def test_bf16_lora_export_comes_from_the_fp32_masters(tmp_path, stage):
         assert torch.equal(weight, expected.bfloat16()), name
 
 
+def test_bf16_full_export_is_the_fp32_masters_rounded_once(tmp_path):
+    """Full weights in bf16: final/ comes from the module's bf16 weights, which DeepSpeed copies
+    from the fp32 masters rounded once, so it is what casting the masters would write."""
+    from safetensors.torch import load_file
+
+    run_dir = run(["algo=sft", "train.dtype=bf16", "deepspeed=zero2", *SMALL, "train.lr=1e-2",
+                   "train.eval_samples=0", "train.save_every=3", f"hydra.run.dir={tmp_path}"])  # fmt: skip
+    masters = _fp32_masters(run_dir / "checkpoints" / "step-3" / "deepspeed" / "policy", "zero2")
+    final = load_file(run_dir / "final" / "model.safetensors")
+    assert final.keys() <= masters.keys()  # lm_head.weight is tied to embed_tokens.weight
+    for name, weight in final.items():
+        assert weight.dtype == torch.bfloat16
+        assert torch.equal(weight, masters[name].bfloat16()), name
+
+
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
 def test_one_process_without_a_launcher_accumulates_like_plain_pytorch(tmp_path, stage):
     """Two micro-batches per step: DeepSpeed must accumulate, not overwrite, their gradients
