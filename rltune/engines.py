@@ -16,6 +16,7 @@ stage, clips, steps and checkpoints (each rank its own shard).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -29,7 +30,7 @@ from torch import nn
 from rltune import checkpoint as ckpt
 from rltune.config import TrainConfig
 from rltune.distributed import Dist, barrier, gathered, partitioned_bytes
-from rltune.models import export_final
+from rltune.models import export_final, is_peft
 
 log = logging.getLogger(__name__)
 
@@ -303,15 +304,70 @@ class DeepSpeedEngine:
 
     def export(self, final: Path, tokenizer, dtype: torch.dtype) -> None:
         """final/ (and final/<role>/) in Hugging Face format from rank 0, with ZeRO-3 parameters
-        gathered first; written beside final/, then renamed into place."""
+        gathered first; written beside final/, then renamed into place. As in the plain engine a
+        LoRA adapter is saved and merged from fp32 weights (DeepSpeed's master copy: in bf16 its
+        module holds bf16 roundings of them) and only the merged model is cast to `dtype`. A full
+        model is exported from the module's weights: `dtype` is the one DeepSpeed trains in, and
+        DeepSpeed copies each fp32 master into them rounded once to it, which is what casting the
+        master would write."""
         tmp = final.with_name(f".tmp-{final.name}")
         if self.dist.main:
             shutil.rmtree(tmp, ignore_errors=True)
         for role, model in self.models.items():
-            with gathered(model):
+            with gathered(model), fp32_adapters(model, self.engines[role].optimizer):
                 if self.dist.main:
-                    export_final(model, tokenizer, tmp if role == MAIN else tmp / role)
+                    export_final(model, tokenizer, tmp if role == MAIN else tmp / role, dtype)
             barrier()
         if self.dist.main:
             ckpt.replace_dir(tmp, final)
         barrier()
+
+
+def fp32_masters(params: list[nn.Parameter], optimizer: Any) -> list[torch.Tensor | None]:
+    """The whole fp32 master value that DeepSpeed's `optimizer` keeps of each 16-bit parameter in
+    `params` (None for an fp32 one: it is its own master). Collective at ZeRO stages 1-3 (one
+    all-reduce or all-gather per parameter): every rank calls it with the same parameters."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    # stage 0 in bf16 wraps the loop's AdamW in FP16_UnfusedOptimizer, which keeps an fp32 copy
+    # of each parameter beside it; safe_get_full_fp32_param knows only ZeRO's partitions
+    copies = {}
+    if isinstance(optimizer, FP16_UnfusedOptimizer):
+        for lows, highs in zip(optimizer.fp16_groups, optimizer.fp32_groups, strict=True):
+            copies.update({id(low): high for low, high in zip(lows, highs, strict=True)})
+    masters: list[torch.Tensor | None] = []
+    missing = 0
+    for param in params:
+        master = None
+        if param.dtype != torch.float32:
+            master = copies.get(id(param))
+            if master is None:
+                master = safe_get_full_fp32_param(param)
+            missing += master is None
+        masters.append(None if master is None else master.detach())
+    if missing:
+        log.warning(
+            "%d 16-bit parameters have no fp32 master in %s: exported as they are",
+            missing,
+            type(optimizer).__name__,
+        )
+    return masters
+
+
+@contextlib.contextmanager
+def fp32_adapters(model: nn.Module, optimizer: Any):
+    """A LoRA model's trainable (adapter) weights set to DeepSpeed's fp32 masters for the block,
+    and back after it: the model `export_final` gets, as in the plain engine, fp32 adapters on
+    a base in the compute dtype. A full model is left as it is (see `DeepSpeedEngine.export`)."""
+    params = [p for p in model.parameters() if p.requires_grad] if is_peft(model) else []
+    masters = fp32_masters(params, optimizer)
+    held = [p.data for p in params]
+    for param, master in zip(params, masters, strict=True):
+        if master is not None:
+            param.data = master
+    try:
+        yield
+    finally:
+        for param, data in zip(params, held, strict=True):
+            param.data = data
