@@ -104,8 +104,9 @@ def masked_whiten(
     x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, reduce=None
 ) -> torch.Tensor:
     """(x - mean) / std over the positions where mask is 1 (population variance); padding stays
-    0. With shift_mean=False the mean is added back (only the scale changes). `reduce` sums a
-    tensor over processes, for statistics over every rank's positions."""
+    0. With shift_mean=False the mean is added back: (x - mean) / std + mean, the spread scaled
+    to 1 and the mean kept (TRL's shift_mean=False). `reduce` sums a tensor over processes, for
+    statistics over every rank's positions."""
     reduce = reduce or (lambda t: t)
     count, total = reduce(torch.stack([mask.sum(), (x * mask).sum()]))
     mean = total / count.clamp(min=1)
@@ -114,6 +115,26 @@ def masked_whiten(
     if not shift_mean:
         out = out + mean
     return out * mask
+
+
+def sequence_scores(
+    scores: torch.Tensor,
+    truncated: torch.Tensor,
+    *,
+    clip: float | None = None,
+    missing_eos_penalty: float | None = None,
+) -> torch.Tensor:
+    """PPO's score per completion [B] from the reward [B]: clipped to [-clip, clip]
+    (OpenRLHF's reward_clip_range, which clips the reward model's score), then
+    missing_eos_penalty subtracted where `truncated` [B] (TRL's: cut at max_new_tokens, never
+    finished). The penalty comes after the clip so that it survives a score at the bound: a cut
+    completion always scores below the same one finished, and the result lies in
+    [-clip - missing_eos_penalty, clip]. None turns either off."""
+    if clip is not None:
+        scores = scores.clamp(-clip, clip)  # [B]
+    if missing_eos_penalty is not None:
+        scores = scores - missing_eos_penalty * truncated.to(scores.dtype)  # [B]
+    return scores
 
 
 def kl_shaped_rewards(

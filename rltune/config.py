@@ -345,12 +345,16 @@ class PPOConfig:
     """adaptive_kl: completions over which the controller closes the gap."""
     whiten_advantages: bool = True
     """Normalise advantages to mean 0, std 1 over each rollout's completion tokens."""
+    whiten_rewards: bool = False
+    """Scale the per-token rewards (KL penalty and score) to std 1 over each rollout's completion tokens before GAE, their mean kept (TRL's whiten_rewards)."""
     max_approx_kl: float | None = None
     """Stop a rollout's remaining minibatches once a step's approximate KL to the rollout policy exceeds this; null never."""
     entropy_coef: float = 0.0
     """Weight of an entropy bonus in the loss (entropy is always logged)."""
     missing_eos_penalty: float | None = None
     """Subtracted from the score of a completion cut at data.max_new_tokens, without EOS or a stop string (TRL's missing_eos_penalty); null none."""
+    reward_clip: float | None = None
+    """Clip each completion's score to [-reward_clip, reward_clip] before the KL penalty is added (OpenRLHF's reward_clip_range); missing_eos_penalty is subtracted after the clip; null no clip."""
     logprob_chunk_size: int = 1024
     """Positions whose fp32 log-softmax is computed at once."""
     fused_logps: bool = True
@@ -387,7 +391,7 @@ class PPOConfig:
                 f"algo.epsilon={self.epsilon} and algo.cliprange_value={self.cliprange_value} "
                 f"must be > 0, algo.vf_coef={self.vf_coef} >= 0"
             )
-        for key in ("critic_lr", "max_approx_kl"):
+        for key in ("critic_lr", "max_approx_kl", "reward_clip"):
             value = getattr(self, key)
             if value is not None and not value > 0:
                 raise ConfigError(f"algo.{key}={value} must be > 0 (or null)")

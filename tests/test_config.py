@@ -109,6 +109,7 @@ def test_plus_top_level_key_is_rejected():
         ("algo=ppo,algo.vf_coef=-1", "algo.vf_coef"),
         ("algo=ppo,algo.adaptive_kl=true,algo.target_kl=0", "algo.target_kl"),
         ("algo=ppo,algo.max_approx_kl=0", "algo.max_approx_kl"),
+        ("algo=ppo,algo.reward_clip=-1", "algo.reward_clip"),
         ("data.train_size=0", "data.train_size"),
     ],
 )

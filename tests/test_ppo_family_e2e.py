@@ -249,6 +249,24 @@ def test_missing_eos_penalty_lowers_the_score_of_cut_completions(tmp_path):
     assert b["returns/mean"] == pytest.approx(expected, abs=1e-4)
 
 
+def test_reward_clip_and_whiten_rewards_reach_the_returns(tmp_path):
+    """One new token per completion and no KL at step 1: a completion's return is its token
+    reward, its score (0 or 1 from arith). reward_clip=0.25 turns each 1 into 0.25, so
+    returns/mean falls by 0.75 x the share of correct completions, which is the share the clip
+    moved. whiten_rewards keeps the mean (returns/mean as without it) but changes the spread
+    the value model is measured against (value/explained_var)."""
+    common = ["algo=ppo", "data.max_new_tokens=1", "train.max_steps=1", "train.eval_samples=0"]
+    plain = run([*common, f"hydra.run.dir={tmp_path / 'plain'}"])
+    clipped = run([*common, "algo.reward_clip=0.25", f"hydra.run.dir={tmp_path / 'clip'}"])
+    whitened = run([*common, "algo.whiten_rewards=true", f"hydra.run.dir={tmp_path / 'white'}"])
+    (a,), (b,), (c,) = (_rows(d, "returns/mean") for d in (plain, clipped, whitened))
+    assert a["reward"] == b["reward"] == c["reward"] > 0  # the same rollout, some correct
+    assert "rewards/clipped_frac" not in a and b["rewards/clipped_frac"] == a["reward"]
+    assert b["returns/mean"] == pytest.approx(a["returns/mean"] - 0.75 * a["reward"], abs=1e-4)
+    assert c["returns/mean"] == pytest.approx(a["returns/mean"], abs=1e-4)
+    assert c["value/explained_var"] != pytest.approx(a["value/explained_var"], abs=1e-3)
+
+
 def test_under_lora_the_whole_value_model_takes_the_full_fine_tuning_lr(tmp_path):
     run_dir = run(["algo=ppo", "peft=lora", "train.max_steps=1", "train.eval_samples=0",
                    f"hydra.run.dir={tmp_path}"])  # fmt: skip

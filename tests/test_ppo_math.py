@@ -1,6 +1,8 @@
 """PPO, RLOO and REINFORCE pure functions against values worked out by hand."""
 
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
@@ -13,6 +15,7 @@ from rltune.advantages import (
     masked_whiten,
     reinforce_advantages,
     rloo_advantages,
+    sequence_scores,
 )
 from rltune.algos.grpo import GRPO
 from rltune.config import GRPOConfig
@@ -65,6 +68,62 @@ def test_masked_whiten_ignores_padding():
     expected = torch.tensor([[-1.5 / s, -0.5 / s, 0], [0.5 / s, 1.5 / s, 0]])
     torch.testing.assert_close(masked_whiten(x, mask), expected)
     torch.testing.assert_close(masked_whiten(x, mask, shift_mean=False), (expected + 2.5) * mask)
+
+
+def test_sequence_scores_clip_then_penalise_the_cut_completions():
+    """clip 1, missing_eos_penalty 2; scores [2, -3, 0.5, 0.5], cut [no, yes, yes, no].
+    Clipped: [1, -1, 0.5, 0.5]; the cut ones then lose 2: [1, -3, -1.5, 0.5]. (The penalty first
+    would give -5 -> -1 for the second, the same as a finished -3: the penalty lost.)"""
+    scores = torch.tensor([2.0, -3.0, 0.5, 0.5])
+    cut = torch.tensor([False, True, True, False])
+    got = sequence_scores(scores, cut, clip=1.0, missing_eos_penalty=2.0)
+    torch.testing.assert_close(got, torch.tensor([1.0, -3.0, -1.5, 0.5]))
+    torch.testing.assert_close(
+        sequence_scores(scores, cut, clip=1.0), torch.tensor([1.0, -1.0, 0.5, 0.5])
+    )
+    torch.testing.assert_close(sequence_scores(scores, cut), scores)
+
+
+def test_whitened_rewards_keep_their_mean():
+    """TRL's whiten_rewards: masked_whiten(shift_mean=False) over the completion tokens, then
+    GAE. Token rewards [0, 0, 4 | 4, pad, pad]: mean 2, population var 4, std 2, so
+    (r - 2) / 2 + 2 = [1, 1, 3 | 3]. With gamma = lam = 1 and V = 0 the returns are the rewards
+    to go: [5, 4, 3 | 3]. (With the mean removed too, r would be [-1, -1, 1 | 1] and every token
+    would carry -mean: a completion's return would depend on its length.)"""
+    rewards = torch.tensor([[0.0, 0, 4], [4, 9, 9]])
+    mask = torch.tensor([[1.0, 1, 1], [1, 0, 0]])
+    whitened = masked_whiten(rewards, mask, shift_mean=False)
+    torch.testing.assert_close(whitened, torch.tensor([[1.0, 1, 3], [3, 0, 0]]))
+    _, returns = gae(whitened, torch.zeros(2, 3), mask, gamma=1.0, lam=1.0)
+    torch.testing.assert_close(returns, torch.tensor([[5.0, 4, 3], [3, 0, 0]]))
+
+
+def test_masked_whiten_over_two_ranks_whitens_the_whole_batch():
+    """Rank 0 holds the rewards [0, 0, 4], rank 1 holds [4] (one token, then padding). With
+    `reduce` summing over both (two threads stand in for the processes), each rank gets its
+    share of the single-process result above, [1, 1, 3] and [3], not its own statistics (rank
+    1 alone has std 0 and would keep 4)."""
+    shards = [
+        (torch.tensor([[0.0, 0, 4]]), torch.tensor([[1.0, 1, 1]])),
+        (torch.tensor([[4.0, 9, 9]]), torch.tensor([[1.0, 0, 0]])),
+    ]
+    barrier, posted = threading.Barrier(2), [None, None]
+
+    def all_reduce(rank: int, t: torch.Tensor) -> torch.Tensor:
+        posted[rank] = t
+        barrier.wait()
+        total = posted[0] + posted[1]
+        barrier.wait()  # both have read before the next statistic is posted
+        return total
+
+    def whiten(rank: int) -> torch.Tensor:
+        x, mask = shards[rank]
+        return masked_whiten(x, mask, shift_mean=False, reduce=lambda t: all_reduce(rank, t))
+
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(whiten, [0, 1]))
+    torch.testing.assert_close(got[0], torch.tensor([[1.0, 1, 3]]))
+    torch.testing.assert_close(got[1], torch.tensor([[3.0, 0, 0]]))
 
 
 def test_clipped_value_loss_by_hand():

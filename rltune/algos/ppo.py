@@ -9,20 +9,25 @@
                          ppo_epochs x minibatches of: clipped policy loss + vf_coef x clipped value loss
 
 Per rollout (train.batch_size x algo.num_minibatches completions, algo.group_size per prompt):
-token rewards are -kl_coef (logp - ref_logp) on every completion token plus the sequence score on
-the last one; GAE (algo.gamma, algo.lam) gives advantages and returns = advantages + values,
-advantages are whitened, and the rollout then serves algo.ppo_epochs x algo.num_minibatches
-optimizer steps. Each step is one minibatch, split into micro-batches. A sample that has no
-reward (its function failed) is left out of the loss.
+the sequence score is clipped to [-algo.reward_clip, algo.reward_clip] (OpenRLHF) and then
+lowered by algo.missing_eos_penalty where a completion was cut (TRL); token rewards are
+-kl_coef (logp - ref_logp) on every completion token plus that score on the last one, scaled to
+std 1 with their mean kept under algo.whiten_rewards (TRL); GAE (algo.gamma, algo.lam) gives
+advantages and returns = advantages + values, advantages are whitened, and the rollout then
+serves algo.ppo_epochs x algo.num_minibatches optimizer steps. Each step is one minibatch,
+split into micro-batches. A sample that has no reward (its function failed) is left out of the
+loss.
 
 The value model is a sequence-classification model (a transformer with a scalar head) read at
 every completion position, initialised from the reward model or the policy's base
 (algo.critic_init), and trained beside the policy at algo.critic_lr.
 
-Logged: reward, rewards/<fn>/mean, rewards/<fn>/errors, kl (per completion, summed over its
-tokens), kl_coef, returns/mean, advantages/mean (before whitening), value/explained_var,
-completions/*, time/*, and per step loss, ppo/policy_loss, ppo/value_loss, ppo/clipfrac,
-ppo/approx_kl, value/clipfrac, entropy; eval/reward and eval/accuracy at eval steps.
+Logged: reward (before the clip and the penalty), rewards/<fn>/mean, rewards/<fn>/errors,
+rewards/clipped_frac (with algo.reward_clip: the share of scores outside the bounds), kl (per
+completion, summed over its tokens), kl_coef, returns/mean, advantages/mean (before whitening),
+value/explained_var, completions/*, time/*, and per step loss, ppo/policy_loss, ppo/value_loss,
+ppo/clipfrac, ppo/approx_kl, value/clipfrac, entropy; eval/reward and eval/accuracy at eval
+steps.
 """
 
 from __future__ import annotations
@@ -33,7 +38,14 @@ from typing import Any
 
 import torch
 
-from rltune.advantages import explained_variance, gae, kl_shaped_rewards, masked_mean, masked_whiten
+from rltune.advantages import (
+    explained_variance,
+    gae,
+    kl_shaped_rewards,
+    masked_mean,
+    masked_whiten,
+    sequence_scores,
+)
 from rltune.algos import BuildContext
 from rltune.algos.online import OnlineAlgorithm
 from rltune.config import ConfigError, PPOConfig
@@ -152,11 +164,21 @@ class PPO(OnlineAlgorithm):
         old_logps = torch.cat(parts["old_logps"])  # [N, C]
         ref_logps = torch.cat(parts["ref_logps"]) if parts["ref_logps"] else old_logps
         old_values = torch.cat(parts["old_values"]) * mask  # [N, C]
-        score = scores.total.nan_to_num(0.0).to(device)  # [N]
-        if self.cfg.missing_eos_penalty is not None:  # cut at max_new_tokens: never finished
-            score = score - self.cfg.missing_eos_penalty * rollout.truncated.to(device)
+        raw_score = scores.total.nan_to_num(0.0).to(device)  # [N]
+        score = sequence_scores(  # [N]
+            raw_score,
+            rollout.truncated.to(device),
+            clip=self.cfg.reward_clip,
+            missing_eos_penalty=self.cfg.missing_eos_penalty,
+        )
 
         token_rewards = kl_shaped_rewards(score, old_logps, ref_logps, mask, self.kl_coef)
+        if self.cfg.whiten_rewards:  # over every rank's tokens, as one process would
+            # the mean is kept (TRL's shift_mean=False): removed, it would put -mean on every
+            # token, and a completion's return would grow or shrink with its length
+            token_rewards = masked_whiten(
+                token_rewards, mask, shift_mean=False, reduce=all_reduce_tensor
+            )
         advantages, returns = gae(
             token_rewards, old_values, mask, gamma=self.cfg.gamma, lam=self.cfg.lam
         )
@@ -181,6 +203,9 @@ class PPO(OnlineAlgorithm):
                 "value/explained_var": explained_variance(old_values, returns, mask),
             }
         )
+        if self.cfg.reward_clip is not None:  # the share of scored completions the clip moved
+            moved = raw_score[~no_reward].abs() > self.cfg.reward_clip  # [scored]
+            metrics["rewards/clipped_frac"] = moved.float().mean().item()
         serves = self.cfg.ppo_epochs * self.cfg.num_minibatches
         samples = self.samples(prompts, rollout, score, advantages[:, 0], g, serves=serves)
         self._report = (metrics, samples)
