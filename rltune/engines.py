@@ -309,14 +309,17 @@ class DeepSpeedEngine:
         module holds bf16 roundings of them) and only the merged model is cast to `dtype`. A full
         model is exported from the module's weights: `dtype` is the one DeepSpeed trains in, and
         DeepSpeed copies each fp32 master into them rounded once to it, which is what casting the
-        master would write."""
+        master would write. Training is over, so a LoRA model is merged into itself, as in the
+        plain engine: a merged copy would hold a second base on rank 0 (under ZeRO-3, beside the
+        gathered one)."""
         tmp = final.with_name(f".tmp-{final.name}")
         if self.dist.main:
             shutil.rmtree(tmp, ignore_errors=True)
         for role, model in self.models.items():
             with gathered(model), fp32_adapters(model, self.engines[role].optimizer):
                 if self.dist.main:
-                    export_final(model, tokenizer, tmp if role == MAIN else tmp / role, dtype)
+                    out = tmp if role == MAIN else tmp / role
+                    export_final(model, tokenizer, out, dtype, in_place=True)
             barrier()
         if self.dist.main:
             ckpt.replace_dir(tmp, final)
