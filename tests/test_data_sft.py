@@ -21,6 +21,7 @@ from rltune.data import (
     has_loss_tokens,
     pack,
 )
+from rltune.data.preference import encode_pair
 
 # id:    0        1                2               3             4        5
 WORDS = ["<pad>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>", "\n"]
@@ -68,6 +69,21 @@ def test_prompt_completion_strings_loss_on_completion_and_eos(tok):
     #                         what is two plus two  four eos
     assert ex["input_ids"] == [9, 10, 11, 12, 11, 13, 3]
     assert ex["labels"] == [X, X, X, X, X, 13, 3]
+
+
+def test_text_already_ending_with_eos_gets_no_second_eos(tok):
+    """Data written for TRL often ends its text or completion with the EOS token; appending one
+    more would train the model to follow EOS with EOS (TRL appends it only when missing)."""
+    row = {"prompt": "what is two plus two", "completion": "four<|im_end|>"}
+    [ex] = encode_sft(row, "prompt_completion", tok, max_length=64)
+    assert ex["input_ids"] == [9, 10, 11, 12, 11, 13, 3]
+    assert ex["labels"] == [X, X, X, X, X, 13, 3]
+    [doc] = encode_sft({"text": "w0 w1<|im_end|>"}, "text", tok, max_length=64)
+    assert doc["input_ids"] == [20, 21, 3]
+    # preference pairs are encoded the same way, so DPO and RM responses end with one EOS too
+    pair = encode_pair({"prompt": "hi", "chosen": "four<|im_end|>", "rejected": "bye"}, tok)
+    assert pair["chosen"]["input_ids"] == [15, 13, 3]
+    assert pair["rejected"]["input_ids"] == [15, 16, 3]
 
 
 def test_prompt_completion_messages_match_full_template(tok):

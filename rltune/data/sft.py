@@ -16,6 +16,8 @@ Label rules (``-100`` = no loss):
   end-of-turn token), else plain text. String prompts and completions are plain text:
   ``prompt + completion + EOS``. These examples are cut from the right at ``max_length``.
 
+A text or string completion that already ends with the EOS token gets no second one (as TRL).
+
 An example can end up with no loss token (a prompt longer than ``max_length``, a chat with no
 assistant turn). ``encode_sft`` still returns it; ``has_loss_tokens`` tells the caller to drop it,
 and ``encode_sft_dataset`` drops and counts them.
@@ -65,7 +67,7 @@ def encode_sft(
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos_token, which ends each example")
     if fmt == "text":
-        ids = _tokenize(tokenizer, record_data["text"], special=True) + [tokenizer.eos_token_id]
+        ids = _with_eos(_tokenize(tokenizer, record_data["text"], special=True), tokenizer)
         starts = list(range(0, len(ids), max_length))
         if len(starts) > 1 and len(ids) - starts[-1] == 1:  # a lone last token is no target
             starts[-1] -= 1
@@ -176,10 +178,16 @@ def _tokenize(tokenizer: Any, text: str, *, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special, verbose=False)["input_ids"])
 
 
+def _with_eos(ids: list[int], tokenizer: Any) -> list[int]:
+    """``ids`` ending with one EOS: text that already ends with the EOS token (data written for
+    TRL often does) gets no second one, which would train the model to follow EOS with EOS."""
+    return ids if ids and ids[-1] == tokenizer.eos_token_id else ids + [tokenizer.eos_token_id]
+
+
 def _encode_plain(prompt: str, completion: str, tokenizer: Any) -> tuple[list[int], list[int]]:
     """``prompt + completion + EOS``, tokenised apart so the loss starts on a token boundary."""
     prompt_ids = _tokenize(tokenizer, prompt, special=True)
-    completion_ids = _tokenize(tokenizer, completion, special=False) + [tokenizer.eos_token_id]
+    completion_ids = _with_eos(_tokenize(tokenizer, completion, special=False), tokenizer)
     return prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids
 
 
