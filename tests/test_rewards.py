@@ -231,3 +231,36 @@ def test_retries_after_a_timeout_share_one_more_timeout():
     assert calls == [6, 1]
     assert out.errors == {"hangs": 6} and out.total.isnan().all()
     assert "no time left" in out.last_error["hangs"]
+
+
+def test_a_failure_names_the_line_of_the_users_file_and_trls_completion_shape(tmp_path):
+    """A reward function that fails steps into a run is found by its file and line: the
+    innermost line of the user's code, past Python's own modules (here `re`, which raises the
+    error). A TRL reward function that reads a message-list prompt's completions as
+    `c[0]["content"]` is told that completions are strings here."""
+    source = tmp_path / "my_rewards.py"
+    source.write_text(
+        "import re\n"
+        "\n"
+        "def trl_style(prompts, completions, **columns):\n"
+        '    return [float(len(completions[0][0]["content"]))]\n'
+        "\n"
+        "def bad_regex(prompts, completions, **columns):\n"
+        '    return [float(bool(re.match("(", completions[0])))]\n'
+    )
+    chat = [[{"role": "user", "content": "2+2?"}]] * 2
+    trl_style = rewards.RewardFunction("trl", rewards.import_function(f"{source}:trl_style"), 1.0)
+    bad_regex = rewards.RewardFunction("re", rewards.import_function(f"{source}:bad_regex"), 1.0)
+    out = rewards.score([trl_style, bad_regex], chat, ["4", "5"], {}, timeout_s=5)
+    assert out.errors == {"trl": 2, "re": 2}
+    # (Python 3.10 says "string indices must be integers", later ones add ", not 'str'")
+    assert out.last_error["trl"].startswith("TypeError: string indices must be integers")
+    assert out.last_error["trl"].endswith(
+        f" (at {source}:4, in trl_style); completions are the generated text (strings), also "
+        "for message-list prompts, where TRL passes [{'role': 'assistant', 'content': ...}]"
+    )
+    assert "missing ), unterminated subpattern" in out.last_error["re"]
+    assert out.last_error["re"].endswith(f"(at {source}:7, in bad_regex)")
+    # string prompts: the same failure, without the hint about message-list prompts
+    plain = rewards.score([trl_style], ["2+2?", "3+3?"], ["4", "6"], {}, timeout_s=5)
+    assert plain.last_error["trl"].endswith(f"(at {source}:4, in trl_style)")

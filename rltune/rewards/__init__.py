@@ -34,8 +34,10 @@ import numbers
 import os
 import re
 import sys
+import sysconfig
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -309,6 +311,37 @@ def _checked(values: Any, n: int) -> list[float | None]:
     return out
 
 
+_LIBRARY_DIRS = tuple(
+    {os.path.realpath(sysconfig.get_path(k)) + os.sep for k in ("stdlib", "purelib", "platlib")}
+)
+
+
+def _failure(err: BaseException, prompts: list[Any]) -> str:
+    """`Type: message (at file:line, in function)`, naming the innermost line of the reward
+    function's own code (not Python's or an installed library's, nor this module's call), so a
+    failure logged steps into a run can be found in the user's file."""
+    text = f"{type(err).__name__}: {err}"
+    frames = [
+        frame
+        for frame in traceback.extract_tb(err.__traceback__)
+        if os.path.realpath(frame.filename) != os.path.realpath(__file__)
+        and not os.path.realpath(frame.filename).startswith(_LIBRARY_DIRS)
+    ]
+    if frames:
+        text += f" (at {frames[-1].filename}:{frames[-1].lineno}, in {frames[-1].name})"
+    if (
+        isinstance(err, TypeError)
+        and "string indices must be integers" in str(err)
+        and any(isinstance(p, list) for p in prompts)
+    ):
+        # TRL gives a message-list prompt's completions as [{"role": "assistant", ...}] lists
+        text += (
+            "; completions are the generated text (strings), also for message-list prompts, "
+            "where TRL passes [{'role': 'assistant', 'content': ...}]"
+        )
+    return text
+
+
 def _call(
     f: RewardFunction,
     prompts: list[Any],
@@ -332,10 +365,9 @@ def _call(
         return _checked(values, n), [False] * n, None
     except Exception as err:  # noqa: BLE001 - a reward function must never stop the run
         log.warning(
-            "reward %s failed on the batch (%s: %s); retrying per sample",
+            "reward %s failed on the batch (%s); retrying per sample",
             f.name,
-            type(err).__name__,
-            err,
+            _failure(err, prompts),
         )
     # the retries share one more timeout_s: a function that hangs costs a rollout twice its
     # timeout, not once per sample
@@ -358,7 +390,7 @@ def _call(
         except Exception as err:  # noqa: BLE001
             values.append(None)
             failed.append(True)
-            last = f"{type(err).__name__}: {err}"
+            last = _failure(err, prompts[i : i + 1])
     return values, failed, last
 
 
