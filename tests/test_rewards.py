@@ -169,6 +169,27 @@ def test_a_checker_without_an_answer_column_fails_before_loading(tmp_path, cli):
     assert "Loading weights" not in proc.stderr  # before any model loaded
 
 
+def test_eval_rows_without_the_answer_column_fail_before_loading(tmp_path, cli):
+    """data.eval_path rows are checked as data.path's are: an eval file without the column a
+    reward reads would otherwise give eval/reward NaN at every eval, after the whole run."""
+    data, held_out = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=", "answer": "4"}\n')
+    held_out.write_text('{"prompt": "3+3="}\n')
+    proc = cli(
+        "data=custom",
+        f"data.path={data}",
+        f"data.eval_path={held_out}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr[-1500:]
+    assert (
+        f"arith compares each completion with the row's 'answer' column, and no row of "
+        f"data.eval_path={held_out} has one"
+    ) in proc.stderr
+    assert "Loading weights" not in proc.stderr  # before any model loaded
+
+
 def _trl_style(completions, **kwargs):
     return [1.0] * len(completions)
 
