@@ -152,12 +152,14 @@ class OnlineAlgorithm(AlgorithmBase):
         prompts, truncated = [], 0
         for record in records:
             prompt = record.data["prompt"]
+            # verbose=False: transformers would warn of "indexing errors" for a long prompt,
+            # which is cut below and counted in one warning
             try:
                 if isinstance(prompt, list):
                     text = render_prompt(self.tokenizer, prompt)
-                    ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+                    ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
                 else:
-                    ids = self.tokenizer(prompt)["input_ids"]
+                    ids = self.tokenizer(prompt, verbose=False)["input_ids"]
             except Exception as err:  # a template that rejects the messages, ...
                 raise DataError(f"{record.where}: {err}") from err
             if len(ids) > budget:
