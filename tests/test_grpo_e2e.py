@@ -195,6 +195,9 @@ def test_a_raising_user_reward_is_counted_and_the_run_goes_on(tmp_path):
     assert len(rows) == 3 and (run_dir / "final" / "config.json").exists()
     assert sum(r["rewards/picky/errors"] for r in rows) > 0
     assert all(r["rewards/arith/errors"] == 0 for r in rows)
+    # eval logs each function's mean too; arith's on the greedy completions is the task's accuracy
+    evals = _rows(run_dir, "eval/reward")
+    assert [e["eval/rewards/arith/mean"] for e in evals] == [e["eval/accuracy"] for e in evals]
 
 
 def test_unknown_reward_module_fails_fast_naming_it(tmp_path, cli):
@@ -239,7 +242,8 @@ def test_reward_model_from_algo_rm_scores_rollouts(tmp_path):
     rows = _rows(run_dir)
     assert all(r["rewards/reward_model/errors"] == 0 for r in rows)
     assert rows[-1]["reward"] == pytest.approx(rows[-1]["rewards/reward_model/mean"])
-    assert "eval/reward" in _rows(run_dir, "eval/reward")[-1]
+    last = _rows(run_dir, "eval/reward")[-1]  # one function of weight 1: its mean is the reward
+    assert last["eval/rewards/reward_model/mean"] == pytest.approx(last["eval/reward"])
 
 
 @pytest.mark.parametrize(

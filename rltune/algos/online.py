@@ -362,10 +362,8 @@ class OnlineAlgorithm(AlgorithmBase):
             "completions/max_length": lengths.max().item(),
             "completions/clipped_ratio": rollout.truncated.float().mean().item(),
         }
-        for name, values in scores.values.items():
-            got = [v for v in values if v is not None]
-            if got:
-                metrics[f"rewards/{name}/mean"] = sum(got) / len(got)
+        metrics |= function_means(scores, "rewards")
+        for name in scores.values:
             metrics[f"rewards/{name}/errors"] = float(scores.errors[name])
         return metrics
 
@@ -441,6 +439,7 @@ class OnlineAlgorithm(AlgorithmBase):
         scores = self._score(prompts, rollout, 1)
         present = scores.total[~scores.total.isnan()]
         metrics = {"eval/reward": present.mean().item() if present.numel() else float("nan")}
+        metrics |= function_means(scores, "eval/rewards")
         if self.task is not None:
             answers = [p.columns.get("answer") for p in prompts]
             correct = [
@@ -464,3 +463,13 @@ class OnlineAlgorithm(AlgorithmBase):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.stream.load_state_dict(state["stream"])
         self.steps = state["steps"]
+
+
+def function_means(scores: Any, prefix: str) -> dict[str, float]:
+    """`{prefix}/<fn>/mean` per reward function: the mean of its values where it gave one."""
+    means = {}
+    for name, values in scores.values.items():
+        got = [v for v in values if v is not None]
+        if got:
+            means[f"{prefix}/{name}/mean"] = sum(got) / len(got)
+    return means

@@ -26,8 +26,8 @@ Logged: reward (before the clip and the penalty), rewards/<fn>/mean, rewards/<fn
 rewards/clipped_frac (with algo.reward_clip: the share of scores outside the bounds), kl (per
 completion, summed over its tokens), kl_coef, returns/mean, advantages/mean (before whitening),
 value/explained_var, completions/*, time/*, and per step loss, ppo/policy_loss, ppo/value_loss,
-ppo/clipfrac, ppo/approx_kl, value/clipfrac, entropy; eval/reward and eval/accuracy at eval
-steps.
+ppo/clipfrac, ppo/approx_kl, value/clipfrac, entropy; eval/reward, eval/rewards/<fn>/mean and
+eval/accuracy at eval steps.
 """
 
 from __future__ import annotations
