@@ -344,9 +344,23 @@ def _graph_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     leave as it is, it shares with `model` instead of copying: frozen parameters (a LoRA base:
     the bulk of the model, 14 GiB of a 7B model in bf16, which a full copy would also refresh
     before every rollout) and buffers, where they are in `dtype` already or not floating-point.
-    Only the rest is copied and cast: the trained weights (LoRA's fp32 adapters)."""
+    Only the rest is copied and cast: the trained weights (LoRA's fp32 adapters).
+
+    Rotary embeddings keep their buffers as they are (fp32 `inv_freq`, as transformers loads
+    them even for a bf16 model): they compute their angles in fp32 and return cos and sin in
+    the activations' dtype, and autocast's training forward uses the fp32 frequencies. Cast to
+    bf16 (as `nn.Module.to` would), the frequencies are off by up to 2^-9, so the angle at
+    position p by up to p x 2^-9 rad: the sampled distribution drifts from the trained one
+    along the completion (tiny model, 400 new tokens, against autocast's log-probs: mean error
+    0.012 rather than 0.007 past token 150, largest 1.66 rather than 0.40)."""
     keep = [p for p in model.parameters() if not p.requires_grad and _as_is(p, dtype)]
     keep += [b for b in model.buffers() if _as_is(b, dtype)]
+    keep += [
+        b
+        for m in model.modules()
+        if type(m).__name__.endswith("RotaryEmbedding")
+        for b in m.buffers(recurse=False)
+    ]
     replica = copy.deepcopy(model, {id(t): t for t in keep})
     shared = {id(t) for t in keep}
     with torch.no_grad():

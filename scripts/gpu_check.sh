@@ -49,28 +49,42 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" |
     tee -a "$LOG"
 
+# fits CAP_S NAME: CAP becomes CAP_S, or what the budget has left if that is less; false (and
+# the stage noted as skipped) under 20 s. Every stage goes through it, so BUDGET_S bounds the
+# script (a stage with a fixed timeout would run past a spent budget, and past the lease)
+fits() {
+    CAP=$1
+    [ "$CAP" -gt "$(left)" ] && CAP=$(left)
+    [ "$CAP" -ge 20 ] || { echo "skipped $2: $(left) s left" | tee -a "$LOG"; return 1; }
+}
+
 WORK=$(mktemp -d)
 bench() {  # bench CAP_S NAME ARGS...: one bench.py --gpu invocation, capped, JSON to $OUT/NAME.json
-    local cap=$1 name=$2
+    local name=$2
+    fits "$1" "$name" || return
     shift 2
-    [ "$cap" -gt "$(left)" ] && cap=$(left)
-    [ "$cap" -lt 20 ] && { echo "skipped $name: $(left) s left" | tee -a "$LOG"; return; }
-    echo "== $name (t=$((SECONDS - START)) s, cap $cap s): $*" | tee -a "$LOG"
-    timeout "$cap" python3 scripts/bench.py --gpu --workdir "$WORK" --json "$OUT/$name.json" "$@" \
+    echo "== $name (t=$((SECONDS - START)) s, cap $CAP s): $*" | tee -a "$LOG"
+    timeout "$CAP" python3 scripts/bench.py --gpu --workdir "$WORK" --json "$OUT/$name.json" "$@" \
         2>&1 | tee -a "$LOG" | grep -E "^\||^A:|GPU:|done|failed|rror"
 }
 
 bench 200 workloads
-echo "== CUDA tests (t=$((SECONDS - START)) s)" | tee -a "$LOG"
-timeout 120 python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_rollout.py tests/test_prefix.py \
-    tests/test_grpo_losses.py tests/test_grpo_e2e.py 2>&1 | tail -8 | tee -a "$LOG"
+if fits 120 "CUDA tests"; then
+    echo "== CUDA tests (t=$((SECONDS - START)) s, cap $CAP s)" | tee -a "$LOG"
+    timeout "$CAP" python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_rollout.py \
+        tests/test_prefix.py tests/test_grpo_losses.py tests/test_grpo_e2e.py 2>&1 | tail -8 |
+        tee -a "$LOG"
+fi
 echo "== output-layer log-probs, one micro-batch of A (t=$((SECONDS - START)) s)" | tee -a "$LOG"
 for args in "" "--entropy-grad" "--chunk 256"; do
-    timeout 60 python3 scripts/bench_logps.py $args 2>&1 | tail -1 | tee -a "$LOG"
+    fits 60 "log-probs $args" || break
+    timeout "$CAP" python3 scripts/bench_logps.py $args 2>&1 | tail -1 | tee -a "$LOG"
 done
-echo "== decode step (t=$((SECONDS - START)) s)" | tee -a "$LOG"
-timeout 120 python3 scripts/bench_decode.py --engines graph,compiled --json "$OUT/decode.json" \
-    2>&1 | tee -a "$LOG" | grep -E "^\||GPU|failed|rror"
+if fits 120 "decode step"; then
+    echo "== decode step (t=$((SECONDS - START)) s, cap $CAP s)" | tee -a "$LOG"
+    timeout "$CAP" python3 scripts/bench_decode.py --engines graph,compiled --json "$OUT/decode.json" \
+        2>&1 | tee -a "$LOG" | grep -E "^\||GPU|failed|rror"
+fi
 bench 150 a_compiled --workloads A --extra rollout.compile=true
 bench 120 compiled --workloads BC --extra train.compile=true
 bench 100 unshared --workloads AB --extra algo.share_prompt=false

@@ -294,6 +294,23 @@ def test_graph_decoder_bf16_replica_logps_match_an_autocast_forward(tiny, device
     assert not replica.shared and next(replica.model.parameters()).dtype == torch.bfloat16
 
 
+def test_graph_replica_computes_rotary_angles_as_autocast_does(tiny):
+    """The bf16 replica of fp32 weights keeps the rotary frequencies in fp32 (the policy's own
+    buffer), so its cos and sin equal those of the autocast forward that training runs, at
+    every position; bf16 frequencies are off by up to 2^-9 relative, ~0.07 rad at 384."""
+    from rltune.decode import _graph_copy
+
+    model, _ = tiny
+    replica = _graph_copy(model, torch.bfloat16)
+    assert next(replica.parameters()).dtype == torch.bfloat16
+    assert replica.model.rotary_emb.inv_freq is model.model.rotary_emb.inv_freq
+    x, positions = torch.zeros(1, 1, dtype=torch.bfloat16), torch.arange(512)[None]  # [1, T]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model.model.rotary_emb(x, positions)
+    for got, want in zip(replica.model.rotary_emb(x, positions), expected, strict=True):
+        assert torch.equal(got, want)
+
+
 def test_graph_decoder_lora_replica_shares_the_frozen_base_and_follows_adapter_updates():
     """peft=lora with a bf16 base (as `load_policy` loads it for bf16 compute): the graph's
     replica reads the policy's own frozen base weights (same storage, nothing copied or
