@@ -69,11 +69,13 @@ bench() {  # bench CAP_S NAME ARGS...: one bench.py --gpu invocation, capped, JS
 }
 
 bench 200 workloads
-if fits 120 "CUDA tests"; then
+if fits 150 "CUDA tests"; then
+    # one line per test into the log as it ends, so a stage cut off by its cap still says which
+    # tests passed (a summary at the end would be lost with it)
     echo "== CUDA tests (t=$((SECONDS - START)) s, cap $CAP s)" | tee -a "$LOG"
-    timeout "$CAP" python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_rollout.py \
-        tests/test_prefix.py tests/test_grpo_losses.py tests/test_grpo_e2e.py 2>&1 | tail -8 |
-        tee -a "$LOG"
+    timeout "$CAP" python3 -m pytest -v -p no:cacheprovider --durations=0 -k cuda \
+        tests/test_rollout.py tests/test_prefix.py tests/test_grpo_losses.py tests/test_grpo_e2e.py \
+        2>&1 | tee -a "$LOG" | grep -E "PASSED|FAILED|SKIPPED|ERROR|passed|failed"
 fi
 echo "== output-layer log-probs, one micro-batch of A (t=$((SECONDS - START)) s)" | tee -a "$LOG"
 for args in "" "--entropy-grad" "--chunk 256"; do
