@@ -299,3 +299,26 @@ def test_a_failure_inside_eval_names_the_users_line_not_string(tmp_path):
     out = rewards.score([fn], ["1+1=", "2+2="], ["two", "1/0"], {}, timeout_s=5)
     assert out.last_error["ev"].startswith("ZeroDivisionError: division by zero (at ")
     assert f"(at {source}:2, in " in out.last_error["ev"]
+
+
+def test_eval_rows_are_not_checked_when_no_eval_runs(tmp_path):
+    """train.eval_samples=0 turns eval off: an eval file without the column a reward reads
+    is never scored, so it is no reason to stop the run (as it is when eval runs, above)."""
+    from rltune.cli import run
+
+    data, held_out = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=", "answer": "4"}\n')
+    held_out.write_text('{"prompt": "3+3="}\n')
+    run_dir = run(
+        [
+            "data=custom",
+            f"data.path={data}",
+            f"data.eval_path={held_out}",
+            "train.eval_samples=0",
+            "train.max_steps=1",
+            "train.batch_size=8",
+            "train.micro_batch_size=8",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ]
+    )
+    assert (run_dir / "final" / "config.json").exists()
