@@ -285,3 +285,40 @@ def test_a_failure_names_the_line_of_the_users_file_and_trls_completion_shape(tm
     # string prompts: the same failure, without the hint about message-list prompts
     plain = rewards.score([trl_style], ["2+2?", "3+3?"], ["4", "6"], {}, timeout_s=5)
     assert plain.last_error["trl"].endswith(f"(at {source}:4, in trl_style)")
+
+
+def test_a_failure_inside_eval_names_the_users_line_not_string(tmp_path):
+    """An arithmetic reward that `eval`s the completion fails in code that has no file (its
+    frame is `<string>`, line 1): the failure names the user's line that called eval."""
+    source = tmp_path / "eval_rewards.py"
+    source.write_text(
+        "def evaluates(prompts, completions, **columns):\n"
+        "    return [float(eval(c)) for c in completions]\n"
+    )
+    fn = rewards.RewardFunction("ev", rewards.import_function(f"{source}:evaluates"), 1.0)
+    out = rewards.score([fn], ["1+1=", "2+2="], ["two", "1/0"], {}, timeout_s=5)
+    assert out.last_error["ev"].startswith("ZeroDivisionError: division by zero (at ")
+    assert f"(at {source}:2, in " in out.last_error["ev"]
+
+
+def test_eval_rows_are_not_checked_when_no_eval_runs(tmp_path):
+    """train.eval_samples=0 turns eval off: an eval file without the column a reward reads
+    is never scored, so it is no reason to stop the run (as it is when eval runs, above)."""
+    from rltune.cli import run
+
+    data, held_out = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=", "answer": "4"}\n')
+    held_out.write_text('{"prompt": "3+3="}\n')
+    run_dir = run(
+        [
+            "data=custom",
+            f"data.path={data}",
+            f"data.eval_path={held_out}",
+            "train.eval_samples=0",
+            "train.max_steps=1",
+            "train.batch_size=8",
+            "train.micro_batch_size=8",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ]
+    )
+    assert (run_dir / "final" / "config.json").exists()

@@ -90,15 +90,14 @@ class OnlineAlgorithm(AlgorithmBase):
         rewards.check_columns(self.reward_fns, [p.columns for p in self.prompts], where)
         self.reward_watch = rewards.FailureWatch()
         self.eval_prompts = self._encode(eval_part[0], "eval") if eval_part else []
-        if self.eval_prompts:  # else eval/reward is NaN all run, from a column the eval rows lack
+        scored = self.eval_prompts[: c.train.eval_samples]  # the rows `evaluate` scores
+        if scored:  # else eval/reward is NaN all run, from a column the eval rows lack
             eval_where = (
                 f"data.eval_path={c.data.eval_path}"
                 if c.data.path is not None and c.data.eval_path is not None
                 else f"the eval rows of {where}"
             )
-            rewards.check_columns(
-                self.reward_fns, [p.columns for p in self.eval_prompts], eval_where
-            )
+            rewards.check_columns(self.reward_fns, [p.columns for p in scored], eval_where)
         self.policy = load_policy(
             c.model,
             c.peft,

@@ -318,13 +318,15 @@ _LIBRARY_DIRS = tuple(
 
 def _failure(err: BaseException, prompts: list[Any]) -> str:
     """`Type: message (at file:line, in function)`, naming the innermost line of the reward
-    function's own code (not Python's or an installed library's, nor this module's call), so a
-    failure logged steps into a run can be found in the user's file."""
+    function's own code (not Python's or an installed library's, nor this module's call, nor
+    code with no file: `eval(completion)`'s `<string>`), so a failure logged steps into a run
+    can be found in the user's file."""
     text = f"{type(err).__name__}: {err}"
     frames = [
         frame
         for frame in traceback.extract_tb(err.__traceback__)
-        if os.path.realpath(frame.filename) != os.path.realpath(__file__)
+        if not frame.filename.startswith("<")
+        and os.path.realpath(frame.filename) != os.path.realpath(__file__)
         and not os.path.realpath(frame.filename).startswith(_LIBRARY_DIRS)
     ]
     if frames:
