@@ -146,7 +146,8 @@ def dpo_loss(
         ipo      (h - 1 / (2β))²                               IPO (β plays the role of τ)
         hinge    max(0, 1 - β h)                               SLiC
 
-    Returns (losses [B], chosen_rewards [B], rejected_rewards [B]) with reward = β (policy - ref).
+    Returns (losses [B], chosen_rewards [B], rejected_rewards [B]) with reward = β (policy - ref)
+    of the inputs (for `ipo`, of the per-token averages).
     """
     h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)  # [B]
     eps = label_smoothing

@@ -23,7 +23,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-pytest.importorskip("trl", minversion="1.16")
+trl = pytest.importorskip("trl")
+if not trl.__version__.startswith(
+    "1.16."
+):  # the test extra's pin: other releases' internals differ
+    pytest.skip(f"written against TRL 1.16, found {trl.__version__}", allow_module_level=True)
 dpo_trainer = pytest.importorskip("trl.trainer.dpo_trainer")
 grpo_trainer = pytest.importorskip("trl.trainer.grpo_trainer")
 reward_trainer = pytest.importorskip("trl.trainer.reward_trainer")
@@ -128,9 +132,7 @@ def _rltune_dpo(policy, ref, mask, cfg: DPOConfig):
         ("robust", 0.0),
         ("robust", 0.2),
         ("ipo", 0.0),
-        ("ipo", 0.2),  # both ignore it
         ("hinge", 0.0),
-        ("hinge", 0.2),  # both ignore it
     ],
 )
 def test_dpo_losses_and_metrics_match_trl(loss_type, label_smoothing):

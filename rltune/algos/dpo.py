@@ -213,16 +213,15 @@ class DPO(AlgorithmBase):
             )
         else:
             args = (chosen, rejected, ref_chosen, ref_rejected)
-        losses, r_chosen, r_rejected = dpo_loss(
+        losses, _, _ = dpo_loss(
             *args,
             beta=self.cfg.beta,
             loss_type=self.cfg.loss_type,
             label_smoothing=self.cfg.label_smoothing,
         )
-        if self.cfg.loss_type == "ipo":
-            # the logged rewards are of whole responses, as for every other loss
-            r_chosen = self.cfg.beta * (chosen - ref_chosen).detach()  # [B]
-            r_rejected = self.cfg.beta * (rejected - ref_rejected).detach()  # [B]
+        # the implicit rewards of whole responses, whatever the loss took (IPO: averages)
+        r_chosen = self.cfg.beta * (chosen - ref_chosen).detach()  # [B]
+        r_rejected = self.cfg.beta * (rejected - ref_rejected).detach()  # [B]
         if self.cfg.sft_weight:
             losses = losses + self.cfg.sft_weight * (
                 -chosen / n_chosen
