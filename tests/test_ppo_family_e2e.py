@@ -267,6 +267,17 @@ def test_reward_clip_and_whiten_rewards_reach_the_returns(tmp_path):
     assert c["value/explained_var"] != pytest.approx(a["value/explained_var"], abs=1e-3)
 
 
+def test_ppo_samples_show_the_reward_as_the_functions_gave_it(tmp_path):
+    """samples.jsonl's reward is the functions' (arith: 0 or 1), like the `reward` metric, not
+    the clipped and penalised score that trained (here 0.25 or 0 for a finished completion, less
+    0.5 for one cut at its single new token)."""
+    run_dir = run(["algo=ppo", "data.max_new_tokens=1", "train.max_steps=1", "train.eval_samples=0",
+                   "algo.reward_clip=0.25", "algo.missing_eos_penalty=0.5", "algo.sample_every=1",
+                   f"hydra.run.dir={tmp_path}"])  # fmt: skip
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert samples and all(s["reward"] in (0.0, 1.0) for s in samples)
+
+
 def test_under_lora_the_whole_value_model_takes_the_full_fine_tuning_lr(tmp_path):
     run_dir = run(["algo=ppo", "peft=lora", "train.max_steps=1", "train.eval_samples=0",
                    f"hydra.run.dir={tmp_path}"])  # fmt: skip

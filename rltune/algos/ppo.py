@@ -186,10 +186,19 @@ class PPO(OnlineAlgorithm):
         if self.cfg.whiten_advantages:  # over every rank's tokens, as one process would
             advantages = masked_whiten(advantages, mask, reduce=all_reduce_tensor)
         kl_per_seq = ((old_logps - ref_logps) * mask).sum(-1)[~no_reward]  # [scored]
+        clipped = 0  # scored completions whose score the clip moved
+        if self.cfg.reward_clip is not None:
+            clipped = (raw_score[~no_reward].abs() > self.cfg.reward_clip).sum().item()
         # over every rank's completions, as one process would see them: the controller below
         # must take the same step on every rank
         total = all_reduce_sum(
-            {"kl": kl_per_seq.sum().item(), "n": len(kl_per_seq), "rows": len(score)}, device
+            {
+                "kl": kl_per_seq.sum().item(),
+                "n": len(kl_per_seq),
+                "rows": len(score),
+                "clipped": clipped,
+            },
+            device,
         )
         kl = total["kl"] / total["n"] if total["n"] else 0.0
 
@@ -203,11 +212,11 @@ class PPO(OnlineAlgorithm):
                 "value/explained_var": explained_variance(old_values, returns, mask),
             }
         )
-        if self.cfg.reward_clip is not None:  # the share of scored completions the clip moved
-            moved = raw_score[~no_reward].abs() > self.cfg.reward_clip  # [scored]
-            metrics["rewards/clipped_frac"] = moved.float().mean().item()
+        if self.cfg.reward_clip is not None:  # of every rank's scored completions
+            metrics["rewards/clipped_frac"] = total["clipped"] / total["n"] if total["n"] else 0.0
         serves = self.cfg.ppo_epochs * self.cfg.num_minibatches
-        samples = self.samples(prompts, rollout, score, advantages[:, 0], g, serves=serves)
+        # the samples' rewards as the functions gave them (NaN: none), like the `reward` metric
+        samples = self.samples(prompts, rollout, scores.total, advantages[:, 0], g, serves=serves)
         self._report = (metrics, samples)
         if self.cfg.adaptive_kl:  # proportional controller (Ziegler et al. 2019)
             error = max(-0.2, min(0.2, kl / self.cfg.target_kl - 1))
