@@ -33,6 +33,7 @@ import math
 import numbers
 import os
 import re
+import site
 import sys
 import sysconfig
 import threading
@@ -311,8 +312,17 @@ def _checked(values: Any, n: int) -> list[float | None]:
     return out
 
 
+# where Python's and installed libraries' code lives: a failure is located past their frames
+# (site's lists add what sysconfig leaves out, e.g. Debian's dist-packages and the user site)
 _LIBRARY_DIRS = tuple(
-    {os.path.realpath(sysconfig.get_path(k)) + os.sep for k in ("stdlib", "purelib", "platlib")}
+    {
+        os.path.realpath(d) + os.sep
+        for d in [
+            *(sysconfig.get_path(k) for k in ("stdlib", "purelib", "platlib")),
+            *site.getsitepackages(),
+            site.getusersitepackages(),
+        ]
+    }
 )
 
 
