@@ -305,6 +305,8 @@ def test_rows_are_named_by_the_line_an_editor_shows_where_the_file_has_lines(tmp
     assert [r.line for r in load_records(str(csv_file))] == [2, 5]
     with pytest.raises(DataError, match=r"d\.csv, line 5, column 'completion': empty string"):
         checked(load_records(str(csv_file)), "auto", set(FORMATS), "any")
+    csv_file.write_text('prompt,completion\n"carriage\rreturn",x\n')  # a lone CR ends a line too
+    assert [r.line for r in load_records(str(csv_file))] == [2]
     rows = [{"text": "a"}, {"text": ""}]
     for kind in ("json", "parquet"):
         path = write_rows(tmp_path / f"d{suffix(kind)}", rows, kind)
@@ -480,6 +482,14 @@ def test_csv_extra_cells_and_unicode_line_separators(tmp_path):
     jsonl = tmp_path / "rows.jsonl"
     jsonl.write_text(json.dumps({"text": "line one\u2028line two"}, ensure_ascii=False) + "\n")
     assert [r.data for r in load_records(str(jsonl))] == [{"text": "line one\u2028line two"}]
+
+
+def test_a_csv_header_that_repeats_a_column_is_an_error(tmp_path):
+    """Two cells of a row under one name: one would be silently lost."""
+    path = tmp_path / "twice.csv"
+    path.write_text("\nprompt,completion,prompt\n1+1=,2,3\n")
+    with pytest.raises(DataError, match=r"twice\.csv, line 2: the header repeats \['prompt'\]"):
+        load_records(str(path))
 
 
 def test_csv_trailing_empty_cells_are_not_extra_cells(tmp_path):

@@ -163,23 +163,30 @@ def _read_csv(p: Path) -> Rows:
     old_limit = csv.field_size_limit(2**31 - 1)  # a cell may hold a whole document
     try:
         with open(p, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames:
+            reader = csv.reader(f)
+            header = next((cells for cells in reader if cells), [])  # blank lines skipped
+            while header and not header[-1].strip():  # "a,b," names no third column
+                header.pop()
+            if not header:
                 raise DataError(f"{p}: CSV file has no header row")
+            twice = sorted({name for name in header if header.count(name) > 1})
+            if twice:
+                raise DataError(f"{p}, line {reader.line_num}: the header repeats {twice}")
             # Cells missing at the end of a short line are None (null). Extra cells (an
             # unquoted comma shifts a row's columns) would be silently lost: an error instead.
-            rows = []
-            for row in reader:
-                # the reader's line_num is the row's last line; a quoted cell may span lines
-                cells = [c for v in row.values() for c in (v if isinstance(v, list) else [v])]
-                line = reader.line_num - sum(c.count("\n") for c in cells if c)
-                if None in row and not any(cell.strip() for cell in row[None]):
-                    del row[None]  # trailing empty cells ("a,b,"): nothing is lost
-                if None in row:
+            rows, end = [], reader.line_num
+            for cells in reader:
+                line, end = end + 1, reader.line_num  # a quoted cell may span lines
+                if not cells:
+                    continue  # a blank line
+                extra = cells[len(header) :]
+                if any(cell.strip() for cell in extra):  # trailing empty cells lose nothing
                     raise DataError(
-                        f"{p}, line {line}: {len(row[None])} more cells than the "
-                        f"header's {len(reader.fieldnames)} columns (quote cells that hold a comma)"
+                        f"{p}, line {line}: {len(extra)} more cells than the header's "
+                        f"{len(header)} columns (quote cells that hold a comma)"
                     )
+                cells = cells[: len(header)]
+                row = dict(zip(header, cells + [None] * (len(header) - len(cells)), strict=True))
                 rows.append((row, line))
             return rows
     except UnicodeDecodeError as e:
