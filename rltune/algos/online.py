@@ -350,7 +350,7 @@ class OnlineAlgorithm(AlgorithmBase):
         with self.reference.active() as ref:
             return self.logps(ref, batch)
 
-    def rollout_metrics(self, rollout: Rollout, scores: Any) -> dict[str, float]:
+    def rollout_metrics(self, rollout: Rollout, scores: rewards.RewardScores) -> dict[str, float]:
         r = scores.total
         present = r[~r.isnan()]
         lengths = rollout.completion_mask.sum(-1).float()
@@ -464,7 +464,7 @@ class OnlineAlgorithm(AlgorithmBase):
         self.steps = state["steps"]
 
 
-def function_means(scores: Any, prefix: str) -> dict[str, float]:
+def function_means(scores: rewards.RewardScores, prefix: str) -> dict[str, float]:
     """`{prefix}/<fn>/mean` per reward function: the mean of its values where it gave one."""
     means = {}
     for name, values in scores.values.items():
