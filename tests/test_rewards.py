@@ -169,12 +169,18 @@ def test_a_checker_without_an_answer_column_fails_before_loading(tmp_path, cli):
     assert "Loading weights" not in proc.stderr  # before any model loaded
 
 
-def test_eval_rows_without_the_answer_column_fail_before_loading(tmp_path, cli):
-    """data.eval_path rows are checked as data.path's are: an eval file without the column a
-    reward reads would otherwise give eval/reward NaN at every eval, after the whole run."""
+def _eval_file_without_answers(tmp_path):
+    """Training prompts with answers, and an eval file whose prompt has none (arith reads it)."""
     data, held_out = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
     data.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=", "answer": "4"}\n')
     held_out.write_text('{"prompt": "3+3="}\n')
+    return data, held_out
+
+
+def test_eval_rows_without_the_answer_column_fail_before_loading(tmp_path, cli):
+    """data.eval_path rows are checked as data.path's are: an eval file without the column a
+    reward reads would otherwise give eval/reward NaN at every eval, after the whole run."""
+    data, held_out = _eval_file_without_answers(tmp_path)
     proc = cli(
         "data=custom",
         f"data.path={data}",
@@ -306,9 +312,7 @@ def test_eval_rows_are_not_checked_when_no_eval_runs(tmp_path):
     is never scored, so it is no reason to stop the run (as it is when eval runs, above)."""
     from rltune.cli import run
 
-    data, held_out = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
-    data.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=", "answer": "4"}\n')
-    held_out.write_text('{"prompt": "3+3="}\n')
+    data, held_out = _eval_file_without_answers(tmp_path)
     run_dir = run(
         [
             "data=custom",
