@@ -229,11 +229,16 @@ def test_right_truncation_and_no_loss_example(tok):
     records = [
         Record(row, "d.jsonl", 0),
         Record({"prompt": "hi", "completion": "bye"}, "d.jsonl", 1),
+        Record({"prompt": "hi", "completion": "bye bye bye"}, "d.jsonl", 2),
     ]
     examples, stats = encode_sft_dataset(records, "prompt_completion", tok, max_length=4)
-    assert examples == [{"input_ids": [15, 16, 3], "labels": [X, 16, 3]}]
-    assert (stats.records, stats.examples, stats.dropped_no_loss, stats.truncated) == (2, 1, 1, 1)
-    assert (stats.tokens, stats.loss_tokens) == (3, 2)
+    assert examples == [
+        {"input_ids": [15, 16, 3], "labels": [X, 16, 3]},
+        {"input_ids": [15, 16, 16, 16], "labels": [X, 16, 16, 16]},
+    ]
+    # the first row is cut to no loss token: dropped, and not counted as truncated as well
+    assert (stats.records, stats.examples, stats.dropped_no_loss, stats.truncated) == (3, 2, 1, 1)
+    assert (stats.tokens, stats.loss_tokens) == (7, 5)
 
 
 def test_long_text_is_chunked_with_eos_and_full_loss(tok):

@@ -121,7 +121,8 @@ class EncodeStats:
     dropped_no_loss: int = 0
     """Examples dropped because no token had loss left (e.g. the prompt filled max_length)."""
     truncated: int = 0
-    """Non-text examples cut at max_length."""
+    """Kept non-text examples cut at max_length (one cut down to no loss token is counted as
+    dropped only)."""
     tokens: int = 0
     """Tokens in the kept examples."""
     loss_tokens: int = 0
@@ -147,11 +148,15 @@ def encode_sft_dataset(
             )
         except ValueError as e:
             raise DataError(f"{record.where}: {e}") from e
-        if fmt != "text" and len(encoded[0]["input_ids"]) == max_length:
-            stats.truncated += _untruncated_length(record.data, fmt, tokenizer) > max_length
+        cut = (
+            fmt != "text"
+            and len(encoded[0]["input_ids"]) == max_length
+            and _untruncated_length(record.data, fmt, tokenizer) > max_length
+        )
         for example in encoded:
             if has_loss_tokens(example):
                 examples.append(example)
+                stats.truncated += cut
             else:
                 stats.dropped_no_loss += 1
     stats.tokens = sum(len(e["input_ids"]) for e in examples)
