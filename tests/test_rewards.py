@@ -8,7 +8,13 @@ import pytest
 
 from rltune import rewards
 from rltune.config import ConfigError, RewardConfig
-from rltune.rewards.builtin import extract_answer, length_penalty, math_answer, task_reward
+from rltune.rewards.builtin import (
+    extract_answer,
+    length_penalty,
+    math_answer,
+    reference_answer,
+    task_reward,
+)
 from rltune.tasks.arith import is_correct
 
 
@@ -27,6 +33,20 @@ def test_math_answer_prefers_boxed_then_last_number():
         answer=["42", "1000", "3.5", "1"],
     )
     assert got == [1.0, 1.0, 1.0, 0.0]
+
+
+def test_math_answer_takes_a_gsm8k_reference_by_what_follows_its_marks():
+    solution = "She sells 16 - 3 - 4 = <<16-3-4=9>>9 eggs, for 9 * 2 = $<<9*2=18>>18.\n#### 18"
+    assert reference_answer(solution) == "18"
+    assert reference_answer("#### 1,250") == "1,250" and reference_answer("7") == "7"
+    got = math_answer(
+        ["p"] * 3,
+        [r"so \boxed{18}", "she makes 18 dollars", "9 eggs"],
+        answer=[solution] * 3,
+    )
+    # compared with the whole solution, no answer would match
+    assert got == [1.0, 1.0, 0.0]
+    assert math_answer(["p"], ["1250"], answer=["#### 1,250"]) == [1.0]
 
 
 def test_length_penalty_is_dapos_soft_overlong_ramp():

@@ -70,8 +70,16 @@ def answers_match(predicted: str, expected: str) -> bool:
     return math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9)
 
 
+def reference_answer(answer: str) -> str:
+    """The answer a reference states: what follows the last `####` where there is one (GSM8K's
+    solutions end `#### 72`, so the column can be used as it comes), else all of it."""
+    head, mark, tail = answer.rpartition("####")
+    return tail.strip() if mark else answer
+
+
 def math_answer(prompts: list[Any], completions: list[str], **columns: Any) -> list[float | None]:
-    r"""1.0 when the completion's final answer (\boxed{} or last number) matches `answer`."""
+    r"""1.0 when the completion's final answer (\boxed{} or last number) matches `answer`
+    (`reference_answer` of it: a GSM8K solution counts by what follows its `####`)."""
     answers = columns.get("answer") or [None] * len(completions)
     out: list[float | None] = []
     for text, answer in zip(completions, answers, strict=True):
@@ -79,7 +87,8 @@ def math_answer(prompts: list[Any], completions: list[str], **columns: Any) -> l
             out.append(None)
             continue
         predicted = extract_answer(text)
-        out.append(float(predicted is not None and answers_match(predicted, str(answer))))
+        expected = reference_answer(str(answer))
+        out.append(float(predicted is not None and answers_match(predicted, expected)))
     return out
 
 
