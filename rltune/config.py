@@ -126,6 +126,16 @@ class DataConfig:
     """Display name of the preset."""
     path: Any = None
     """A .jsonl/.json/.csv/.parquet/.txt/.md/.pdf/.docx file, a list of them, or a hub dataset id; null uses data.task."""
+    subset: str | None = None
+    """Subset (configuration) of a hub dataset, as datasets.load_dataset's second argument (e.g. main for openai/gsm8k)."""
+    split: str = "train"
+    """Split of a hub dataset read for training."""
+    eval_split: str | None = None
+    """Split of a hub dataset read for eval (e.g. test): of data.eval_path, or of data.path when eval_path is null; null holds no split out (a hub eval_path then reads data.split)."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Columns renamed as rows are read, before the format is detected: {the data's name: rltune's}, e.g. {question: prompt}."""
+    system_prompt: str | None = None
+    """Online algorithms (grpo, ppo, rloo, reinforce, rs): a system turn put before each prompt, which is then rendered with the chat template (a string prompt becomes the user's turn; a message list that opens with a system turn keeps its own)."""
     task: str | None = "arith"
     """Built-in task used when path is null (also provides eval/accuracy); null for none."""
     format: str = "auto"
@@ -736,6 +746,24 @@ def validate(cfg: RLTuneConfig) -> None:
         raise ConfigError(f"data.train_size={cfg.data.train_size} must be >= 1")
     if not 0.0 <= cfg.data.eval_ratio < 1.0:
         raise ConfigError(f"data.eval_ratio={cfg.data.eval_ratio} must be in [0, 1)")
+    if cfg.data.eval_ratio > 0 and cfg.data.eval_split is not None:
+        raise ConfigError(
+            f"data.eval_ratio={cfg.data.eval_ratio} and data.eval_split="
+            f"{cfg.data.eval_split!r} both choose the eval rows: set one of them"
+        )
+    if cfg.data.path is None and (cfg.data.subset, cfg.data.eval_split) != (None, None):
+        raise ConfigError(
+            "data.subset and data.eval_split choose from a hub dataset, but data.path is null "
+            f"(the built-in task {cfg.data.task!r} is used): set data.path to a hub dataset id"
+        )
+    targets = list(cfg.data.columns.values())
+    if len(set(targets)) < len(targets):
+        raise ConfigError(f"data.columns={dict(cfg.data.columns)} renames two columns to one name")
+    if cfg.data.system_prompt is not None and not hasattr(cfg.algo, "group_size"):
+        raise ConfigError(
+            f"data.system_prompt is for the prompts of online algorithms (grpo, ppo, rloo, "
+            f"reinforce, rs), not algo={cfg.algo.name}: put system turns in the data instead"
+        )
     if cfg.data.max_new_tokens < 1:
         raise ConfigError(f"data.max_new_tokens={cfg.data.max_new_tokens} must be >= 1")
     r = cfg.rollout

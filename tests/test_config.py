@@ -111,6 +111,10 @@ def test_plus_top_level_key_is_rejected():
         ("algo=ppo,algo.max_approx_kl=0", "algo.max_approx_kl"),
         ("algo=ppo,algo.reward_clip=-1", "algo.reward_clip"),
         ("data.train_size=0", "data.train_size"),
+        ("data.path=x.jsonl,data.eval_ratio=0.1,data.eval_split=test", "both choose the eval"),
+        ("data.subset=main", "data.subset and data.eval_split choose from a hub dataset"),
+        ("+data.columns.q=prompt,+data.columns.p=prompt", "renames two columns to one name"),
+        ("algo=sft,data.system_prompt=Think", "data.system_prompt is for the prompts of online"),
     ],
 )
 def test_bad_values_name_the_key(override, key):

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from rltune.config import DataConfig
 from rltune.data import (
     FORMATS,
     DataError,
@@ -28,7 +29,9 @@ from rltune.data import (
     resolve_format,
     to_messages,
 )
-from rltune.data.source import checked
+from rltune.data.source import checked, renamed, split_records
+
+PROMPTS = {"prompt_answer", "prompt_completion"}
 
 U = {"role": "user", "content": "what is 2+2?"}
 A = {"role": "assistant", "content": "4"}
@@ -252,14 +255,55 @@ def test_hub_id_loads_through_datasets(monkeypatch):
 
     calls = []
 
-    def fake(name, split):
-        calls.append((name, split))
+    def fake(name, subset, split):
+        calls.append((name, subset, split))
         return [{"text": "from the hub"}]
 
     monkeypatch.setattr(datasets, "load_dataset", fake)
     [record] = load_records("org/corpus")
-    assert calls == [("org/corpus", "train")]
-    assert (record.data, record.file, record.index) == ({"text": "from the hub"}, "org/corpus", 0)
+    [other] = load_records("org/corpus", subset="en", split="test")
+    assert calls == [("org/corpus", None, "train"), ("org/corpus", "en", "test")]
+    assert (record.data, record.where) == ({"text": "from the hub"}, "org/corpus[train], row 0")
+    assert other.where == "org/corpus:en[test], row 0"
+
+
+def _data(tmp_path, **fields) -> DataConfig:
+    return DataConfig(**{"task": None, "path": str(tmp_path / "d.jsonl"), **fields})
+
+
+def _split(data: DataConfig):
+    return split_records(data, eval_n=10, task_kind="prompt_answer", allowed=PROMPTS, algo="grpo")
+
+
+def test_columns_are_renamed_before_the_format_is_told(tmp_path):
+    rows = [{"question": "1+1=", "solution": "#### 2"}, {"question": "2+2=", "solution": "4"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (train, fmt), _ = _split(_data(tmp_path, columns={"question": "prompt", "solution": "answer"}))
+    assert fmt == "prompt_answer"
+    assert [r.data for r in train] == [
+        {"prompt": "1+1=", "answer": "#### 2"},
+        {"prompt": "2+2=", "answer": "4"},
+    ]
+    assert train[1].where == f"{tmp_path / 'd.jsonl'}, line 2"  # still found where it was
+    swapped = renamed(train, {"prompt": "answer", "answer": "prompt"})
+    assert swapped[0].data == {"answer": "1+1=", "prompt": "#### 2"}
+
+
+def test_a_column_rename_that_matches_nothing_or_collides_names_it(tmp_path):
+    rows = [{"question": "1+1=", "answer": "2"}, {"question": "2+2=", "prompt": "x"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"d\.jsonl: data.columns renames 'qestion', which no row"):
+        _split(_data(tmp_path, columns={"qestion": "prompt"}))
+    with pytest.raises(DataError, match=r"line 2: data.columns renames 'question' to 'prompt', wh"):
+        _split(_data(tmp_path, columns={"question": "prompt"}))
+
+
+def test_hub_subset_and_splits_are_refused_for_local_data(tmp_path):
+    (tmp_path / "d.jsonl").write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n")
+    with pytest.raises(DataError, match=r"data.subset='main' picks a subset of a hub dataset"):
+        _split(_data(tmp_path, subset="main"))
+    with pytest.raises(DataError, match=r"data.eval_split='test' names a split of a hub dataset"):
+        _split(_data(tmp_path, eval_split="test"))
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "json", "csv", "parquet", "txt"])

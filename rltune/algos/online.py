@@ -45,9 +45,11 @@ NUM_SAMPLES = 4
 @dataclass
 class Prompt:
     prompt: Any
-    """As in the data: a string or a message list (handed to reward functions as is)."""
+    """As in the data: a string or a message list (handed to reward functions as is, without
+    data.system_prompt's turn)."""
     ids: list[int]
-    """Token ids after the chat template (message lists) or plain tokenisation (strings)."""
+    """Token ids after the chat template (message lists, and every prompt under
+    data.system_prompt) or plain tokenisation (strings)."""
     columns: dict[str, Any]
     """The row's other columns (answer, ...), for reward functions."""
 
@@ -148,24 +150,37 @@ class OnlineAlgorithm(AlgorithmBase):
                 f"data.max_length={self.ctx.cfg.data.max_length} leaves no room for a prompt "
                 f"beside data.max_new_tokens={self.max_new_tokens}"
             )
+        system = self.ctx.cfg.data.system_prompt
+        if system is not None and not getattr(self.tokenizer, "chat_template", None):
+            raise ConfigError(
+                f"data.system_prompt is set, but the tokenizer of model.path="
+                f"{self.ctx.cfg.model.path} has no chat template to render it with"
+            )
         prompts, truncated = [], 0
         for record in records:
             prompt = record.data["prompt"]
+            shown = prompt if system is None else with_system_turn(prompt, system)
             # verbose=False: transformers would warn of "indexing errors" for a long prompt,
             # which is cut below and counted in one warning
             try:
-                if isinstance(prompt, list):
-                    text = render_prompt(self.tokenizer, prompt)
+                if isinstance(shown, list):
+                    text = render_prompt(self.tokenizer, shown)
                     ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
                 else:
-                    ids = self.tokenizer(prompt, verbose=False)["input_ids"]
+                    ids = self.tokenizer(shown, verbose=False)["input_ids"]
             except Exception as err:  # a template that rejects the messages, ...
                 raise DataError(f"{record.where}: {err}") from err
             if len(ids) > budget:
                 ids, truncated = ids[-budget:], truncated + 1
             columns = {k: v for k, v in record.data.items() if k != "prompt"}
             prompts.append(Prompt(prompt, list(ids), columns))
-        log.info("%s data: %d prompts", split, len(prompts))
+        if not prompts:
+            raise DataError(f"{split} data: no prompts")
+        # what the policy reads, template and all: a wrong template shows here, not in a reward
+        first = self.tokenizer.decode(prompts[0].ids)
+        log.info(
+            "%s data: %d prompts; the first as the policy reads it: %r", split, len(prompts), first
+        )
         if truncated:
             log.warning(
                 "%s data: %d prompts cut from the left to data.max_length - data.max_new_tokens "
@@ -174,8 +189,6 @@ class OnlineAlgorithm(AlgorithmBase):
                 truncated,
                 budget,
             )
-        if not prompts:
-            raise DataError(f"{split} data: no prompts")
         return prompts
 
     # --- rollouts -------------------------------------------------------------------------
@@ -462,6 +475,16 @@ class OnlineAlgorithm(AlgorithmBase):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.stream.load_state_dict(state["stream"])
         self.steps = state["steps"]
+
+
+def with_system_turn(prompt: str | list[dict[str, Any]], system: str) -> list[dict[str, Any]]:
+    """`prompt` as messages that open with the system turn `system` (data.system_prompt): a
+    string becomes the user's turn after it; a message list gets it first, unless it opens
+    with a system turn of its own."""
+    turn = {"role": "system", "content": system}
+    if isinstance(prompt, str):
+        return [turn, {"role": "user", "content": prompt}]
+    return prompt if prompt and prompt[0].get("role") == "system" else [turn, *prompt]
 
 
 def function_means(scores: rewards.RewardScores, prefix: str) -> dict[str, float]:

@@ -76,7 +76,8 @@ def detect_format(columns: Iterable[str], file: str) -> str:
     expected = "; ".join(spec.describe() for spec in FORMATS.values())
     raise DataError(
         f"{file}: cannot tell the data format from its columns {sorted(cols)}. "
-        f"Expected one of: {expected}. Rename the columns, or set data.format."
+        f"Expected one of: {expected}. Rename the columns (in the file, or as they are read: "
+        "data.columns={question: prompt}), or set data.format."
     )
 
 

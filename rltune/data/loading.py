@@ -56,14 +56,34 @@ class Record:
         )
 
 
-def load_records(path: str | os.PathLike[str] | list[str], key: str = "data.path") -> list[Record]:
-    """Load every row of a file, a list of files, a folder, or a hub dataset id; errors name
-    `key`, the setting that gave `path`."""
+def is_hub_id(path: Any) -> bool:
+    """Whether `path` names a hub dataset: shaped like `org/name` and not a local file or folder."""
+    if isinstance(path, list | tuple):
+        return False
+    name = os.fspath(path)
+    return (
+        not Path(name).expanduser().exists()
+        and _HUB_ID.match(name) is not None
+        and Path(name).suffix.lower() not in _FILE_LIKE_SUFFIXES
+    )
+
+
+def load_records(
+    path: str | os.PathLike[str] | list[str],
+    key: str = "data.path",
+    *,
+    subset: str | None = None,
+    split: str = "train",
+) -> list[Record]:
+    """Load every row of a file, a list of files, a folder, or a hub dataset id (its `subset`
+    and `split`); errors name `key`, the setting that gave `path`."""
     if isinstance(path, list | tuple):
         if not path:
             raise DataError(f"{key}: empty list of files")
         return [record for p in path for record in load_records(p, key)]
     name = os.fspath(path)
+    if is_hub_id(name):
+        return _load_hub(name, key, subset, split)
     p = Path(name).expanduser()
     if p.is_dir():
         files = sorted(
@@ -78,8 +98,6 @@ def load_records(path: str | os.PathLike[str] | list[str], key: str = "data.path
         return [record for f in files for record in _load_file(f)]
     if p.is_file():
         return _load_file(p)
-    if _HUB_ID.match(name) and Path(name).suffix.lower() not in _FILE_LIKE_SUFFIXES:
-        return _load_hub(name)
     raise DataError(f"{key}: file not found: {name}")
 
 
@@ -230,22 +248,25 @@ def _read_document(p: Path, suffix: str) -> str:
     return "\n".join(paragraph.text for paragraph in document.paragraphs)
 
 
-def _load_hub(name: str) -> list[Record]:
+def _load_hub(name: str, key: str, subset: str | None, split: str) -> list[Record]:
     try:
         import datasets
 
-        dataset = datasets.load_dataset(name, split="train")
+        dataset = datasets.load_dataset(name, subset, split=split)
     except Exception as e:  # datasets raises many types (ConnectionError, FileNotFoundError, ...)
         flags = (os.environ.get(k, "").lower() for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
         offline = any(flag in ("1", "true", "yes", "on") for flag in flags)
         hint = (
             " HF_HUB_OFFLINE is set, so no hub is reachable: use a local file." if offline else ""
         )
+        chosen = (f"subset {subset!r}, " if subset is not None else "") + f"split {split!r}"
         raise DataError(
-            f"data.path: {name!r} is not a local file or folder, and loading it as a "
-            f"hub dataset failed ({type(e).__name__}: {e}).{hint}"
+            f"{key}: {name!r} is not a local file or folder, and loading it as a "
+            f"hub dataset ({chosen}) failed ({type(e).__name__}: {e}).{hint}"
         ) from e
-    rows = [Record(dict(row), name, i) for i, row in enumerate(dataset)]
+    source = f"{name}:{subset}" if subset is not None else name
+    source += f"[{split}]"
+    rows = [Record(dict(row), source, i) for i, row in enumerate(dataset)]
     if not rows:
-        raise DataError(f"{name}: hub dataset has no rows in split 'train'")
+        raise DataError(f"{key}: hub dataset {name!r} has no rows in split {split!r}")
     return rows

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 
 from rltune.config import DataConfig
-from rltune.data.formats import check_records, require_kind, resolve_format
-from rltune.data.loading import Record, load_records
+from rltune.data.formats import DataError, check_records, require_kind, resolve_format
+from rltune.data.loading import Record, is_hub_id, load_records
 
 
 def task_records(task_name: str, kind: str, n: int, *, seed: int, split: str) -> list[Record]:
@@ -18,6 +18,33 @@ def task_records(task_name: str, kind: str, n: int, *, seed: int, split: str) ->
     rows = get_task(task_name).rows(kind, n, seed=seed, split=split)
     source = f"<task {task_name}:{split}>"
     return [Record(data=row, file=source, index=i) for i, row in enumerate(rows)]
+
+
+def renamed(records: list[Record], columns: dict[str, str]) -> list[Record]:
+    """`records` with their columns renamed by `columns` ({the data's name: rltune's},
+    data.columns). A name that no row has, or a new name that a row already has beside the old
+    one, is an error naming the files (or the row)."""
+    if not columns:
+        return records
+    names = {name for record in records for name in record.data}
+    missing = [old for old in columns if old not in names]
+    if records and missing:  # a typo; a file that needs no renaming beside one that does is fine
+        files = sorted({record.file for record in records})
+        raise DataError(
+            f"{', '.join(files)}: data.columns renames {', '.join(map(repr, missing))}, which "
+            f"no row has; the columns are {sorted(names)}"
+        )
+    out = []
+    for record in records:
+        for old, new in columns.items():  # a swap ({a: b, b: a}) moves the old `new` away
+            if old in record.data and new in record.data and new not in columns:
+                raise DataError(
+                    f"{record.where}: data.columns renames {old!r} to {new!r}, "
+                    "which the row already has"
+                )
+        row = {columns.get(k, k): v for k, v in record.data.items()}
+        out.append(Record(row, record.file, record.index, record.line))
+    return out
 
 
 def checked(records: list[Record], forced: str, allowed: set[str], algo: str) -> str:
@@ -43,8 +70,26 @@ def split_records(
             else []
         )
     else:
-        train = load_records(data.path)
-        evals = load_records(data.eval_path, "data.eval_path") if data.eval_path is not None else []
+        if data.subset is not None and not is_hub_id(data.path):
+            raise DataError(
+                f"data.subset={data.subset!r} picks a subset of a hub dataset, but "
+                f"data.path={data.path!r} is local data"
+            )
+        train = load_records(data.path, subset=data.subset, split=data.split)
+        if data.eval_path is not None:
+            split = data.eval_split or data.split
+            evals = load_records(data.eval_path, "data.eval_path", subset=data.subset, split=split)
+        elif data.eval_split is not None:
+            if not is_hub_id(data.path):
+                raise DataError(
+                    f"data.eval_split={data.eval_split!r} names a split of a hub dataset, but "
+                    f"data.path={data.path!r} is local data: set data.eval_path instead"
+                )
+            evals = load_records(data.path, subset=data.subset, split=data.eval_split)
+        else:
+            evals = []
+        both = renamed(train + evals, data.columns)
+        train, evals = both[: len(train)], both[len(train) :]
         if not evals and data.eval_ratio > 0:
             n_eval = max(1, int(len(train) * data.eval_ratio))
             order = torch.randperm(
