@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
         ("model=no_such_model", "model=no_such_model: no such option"),
         ("train.lr=abc", "train.lr=abc: Value 'abc' of type 'str' could not be converted"),
         ("no_such_section=1", "Could not override 'no_such_section'"),
-        ("+recipe=nope", "recipe=nope: no such option; one of: sft_tiny_arith"),
+        ("+recipe=nope", "recipe=nope: no such option; one of: dpo_ultrafeedback_qwen2.5_0.5b, "),
     ],
 )
 def test_bad_key_or_option_exits_fast_naming_it(tmp_path, cli, override, expected):
