@@ -60,8 +60,16 @@ def _ultrafeedback(split: str) -> list[dict]:
     return rows
 
 
+def _ultrafeedback_h4(split: str) -> list[dict]:
+    """HuggingFaceH4/ultrafeedback_binarized's shape: the prompt as a string beside the pair,
+    in splits train_prefs and test_prefs."""
+    rows = _ultrafeedback(split.removesuffix("_prefs"))
+    return [{"prompt": r["chosen"][0]["content"], "prompt_id": "0", **r} for r in rows]
+
+
 HUB = {"openai/gsm8k": _gsm8k, "trl-lib/Capybara": _capybara}
 HUB["trl-lib/ultrafeedback_binarized"] = _ultrafeedback
+HUB["HuggingFaceH4/ultrafeedback_binarized"] = _ultrafeedback_h4
 
 
 @pytest.fixture
@@ -148,6 +156,45 @@ def test_dpo_ultrafeedback_takes_the_shared_first_turn_as_the_prompt(tmp_path, h
     # the policy starts as the reference: every implicit reward is 0, the loss log 2
     assert first["loss"] == pytest.approx(0.6931, abs=1e-3)
     assert any("eval/rewards/accuracies" in r for r in rows)
+
+
+def test_a_reward_model_from_the_rm_recipe_scores_the_ppo_recipes_rollouts(tmp_path, hub):
+    rm_dir = run(
+        [
+            "+recipe=rm_ultrafeedback_qwen2.5_0.5b",
+            *TINY,
+            "data.max_length=64",
+            "train.batch_size=8",
+            "train.micro_batch_size=8",
+            "train.eval_samples=16",
+            f"hydra.run.dir={tmp_path / 'rm'}",
+        ]
+    )
+    rm_rows = read_metrics(rm_dir / "metrics.jsonl")
+    assert [r["step"] for r in rm_rows if "eval/accuracy" in r] == [0, 2]
+    ppo_dir = run(
+        [
+            "+recipe=ppo_ultrafeedback_qwen2.5_0.5b",
+            *TINY,
+            f"reward.model_path={rm_dir / 'final'}",
+            "data.max_length=96",
+            "data.max_new_tokens=16",
+            "train.batch_size=8",
+            "train.micro_batch_size=8",
+            "train.eval_samples=8",
+            f"hydra.run.dir={tmp_path / 'ppo'}",
+        ]
+    )
+    assert hub[2:] == [
+        ("HuggingFaceH4/ultrafeedback_binarized", None, "train_prefs"),
+        ("HuggingFaceH4/ultrafeedback_binarized", None, "test_prefs"),
+    ]
+    log = (ppo_dir / "cli.log").read_text()
+    assert "reference: frozen copy | value model (trained, from reward model" in log
+    # one rollout, trained on for algo.ppo_epochs steps: every completion scored, no errors
+    [scored] = [r for r in read_metrics(ppo_dir / "metrics.jsonl") if "reward" in r]
+    assert scored["rewards/reward_model/errors"] == 0
+    assert scored["reward"] == scored["reward"]  # not NaN
 
 
 def test_a_system_turn_opens_every_prompt_that_has_none():

@@ -161,7 +161,11 @@ def resolve(cfg: RewardConfig, *, max_new_tokens: int) -> list[RewardFunction]:
     names = list(cfg.funcs)
     count = len(names) + (cfg.model_path is not None)
     if count == 0:
-        raise ConfigError("reward.funcs is empty and reward.model_path is null: nothing to score")
+        raise ConfigError(
+            "reward.funcs is empty and reward.model_path is null: nothing to score. Set "
+            "reward.model_path to a reward model (an algo=rm run's final/, or a hub id) or "
+            "reward.funcs to reward functions"
+        )
     weights = list(cfg.weights) if cfg.weights is not None else [1.0] * count
     if len(weights) != count:
         raise ConfigError(
