@@ -435,7 +435,7 @@ class RSConfig:
 @dataclass
 class RolloutConfig:
     engine: str = "auto"
-    """fast (rltune's decode loop: prompt prefilled once per group, CUDA graphs on GPU, early exit), hf (transformers generate, the reference), or auto (fast)."""
+    """fast (rltune's decode loop: prompt prefilled once per group, CUDA graphs on GPU, early exit), hf (transformers generate, the reference), or auto (fast); evaluation's greedy completions use it too."""
     temperature: float = 1.0
     """Sampling temperature; log-probs for the loss are computed at the same temperature."""
     top_p: float = 1.0
@@ -447,7 +447,7 @@ class RolloutConfig:
     stop: list[str] = field(default_factory=list)
     """Strings that end a completion (kept in it), besides the EOS token."""
     batch_size: int = 256
-    """Completions generated per generate call (bounds the KV cache's memory)."""
+    """Completions generated per call, in rollouts and in evaluation (bounds the KV cache's memory)."""
     cuda_graphs: bool = True
     """engine=fast on CUDA: a static KV cache and the decode step replayed from a CUDA graph (reads the policy's weights where they are in the compute dtype, as with model.dtype=bf16, else a copy in that dtype); false runs eager steps."""
     compile: bool = False

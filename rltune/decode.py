@@ -1,5 +1,5 @@
 """The fast rollout engine (`rollout.engine=fast`): rltune's own decode loop behind the contract
-of `rltune.rollout.sample`.
+of `rltune.rollout.sample` (and, with `greedy`, of `greedy_rollout`, for evaluation).
 
 Each prompt is prefilled once and its KV cache shared by its `group_size` samples, tokens are
 drawn on the device, and the loop stops once every row has ended. Two decoders run the steps:
@@ -11,7 +11,8 @@ drawn on the device, and the loop stops once every row has ended. Two decoders r
   captured once in a CUDA graph and replayed per token: one launch instead of ~40 per layer. The
   graph reads the trained weights themselves where they are in the compute dtype, else a copy
   in that dtype refreshed in place before each rollout (`_Replica`), so one capture serves
-  every later rollout of the same shape.
+  every later rollout of the same shape. The replica keeps a decoder per row count, so
+  training's rollouts and evaluation's (another row count) each keep theirs.
 
 With `rollout.compile`, the static decoder's step is compiled by torch.compile (inductor fuses
 the elementwise work between the matmuls) and the compiled step is what the graph captures; the
@@ -51,6 +52,10 @@ SYNC_EVERY = 16
 WIDTH_STEP = 32
 """Prompt widths are left-padded up to a multiple of this, so rollouts whose longest prompt
 differs by a few tokens reuse one captured graph."""
+MAX_DECODERS = 2
+"""Static decoders a policy's replica keeps, one per row count: training's rollouts and
+evaluation's. Each holds a KV cache of rows x (prompt width + max_new_tokens) positions and, on
+CUDA, a captured graph with its memory pool, so the bound is also one on memory."""
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -285,8 +290,8 @@ class _Replica:
     be cast anew into temporary tensors that a graph cannot hold on to) the graph reads a copy
     (`_graph_copy`) whose weights in another dtype are copies in the compute dtype, refreshed in
     place from the trained weights before each rollout; the frozen ones already in that dtype (a
-    LoRA base) are the policy's own. The last `StaticDecoder` is kept for reuse while its shape
-    still fits."""
+    LoRA base) are the policy's own. It keeps a `StaticDecoder` per row count, the
+    `MAX_DECODERS` last used (`decoder_for`)."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype):
         floating = [p for p in model.parameters() if p.is_floating_point()]
@@ -303,7 +308,7 @@ class _Replica:
             ]
         self.dtype = dtype
         self.pointers = self._pointers()
-        self.decoder: StaticDecoder | None = None
+        self.decoders: dict[int, StaticDecoder] = {}  # by row count, the last used last
 
     def _pointers(self) -> list[int]:
         return [p.data_ptr() for p in self.model.parameters()]
@@ -314,29 +319,37 @@ class _Replica:
                 torch._foreach_copy_([r for r, _ in self.pairs], [p for _, p in self.pairs])
         pointers = self._pointers()
         if pointers != self.pointers:  # a weight the graph reads was replaced, not updated
-            self.decoder, self.pointers = None, pointers
+            self.decoders, self.pointers = {}, pointers
 
     def decoder_for(self, rows: int, width: int, room: int, compile: bool) -> StaticDecoder:
-        """A decoder for `rows` rows of prompts up to `width` wide and `room` new tokens. The
-        last one is reused where it fits (narrower prompts are left-padded to its width), so
-        prompt widths that vary from rollout to rollout capture and compile once, at the widest;
-        a wider one replaces it."""
-        d = self.decoder
+        """A decoder for `rows` rows of prompts up to `width` wide and `room` new tokens.
+
+        One is kept per row count, so evaluation's greedy rollouts (eval prompts x 1 rows)
+        neither evict training's (prompts x group_size) nor capture and compile a decoder of
+        their own anew at every eval. A kept decoder is reused where it fits (narrower prompts
+        are left-padded to its width), so prompt widths that vary from rollout to rollout
+        capture and compile once, at the widest; a wider one replaces it. Past `MAX_DECODERS`
+        row counts, the least recently used decoder is dropped."""
+        d = self.decoders.pop(rows, None)
         if (
             d is not None
-            and (d.rows, d.compiled) == (rows, compile)
+            and d.compiled == compile
             and d.width >= width
             and d.length - d.width >= room
         ):
+            self.decoders[rows] = d  # now the last used
             return d
-        if d is not None and d.rows == rows:
+        if d is not None:
             width, room = max(width, d.width), max(room, d.length - d.width)
-        self.decoder = None  # free the old cache and graph first
+        # free the replaced cache and graph, and the oldest past the bound, before the new one
+        d = None
+        while len(self.decoders) >= MAX_DECODERS:
+            del self.decoders[next(iter(self.decoders))]
         cuda = next(self.model.parameters()).is_cuda
-        self.decoder = StaticDecoder(
+        self.decoders[rows] = StaticDecoder(
             self.model, rows, width, width + room, capture=cuda, compile=compile
         )
-        return self.decoder
+        return self.decoders[rows]
 
 
 def _graph_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -433,13 +446,14 @@ def fast_sample(
     distribution the loss uses.
 
     `decoder`: auto (`auto_decoder`: graph on CUDA or with `compile` for most models, else
-    dynamic), graph
-    (the replica and a reused `StaticDecoder`; captured on CUDA only), static (a fresh
-    `StaticDecoder` on the model itself, never captured), or dynamic. `dtype`: the compute
-    dtype for the graph (default: the parameters' own). `compile` (`rollout.compile`): the
-    static decoders' step is compiled by torch.compile, which fuses the norms, rotary embeddings
-    and activations that otherwise run as separate kernels, before it is captured; each decoder
-    compiles once (tens of seconds on a GPU), and the dynamic decoder ignores it."""
+    dynamic), graph (the replica and its `StaticDecoder` for this many rows, reused; captured
+    on CUDA only), static (a fresh `StaticDecoder` on the model itself, never captured), or
+    dynamic. `dtype`: the compute dtype for the graph (default: the parameters' own).
+    `compile` (`rollout.compile`): the static decoders' step is compiled by torch.compile, which
+    fuses the norms, rotary embeddings and activations that otherwise run as separate kernels,
+    before it is captured; each decoder compiles once (tens of seconds on a GPU), and the
+    dynamic decoder ignores it. `greedy`: the most likely token at each step, as `generate`
+    without sampling (evaluation); the log-probs are still under the temperature."""
     if decoder == "auto":
         decoder = auto_decoder(model, compile)
     # calls of equal size where the prompts divide evenly (12 rows in calls of at most 8: 6 + 6,

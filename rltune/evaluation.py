@@ -35,7 +35,15 @@ def task_accuracy(
     max_new_tokens: int = 16,
     num_samples: int = 4,
 ) -> tuple[float, list[dict[str, Any]]]:
-    """Exact-match accuracy of greedy completions on `n` eval prompts, and a few samples."""
+    """Exact-match accuracy of greedy completions on `n` eval prompts, and a few samples.
+
+    Decoded by `generate`, not by the online algorithms' fast engine (`rollout.engine`): the
+    algorithms that call this (SFT, DPO) sample no rollouts, and the fast engine only gains on a
+    GPU through its CUDA graph, whose replica of the policy under fp32 master weights (the
+    default) is a compute-dtype copy of every weight, kept with the graph's KV cache for the
+    rest of the run: memory these runs otherwise never spend, for an eval of a few hundred short
+    answers. Its eager decoder is no faster than `generate` (17.3 against 18.7 ms per token,
+    benchmarks/README.md)."""
     rows = task.rows("prompt_answer", n, seed=seed, split="eval")
     prompts = [render_prompt(tokenizer, row["prompt"]) for row in rows]
     completions = generate_greedy(model, tokenizer, prompts, max_new_tokens=max_new_tokens)

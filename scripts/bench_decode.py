@@ -104,8 +104,8 @@ def run(engine: str, model, prompts, params, group: int, device, calls: int) -> 
         if device.type == "cuda"
         else None,
     }
-    replica = _REPLICAS.get(model)
-    decoder = replica.decoder if replica else None
+    replica = _REPLICAS.get(model)  # its decoders by row count, the last used last
+    decoder = next(reversed(replica.decoders.values()), None) if replica else None
     if engine in ("graph", "compiled") and decoder is not None and decoder.graph is not None:
         # each replay writes the next cache position: start again after the prompt, so the 50
         # replays stay inside the cache

@@ -150,6 +150,36 @@ def test_a_compiled_decode_step_samples_the_rollouts_of_the_eager_one(tmp_path):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
 
 
+def test_eval_decodes_with_the_rollout_engine_as_generate_does(tmp_path):
+    """Evaluation decodes greedily with the rollouts' engine, and the fast one gives
+    `generate`'s tokens: eval/accuracy and eval/reward at every eval equal engine=hf's, with the
+    dynamic decoder (CPU's default) and with the compiled static one (rollout.compile; the
+    graph decoder uncaptured). Rollouts with top_k=1 are the same in every engine, so the runs
+    train the same policy, and REINFORCE (one completion per prompt, rewards whitened over the
+    batch) moves it. The compiled run traces the step and the draw once for training's 8 rows
+    and once for the evals' 6 + 6: each eval and the rollout after it reuse their decoder."""
+    from torch._dynamo.utils import counters
+
+    common = [
+        "algo=reinforce", "rollout.top_k=1", "rollout.batch_size=8", "train.batch_size=8",
+        "train.micro_batch_size=8", "train.max_steps=3", "train.eval_every=1",
+        "train.eval_samples=12", "train.lr=1e-3", "train.log_every=1",
+    ]  # fmt: skip
+    runs = {}
+    for name, engine in [("hf", ["rollout.engine=hf"]), ("fast", []), ("compiled", [])]:
+        engine = engine + ["rollout.compile=true"] * (name == "compiled")
+        counters.clear()
+        run_dir = run([*common, *engine, f"hydra.run.dir={tmp_path / name}"])
+        runs[name] = read_metrics(run_dir / "metrics.jsonl")
+    assert counters["stats"]["unique_graphs"] == 4  # (step, draw) x (training, eval)
+    keys = ["step", "eval/accuracy", "eval/reward", "reward", "loss"]
+    table = {name: [[r.get(k) for k in keys] for r in rows] for name, rows in runs.items()}
+    assert [r[0] for r in table["hf"]] == [0, 1, 2, 3]
+    assert table["fast"] == table["hf"] and table["compiled"] == table["hf"], table
+    accuracy = [r[1] for r in table["hf"]]
+    assert len(set(accuracy)) > 1, accuracy  # the policy moved: evals of different policies
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_steps_report_their_gpu_memory_peaks(tmp_path):
     """On a GPU every step logs its peak of allocated memory, and the online algorithms the

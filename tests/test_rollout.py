@@ -191,7 +191,7 @@ def test_graph_decoder_equals_generate_reuses_its_graph_and_follows_weight_updat
         assert rollout.completions == generate_greedy(model, tokenizer, prompts, max_new_tokens=16)
         fresh = _fresh_logps(model, rollout) * rollout.completion_mask
         torch.testing.assert_close(logps, fresh, atol=1e-4, rtol=1e-4)
-        return _REPLICAS[model].decoder
+        return _REPLICAS[model].decoders[16]
 
     first = check()
     assert (first.graph is not None) == (device == "cuda")
@@ -223,7 +223,7 @@ def test_graph_decoder_reuses_a_wider_decoder_and_grows_for_wider_prompts(tiny):
             model, tokenizer, rows, SamplingParams(max_new_tokens=new), greedy=True, decoder="graph"
         )
         assert out.completions == generate_greedy(model, tokenizer, rows, max_new_tokens=new)
-        return _REPLICAS[model].decoder
+        return _REPLICAS[model].decoders[8]
 
     wide = decode(long)
     assert decode(prompts) is wide and decode(prompts, new=4) is wide
@@ -252,7 +252,7 @@ def test_compiled_decode_step_equals_generate_compiles_once_and_is_reused(tiny, 
     rollout, logps = fast_sample(
         model, tokenizer, prompts, params, greedy=True, group_size=2, compile=True
     )  # decoder=auto: the static decoder, because it is compiled
-    decoder = _REPLICAS[model].decoder
+    decoder = _REPLICAS[model].decoders[12]  # 6 prompts x 2
     assert decoder.compiled and counters["stats"]["unique_graphs"] == 2  # the step, the draw
     assert not counters["graph_break"] and (decoder.graph is not None) == (device == "cuda")
     expected = generate_greedy(model, tokenizer, prompts, max_new_tokens=16)
@@ -265,7 +265,7 @@ def test_compiled_decode_step_equals_generate_compiles_once_and_is_reused(tiny, 
     again, _ = fast_sample(
         model, tokenizer, prompts[::-1], params, greedy=True, group_size=2, compile=True
     )
-    assert _REPLICAS[model].decoder is decoder and not counters["stats"]["unique_graphs"]
+    assert _REPLICAS[model].decoders[12] is decoder and not counters["stats"]["unique_graphs"]
     assert again.completions == [c for c in expected[::-1] for _ in range(2)]
 
 
@@ -367,14 +367,14 @@ def test_graph_decoder_lora_replica_shares_the_frozen_base_and_follows_adapter_u
     assert trained == sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
     assert frozen == sum(p.numel() for p in base.parameters() if not p.requires_grad) > trained
     assert [p for _, p in replica.pairs] == [p for p in model.parameters() if p.requires_grad]
-    decoder = replica.decoder
+    decoder = replica.decoders[16]
     with torch.no_grad():  # an optimizer step on the adapters, in place
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.2)
     after = rollout()
     assert sum(a != b for a, b in zip(before, after, strict=True)) > 8  # the update shows
-    assert _REPLICAS[model] is replica and replica.decoder is decoder  # refreshed, not rebuilt
+    assert _REPLICAS[model] is replica and replica.decoders[16] is decoder  # refreshed, not rebuilt
 
 
 def _qwen05b_random(dtype):
@@ -661,6 +661,43 @@ def test_a_short_last_call_is_filled_up_to_use_the_same_decoder(tiny, monkeypatc
     torch.testing.assert_close(split.completion_mask[:, :n], whole.completion_mask)
     assert not split.completion_mask[:, n:].any()
     torch.testing.assert_close(split_logps[:, :n], whole_logps, atol=1e-5, rtol=1e-5)
+
+
+def test_the_graph_replica_keeps_the_training_decoder_across_an_eval(tiny, monkeypatch):
+    """Evaluation decodes greedily another number of rows (eval prompts x 1) than training's
+    rollouts (prompts x group_size). The replica keeps a decoder per row count, so the
+    training decoder (on CUDA its graph, with rollout.compile its compiled step) is the same
+    object before and after an eval, and the eval's serves the next eval: two decoders made,
+    whatever the number of rounds. A third row count drops the least recently used one."""
+    from rltune import decode
+    from rltune.rollout import generate_greedy
+
+    model, tokenizer = tiny
+    model = copy.deepcopy(model)  # no decoder left from other tests
+    made = _decoders_made(monkeypatch)
+    prompts = _arith_prompts(tokenizer, 6)
+    params = SamplingParams(max_new_tokens=6)
+
+    def train():  # 4 prompts x 2 = 8 rows
+        decode.fast_sample(model, tokenizer, prompts[:4], params, group_size=2, decoder="graph")
+        return decode._REPLICAS[model].decoders[8]
+
+    def evaluate(n=6):  # n prompts x 1
+        out, _ = decode.fast_sample(
+            model, tokenizer, prompts[:n], params, greedy=True, decoder="graph"
+        )
+        assert out.completions == generate_greedy(model, tokenizer, prompts[:n], max_new_tokens=6)
+        return decode._REPLICAS[model].decoders[n]
+
+    training = train()
+    evaluating = evaluate()
+    for _ in range(2):
+        assert train() is training and evaluate() is evaluating
+    assert made == [8, 6] and decode.MAX_DECODERS == 2
+    assert train() is training  # the eval's decoder is now the least recently used
+    evaluate(5)
+    assert list(decode._REPLICAS[model].decoders) == [8, 5] and made == [8, 6, 5]
+    assert train() is training
 
 
 def test_the_models_generation_config_does_not_shape_sampling_or_greedy_eval(tiny):
