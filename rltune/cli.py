@@ -238,7 +238,8 @@ def _hydra_message(err: Exception) -> str:
     if isinstance(err, MissingConfigException) and err.options and err.missing_cfg_file:
         group, _, name = err.missing_cfg_file.rpartition("/")
         options = [o for o in err.options if not o.startswith("base_")]
-        return f"{group}={name}: no such option; one of: {', '.join(options)}"
+        hint = " (or a data file, folder or org/name hub id)" if group == "data" else ""
+        return f"{group}={name}: no such option; one of: {', '.join(options)}{hint}"
     text = str(err).strip()
     if err.__cause__ is not None:
         text += f": {str(err.__cause__).strip().splitlines()[0]}"
@@ -259,9 +260,29 @@ def launcher_args_removed(args: list[str]) -> list[str]:
     return out
 
 
+def data_shorthand(args: list[str]) -> list[str]:
+    """`args` with `data=<file, folder or hub id>` read as `data=custom data.path=<it>`, as
+    `rltune algo=dpo data=my_prefs.jsonl` is meant; a data preset's name (`data=arith`) and a
+    sweep over several values stay as they are."""
+    from rltune.data.loading import SUPPORTED_SUFFIXES, is_hub_id
+
+    presets = {p.stem for p in (conf_dir() / "data").glob("*.yaml")}
+    out = []
+    for a in args:
+        key, eq, value = a.partition("=")
+        if key == "data" and eq and value not in presets and "," not in value:
+            path = Path(value).expanduser()
+            hub = "/" in value and is_hub_id(value)  # org/name: a bare word is a preset's typo
+            if path.exists() or path.suffix.lower() in SUPPORTED_SUFFIXES or hub:
+                out += ["data=custom", f"data.path={value}"]
+                continue
+        out.append(a)
+    return out
+
+
 def main() -> None:
     """Console entry point (`rltune ...`, `python -m rltune ...`)."""
-    sys.argv = [sys.argv[0], *launcher_args_removed(sys.argv[1:])]
+    sys.argv = [sys.argv[0], *data_shorthand(launcher_args_removed(sys.argv[1:]))]
     if sys.argv[1:] == ["--version"]:
         from importlib.metadata import PackageNotFoundError, version
 

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.slow
         ("model=no_such_model", "model=no_such_model: no such option"),
         ("train.lr=abc", "train.lr=abc: Value 'abc' of type 'str' could not be converted"),
         ("no_such_section=1", "Could not override 'no_such_section'"),
+        ("data=nope", "data=nope: no such option; one of: arith, custom (or a data file"),
         ("+recipe=nope", "recipe=nope: no such option; one of: dpo_ultrafeedback_qwen2.5_0.5b, "),
     ],
 )
@@ -191,3 +192,17 @@ def test_the_deepspeed_launchers_local_rank_argument_is_accepted(tmp_path, cli):
                f"hydra.run.dir={tmp_path}", timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "final" / "config.json").exists()
+
+
+def test_data_takes_a_file_folder_or_hub_id_for_data_custom(tmp_path):
+    from rltune.cli import data_shorthand
+
+    (tmp_path / "prefs").mkdir()
+    assert data_shorthand(["algo=dpo", "data=my_prefs.jsonl", "train.lr=1"]) == [
+        "algo=dpo", "data=custom", "data.path=my_prefs.jsonl", "train.lr=1",
+    ]  # fmt: skip
+    assert data_shorthand([f"data={tmp_path / 'prefs'}"])[1] == f"data.path={tmp_path / 'prefs'}"
+    assert data_shorthand(["data=openai/gsm8k"]) == ["data=custom", "data.path=openai/gsm8k"]
+    # presets, a bare word (a preset's typo, told as such) and sweeps are Hydra's
+    for args in (["data=arith"], ["data=custom"], ["data=arth"], ["-m", "data=a.jsonl,b.jsonl"]):
+        assert data_shorthand(args) == args
