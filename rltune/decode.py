@@ -190,7 +190,9 @@ class StaticDecoder:
         device, dtype = param.device, param.dtype
         text = model.config.get_text_config(decoder=True)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        self.model, self.rows, self.width, self.length = model, rows, width, length
+        # weak: a replica's decoder must not keep the policy (its key in _REPLICAS) alive
+        self.model = weakref.ref(model)
+        self.rows, self.width, self.length = rows, width, length
         self.cache = StaticCache(config=model.config, max_cache_len=length)
         self.cache.early_initialization(
             batch_size=rows,
@@ -215,9 +217,10 @@ class StaticDecoder:
         from transformers import DynamicCache
 
         assert ids.shape == (self.rows // group_size, self.width), (ids.shape, self.rows)
-        dynamic = DynamicCache(config=self.model.config)
+        model = self.model()
+        dynamic = DynamicCache(config=model.config)
         with _quiet():
-            out = self.model(
+            out = model(
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=position_ids(mask),
@@ -242,8 +245,8 @@ class StaticDecoder:
         self.ids.copy_(token[:, None])
         self.mask[:, 0, 0, self.t] = True
         if not self.capture:
-            with _compiled(self.compiled):
-                logits = self._run()
+            with _quiet(), _compiled(self.compiled):
+                logits = self._run(self.model())
         else:
             if self.graph is None:
                 self._capture()
@@ -253,15 +256,16 @@ class StaticDecoder:
         self.t += 1
         return logits
 
-    def _forward(self) -> torch.Tensor:
-        with _quiet():
-            return self.model(
-                input_ids=self.ids,
-                attention_mask=self.mask,
-                position_ids=self.pos,
-                past_key_values=self.cache,
-                use_cache=True,
-            ).logits[:, -1]
+    def _forward(self, model: nn.Module) -> torch.Tensor:
+        # `_quiet` is the caller's: dynamo gives up on a frame that enters `catch_warnings`, and
+        # then compiles the model's forward instead, whose code every model shares
+        return model(
+            input_ids=self.ids,
+            attention_mask=self.mask,
+            position_ids=self.pos,
+            past_key_values=self.cache,
+            use_cache=True,
+        ).logits[:, -1]
 
     def _capture(self) -> None:
         """Record one step. Warm-up runs on a side stream first (as CUDA graphs require); it
@@ -270,15 +274,15 @@ class StaticDecoder:
         lengths = [layer.cumulative_length.clone() for layer in self.cache.layers]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), _compiled(self.compiled):
+        with torch.cuda.stream(stream), _quiet(), _compiled(self.compiled):
             for _ in range(2):  # the first call compiles (rollout.compile)
-                self._run()
+                self._run(self.model())
         torch.cuda.current_stream().wait_stream(stream)
         for layer, n in zip(self.cache.layers, lengths, strict=True):
             layer.cumulative_length.copy_(n)
         self.graph = torch.cuda.CUDAGraph()
-        with _compiled(self.compiled), torch.cuda.graph(self.graph):  # its own memory pool
-            self.logits = self._run()
+        with _quiet(), _compiled(self.compiled), torch.cuda.graph(self.graph):  # its own pool
+            self.logits = self._run(self.model())
 
 
 class _Replica:
@@ -306,6 +310,8 @@ class _Replica:
                 for r, p in zip(self.model.parameters(), model.parameters(), strict=True)
                 if r is not p
             ]
+        # what the decoders run: the module itself (dynamo cannot trace a call through a proxy)
+        self.module = weakref.ref(model if self.shared else self.model)
         self.dtype = dtype
         self.pointers = self._pointers()
         self.decoders: dict[int, StaticDecoder] = {}  # by row count, the last used last
@@ -347,7 +353,7 @@ class _Replica:
             del self.decoders[next(iter(self.decoders))]
         cuda = next(self.model.parameters()).is_cuda
         self.decoders[rows] = StaticDecoder(
-            self.model, rows, width, width + room, capture=cuda, compile=compile
+            self.module(), rows, width, width + room, capture=cuda, compile=compile
         )
         return self.decoders[rows]
 

@@ -255,6 +255,9 @@ def test_compiled_decode_step_equals_generate_compiles_once_and_is_reused(tiny, 
     decoder = _REPLICAS[model].decoders[12]  # 6 prompts x 2
     assert decoder.compiled and counters["stats"]["unique_graphs"] == 2  # the step, the draw
     assert not counters["graph_break"] and (decoder.graph is not None) == (device == "cuda")
+    # every frame dynamo saw compiled whole: the step from `_forward` down, not from a frame
+    # inside the model that dynamo reached after giving up on an outer one
+    assert counters["frames"]["ok"] == counters["frames"]["total"] == 2
     expected = generate_greedy(model, tokenizer, prompts, max_new_tokens=16)
     assert rollout.completions == [c for c in expected for _ in range(2)]
     fresh = _fresh_logps(model, rollout) * rollout.completion_mask
