@@ -451,7 +451,7 @@ class RolloutConfig:
     cuda_graphs: bool = True
     """engine=fast on CUDA: a static KV cache and the decode step replayed from a CUDA graph (reads the policy's weights where they are in the compute dtype, as with model.dtype=bf16, else a copy in that dtype); false runs eager steps."""
     compile: bool = False
-    """engine=fast: the static-cache decode step compiled by torch.compile (before its CUDA graph is captured), fusing its norms, rotary embeddings and activations, and the sampling from its logits compiled too (inductor's own random stream); compiles once per rollout shape (tens of seconds on a GPU). Also on CPU, where it uses the static cache uncaptured."""
+    """engine=fast: the static-cache decode step compiled by torch.compile (before its CUDA graph is captured), fusing its norms, rotary embeddings and activations, and the sampling from its logits compiled too (inductor's own random stream); compiles once per decoder (a new one per wider prompt width step or other row count; tens of seconds on a GPU), each with its own recompile budget. Also on CPU, where it uses the static cache uncaptured."""
 
 
 @dataclass

@@ -16,7 +16,7 @@ drawn on the device, and the loop stops once every row has ended. Two decoders r
 
 With `rollout.compile`, the static decoder's step is compiled by torch.compile (inductor fuses
 the elementwise work between the matmuls) and the compiled step is what the graph captures; the
-draw from its logits is compiled too (`_fused_draw`).
+draw from its logits is compiled too. Each decoder compiles its own (`_compile`).
 
 Between steps the host only enqueues work: the early-exit test (`finished.all()`, a sync) runs
 every `SYNC_EVERY` tokens on CUDA.
@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from rltune.distributed import gathered
+from rltune.models import OWN_RECOMPILES
 from rltune.prefix import full_attention_only
 from rltune.rollout import (
     Rollout,
@@ -101,9 +102,14 @@ def draw(
     return token, logp.gather(-1, token[:, None])[:, 0]
 
 
-_fused_draw = torch.compile(draw, dynamic=False)
-"""`draw` compiled (rollout.compile): the log-softmax, the race and the gather in a few fused
-kernels rather than one pass over [rows, vocabulary] each; compiled once per sampling setting."""
+def _compile(fn):
+    """`fn` compiled for one static decoder, at its fixed shapes (rollout.compile), with a
+    recompile budget of its own (`OWN_RECOMPILES`): every decoder runs the same code, and a run
+    whose prompts grow wider makes a new decoder per `WIDTH_STEP`, so on a shared budget the
+    ninth would decode uncompiled for the rest of the run. Dynamo keeps a replaced decoder's
+    compiled code (not its cache) until `torch._dynamo.reset`; its `accumulated_recompile_limit`
+    (256 compiles of one code object, all budgets together) still holds."""
+    return torch.compile(fn, dynamic=False, **OWN_RECOMPILES)
 
 
 # ----------------------------------------------------------------------------- decoders
@@ -127,6 +133,7 @@ class DynamicDecoder:
     """Eager steps on a `DynamicCache` that grows by one position per token."""
 
     compiled = False  # its shapes change every step: rollout.compile leaves it eager
+    draw = staticmethod(draw)
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -205,8 +212,11 @@ class StaticDecoder:
         self.pos = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.mask = torch.zeros(rows, 1, 1, length, dtype=torch.bool, device=device)
         self.capture, self.compiled = capture, compile
-        # the fused step: dynamo guards on the cache's addresses, so each decoder compiles once
-        self._run = torch.compile(self._forward, dynamic=False) if compile else self._forward
+        # the fused step, compiled once for this decoder's shapes; and the draw from its logits,
+        # once per sampling setting: the log-softmax, the race and the gather in a few fused
+        # kernels rather than one pass over [rows, vocabulary] each
+        self._run = _compile(self._forward) if compile else self._forward
+        self.draw = _compile(draw) if compile else draw
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 
@@ -453,13 +463,14 @@ def fast_sample(
 
     `decoder`: auto (`auto_decoder`: graph on CUDA or with `compile` for most models, else
     dynamic), graph (the replica and its `StaticDecoder` for this many rows, reused; captured
-    on CUDA only), static (a fresh `StaticDecoder` on the model itself, never captured), or
-    dynamic. `dtype`: the compute dtype for the graph (default: the parameters' own).
-    `compile` (`rollout.compile`): the static decoders' step is compiled by torch.compile, which
-    fuses the norms, rotary embeddings and activations that otherwise run as separate kernels,
-    before it is captured; each decoder compiles once (tens of seconds on a GPU), and the
-    dynamic decoder ignores it. `greedy`: the most likely token at each step, as `generate`
-    without sampling (evaluation); the log-probs are still under the temperature."""
+    on CUDA only), static (a fresh `StaticDecoder` on the model itself, never captured, and
+    compiled anew each call), or dynamic. `dtype`: the compute dtype for the graph (default:
+    the parameters' own). `compile` (`rollout.compile`): the static decoders' step is compiled
+    by torch.compile, which fuses the norms, rotary embeddings and activations that otherwise
+    run as separate kernels, before it is captured; each decoder compiles once (tens of seconds
+    on a GPU), and the dynamic decoder ignores it. `greedy`: the most likely token at each step,
+    as `generate` without sampling (evaluation); the log-probs are still under the
+    temperature."""
     if decoder == "auto":
         decoder = auto_decoder(model, compile)
     # calls of equal size where the prompts divide evenly (12 rows in calls of at most 8: 6 + 6,
@@ -553,13 +564,9 @@ def _decode(dec, prompt_ids, prompt_mask, group_size, params, greedy, ends, pad)
     check_every = SYNC_EVERY if prompt_ids.device.type == "cuda" else 1
     finished = torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
     tokens, logps = [], []
-    compiled = dec.compiled
     for step in range(params.max_new_tokens):
-        if compiled:  # rollout.compile: the sampling's passes over the vocabulary fused too
-            with _compiled(True):
-                token, logp = _fused_draw(logits, params, greedy)
-        else:
-            token, logp = draw(logits, params, greedy)
+        with _compiled(dec.compiled):  # rollout.compile: the draw's passes fused too
+            token, logp = dec.draw(logits, params, greedy)
         token = token.masked_fill(finished, pad)
         tokens.append(token)
         logps.append(logp)

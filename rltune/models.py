@@ -7,6 +7,7 @@ Later algorithms add the reference, value and reward models here; this file owns
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import re
@@ -25,6 +26,20 @@ SHIPPED = {"tiny": ASSETS / "tiny", "tiny_init": ASSETS / "tiny_init"}
 """Models that ship inside the package (built by scripts/make_tiny_model.py)."""
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+OWN_RECOMPILES = (
+    {"isolate_recompiles": True}
+    if "isolate_recompiles" in inspect.signature(torch.compile).parameters
+    else {}
+)
+"""torch.compile's option that counts one call's compiles apart from every other call's on the
+same code, where torch has it (2.13 does). Dynamo keeps compiles per code object, and once
+there are `torch._dynamo.config.recompile_limit` (8) of them it runs that code eagerly for any
+input none of them fits, for the rest of the process, with one warning in the log. What rltune
+compiles more than once is such shared code: every model's decoder stack runs transformers' one
+decorated `forward` (PPO's three models, in train and eval mode, with and without grad, took
+all 8 in 30 steps of the tiny job), and every static decoder's step `StaticDecoder._forward`.
+Without the option (an older torch) they share the 8."""
 
 
 def resolve_device(name: str) -> torch.device:

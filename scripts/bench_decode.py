@@ -64,7 +64,7 @@ def _cuda_ms(fn, calls: int = 50) -> float:
 
 
 def run(engine: str, model, prompts, params, group: int, device, calls: int) -> dict:
-    from rltune.decode import _REPLICAS, _fused_draw, draw, fast_sample
+    from rltune.decode import _REPLICAS, fast_sample
     from rltune.models import autocast
     from rltune.rollout import sample
 
@@ -112,8 +112,7 @@ def run(engine: str, model, prompts, params, group: int, device, calls: int) -> 
         for layer in decoder.cache.layers:
             layer.cumulative_length.fill_(decoder.width)
         result["ms_per_replay"] = _cuda_ms(decoder.graph.replay)
-        sampler = _fused_draw if engine == "compiled" else draw
-        result["ms_per_draw"] = _cuda_ms(lambda: sampler(decoder.logits, params, greedy=False))
+        result["ms_per_draw"] = _cuda_ms(lambda: decoder.draw(decoder.logits, params, greedy=False))
     return result
 
 

@@ -272,6 +272,33 @@ def test_compiled_decode_step_equals_generate_compiles_once_and_is_reused(tiny, 
     assert again.completions == [c for c in expected[::-1] for _ in range(2)]
 
 
+def test_each_compiled_decoder_compiles_its_own_step_and_draw(tiny):
+    """rollout.compile: every decoder's step is the same code (`StaticDecoder._forward`), and
+    dynamo runs a code object eagerly once it has been compiled `recompile_limit` times (8); a
+    run whose prompts grow wider makes a new decoder per WIDTH_STEP. With the limit at 2 here,
+    three decoders of growing width each compile their step and draw (rather than the third
+    decoding eagerly)."""
+    from conftest import small_model_config
+    from torch._dynamo.utils import counters
+
+    from rltune.decode import _REPLICAS, WIDTH_STEP, fast_sample
+
+    _, tokenizer = tiny
+    model = AutoModelForCausalLM.from_config(small_model_config(tokenizer)).eval()
+    prompt = _arith_prompts(tokenizer, 1)[0]
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for k in (1, 2, 3):
+            counters.clear()
+            wide = (prompt * 8)[: k * WIDTH_STEP]
+            fast_sample(
+                model, tokenizer, [wide], SamplingParams(max_new_tokens=4), greedy=True,
+                decoder="graph", compile=True,
+            )  # fmt: skip
+            assert _REPLICAS[model].decoders[1].width == k * WIDTH_STEP  # 1 prompt, 1 row
+            assert counters["stats"]["unique_graphs"] == 2  # the step, the draw
+            assert counters["frames"]["ok"] == counters["frames"]["total"] == 2
+
+
 @pytest.mark.parametrize("device", devices)
 def test_graph_decoder_bf16_replica_logps_match_an_autocast_forward(tiny, device):
     """fp32 master weights under bf16 autocast: the decoder samples from a bf16 replica, and
@@ -479,9 +506,9 @@ def test_draw_samples_the_filtered_distribution_and_returns_unfiltered_logps(kw,
 )
 def test_compiled_draw_samples_the_same_distribution(kw, expected):
     """rollout.compile's draw (inductor, with its own random stream) keeps the distribution."""
-    from rltune.decode import _fused_draw
+    from rltune.decode import _compile, draw
 
-    _check_draw(_fused_draw, kw, expected)
+    _check_draw(_compile(draw), kw, expected)
 
 
 def _check_draw(draw, kw, expected):
