@@ -25,6 +25,7 @@ every `SYNC_EVERY` tokens on CUDA.
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import warnings
 import weakref
@@ -215,7 +216,9 @@ class StaticDecoder:
         # the fused step, compiled once for this decoder's shapes; and the draw from its logits,
         # once per sampling setting: the log-softmax, the race and the gather in a few fused
         # kernels rather than one pass over [rows, vocabulary] each
-        self._run = _compile(self._forward) if compile else self._forward
+        # (the function, not a bound method: that would make a cycle that keeps a replaced
+        # decoder's cache and graph until the garbage collector runs)
+        self._step = _compile(StaticDecoder._forward) if compile else StaticDecoder._forward
         self.draw = _compile(draw) if compile else draw
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
@@ -256,7 +259,7 @@ class StaticDecoder:
         self.mask[:, 0, 0, self.t] = True
         if not self.capture:
             with _quiet(), _compiled(self.compiled):
-                logits = self._run(self.model())
+                logits = self._step(self, self.model())
         else:
             if self.graph is None:
                 self._capture()
@@ -286,13 +289,13 @@ class StaticDecoder:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), _quiet(), _compiled(self.compiled):
             for _ in range(2):  # the first call compiles (rollout.compile)
-                self._run(self.model())
+                self._step(self, self.model())
         torch.cuda.current_stream().wait_stream(stream)
         for layer, n in zip(self.cache.layers, lengths, strict=True):
             layer.cumulative_length.copy_(n)
         self.graph = torch.cuda.CUDAGraph()
         with _quiet(), _compiled(self.compiled), torch.cuda.graph(self.graph):  # its own pool
-            self.logits = self._run(self.model())
+            self.logits = self._step(self, self.model())
 
 
 class _Replica:
@@ -335,7 +338,10 @@ class _Replica:
                 torch._foreach_copy_([r for r, _ in self.pairs], [p for _, p in self.pairs])
         pointers = self._pointers()
         if pointers != self.pointers:  # a weight the graph reads was replaced, not updated
+            traced = any(d.compiled for d in self.decoders.values())
             self.decoders, self.pointers = {}, pointers
+            if traced:  # as in `decoder_for`
+                gc.collect()
 
     def decoder_for(self, rows: int, width: int, room: int, compile: bool) -> StaticDecoder:
         """A decoder for `rows` rows of prompts up to `width` wide and `room` new tokens.
@@ -358,9 +364,12 @@ class _Replica:
         if d is not None:
             width, room = max(width, d.width), max(room, d.length - d.width)
         # free the replaced cache and graph, and the oldest past the bound, before the new one
+        traced = d is not None and d.compiled
         d = None
         while len(self.decoders) >= MAX_DECODERS:
-            del self.decoders[next(iter(self.decoders))]
+            traced |= self.decoders.pop(next(iter(self.decoders))).compiled
+        if traced:  # dynamo's tracing of a compiled step left cycles that still hold its cache
+            gc.collect()
         cuda = next(self.model.parameters()).is_cuda
         self.decoders[rows] = StaticDecoder(
             self.module(), rows, width, width + room, capture=cuda, compile=compile

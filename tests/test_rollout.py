@@ -272,12 +272,16 @@ def test_compiled_decode_step_equals_generate_compiles_once_and_is_reused(tiny, 
     assert again.completions == [c for c in expected[::-1] for _ in range(2)]
 
 
-def test_each_compiled_decoder_compiles_its_own_step_and_draw(tiny):
+def test_each_compiled_decoder_compiles_and_frees_the_one_it_replaces(tiny):
     """rollout.compile: every decoder's step is the same code (`StaticDecoder._forward`), and
     dynamo runs a code object eagerly once it has been compiled `recompile_limit` times (8); a
     run whose prompts grow wider makes a new decoder per WIDTH_STEP. With the limit at 2 here,
     three decoders of growing width each compile their step and draw (rather than the third
-    decoding eagerly)."""
+    decoding eagerly), and each one replaced is freed with its cache before the next is made,
+    here with the garbage collector off (as it may not run in time on a GPU)."""
+    import gc
+    import weakref
+
     from conftest import small_model_config
     from torch._dynamo.utils import counters
 
@@ -286,17 +290,26 @@ def test_each_compiled_decoder_compiles_its_own_step_and_draw(tiny):
     _, tokenizer = tiny
     model = AutoModelForCausalLM.from_config(small_model_config(tokenizer)).eval()
     prompt = _arith_prompts(tokenizer, 1)[0]
-    with torch._dynamo.config.patch(recompile_limit=2):
-        for k in (1, 2, 3):
-            counters.clear()
-            wide = (prompt * 8)[: k * WIDTH_STEP]
-            fast_sample(
-                model, tokenizer, [wide], SamplingParams(max_new_tokens=4), greedy=True,
-                decoder="graph", compile=True,
-            )  # fmt: skip
-            assert _REPLICAS[model].decoders[1].width == k * WIDTH_STEP  # 1 prompt, 1 row
-            assert counters["stats"]["unique_graphs"] == 2  # the step, the draw
-            assert counters["frames"]["ok"] == counters["frames"]["total"] == 2
+    caches = []
+    gc.disable()
+    try:
+        with torch._dynamo.config.patch(recompile_limit=2):
+            for k in (1, 2, 3):
+                counters.clear()
+                wide = (prompt * 8)[: k * WIDTH_STEP]
+                fast_sample(
+                    model, tokenizer, [wide], SamplingParams(max_new_tokens=4), greedy=True,
+                    decoder="graph", compile=True,
+                )  # fmt: skip
+                decoder = _REPLICAS[model].decoders[1]  # 1 prompt, 1 row
+                assert decoder.width == k * WIDTH_STEP
+                assert counters["stats"]["unique_graphs"] == 2  # the step, the draw
+                assert counters["frames"]["ok"] == counters["frames"]["total"] == 2
+                caches.append(weakref.ref(decoder.cache.layers[0].keys))
+                del decoder
+                assert [c() is not None for c in caches] == [False] * (k - 1) + [True]
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize("device", devices)
