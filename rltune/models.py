@@ -443,7 +443,7 @@ def compile_stack(model: nn.Module, **options) -> nn.Module:
     output layer stays eager: a matmul gains nothing from fusion. Returns what was compiled."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     target = decoder if isinstance(decoder, nn.Module) and decoder is not model else model
-    target.compile(**options)
+    target.compile(**{**OWN_RECOMPILES, **options})  # each model its own recompile budget
     return target
 
 

@@ -587,6 +587,27 @@ def test_decoding_runs_a_compiled_model_uncompiled():
     assert not counters["stats"], dict(counters["stats"])
 
 
+def test_each_compiled_model_has_a_recompile_budget_of_its_own(tiny):
+    """train.compile: every model's decoder stack runs transformers' one decorated `forward`,
+    and dynamo runs a code object eagerly once it has been compiled `recompile_limit` times (8;
+    PPO's three models took all 8 in 30 steps of the tiny job). With the limit at 1 here, a
+    trained policy and a frozen reference (which dynamo compiles apart: their parameters differ
+    in requires_grad) each compile their own stack, rather than the reference running eagerly."""
+    from torch._dynamo.utils import counters
+
+    from rltune.models import compile_stack
+
+    model, tokenizer = tiny
+    policy, reference = copy.deepcopy(model), copy.deepcopy(model).requires_grad_(False)
+    ids = torch.tensor(_prompt_ids(tokenizer, ["12+7="]))
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for m in (policy, reference):
+            compile_stack(m, backend="eager")  # dynamo's tracing, no code generation
+            counters.clear()
+            m.get_decoder()(input_ids=ids)
+            assert counters["stats"]["unique_graphs"] == 1
+
+
 def _greedy_both(model, tokenizer, prompts, stop):
     """The `generate` engine and the fast one, greedy (top_k=1), with stop strings."""
     from rltune.decode import fast_sample
