@@ -2,7 +2,9 @@
 
 `metrics.jsonl` holds one JSON object per logged step, each with `step`. Every row is flushed
 as it is written, so a crash loses at most the row being written; a torn last line is skipped
-on reading and dropped before new rows are appended. On resume, rows after the checkpoint's
+on reading and dropped before new rows are appended. Before each checkpoint both files are
+synced to disk, so a machine crash never keeps a checkpoint while losing rows up to its step,
+which the resumed run would not write again. On resume, rows after the checkpoint's
 step belong to the abandoned trajectory: they are moved to `metrics.orphaned.jsonl` (never
 deleted) and the main file is rewritten atomically without them; `samples.jsonl` likewise.
 
@@ -63,13 +65,22 @@ def _truncate(path: Path, orphans: Path, step: int) -> tuple[int, bool]:
     orphaned = [r for r in rows if r.get("step", 0) > step]
     if not orphaned and (not text or text.endswith("\n")):
         return 0, False
-    if orphaned:
+    if orphaned:  # on disk before they leave the main file
         with open(orphans, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in orphaned)
+            _fsync(f)
     tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    with open(tmp, "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in keep))
+        _fsync(f)
     os.replace(tmp, path)
     return len(orphaned), torn
+
+
+def _fsync(f) -> None:
+    """Flush the open file `f` through to the disk."""
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def _jsonable(value: Any) -> Any:
@@ -154,6 +165,16 @@ class MetricsLogger:
         self._file.flush()
         if self._wandb is not None:
             self._wandb.log(row)  # `step` is the x-axis metric (see _start_wandb)
+
+    def sync(self) -> None:
+        """metrics.jsonl and samples.jsonl through to the disk (a row is otherwise only handed
+        to the operating system, which a machine crash can lose)."""
+        if self._file is not None:
+            _fsync(self._file)
+        samples = self.run_dir / SAMPLES_FILE
+        if samples.exists():
+            with open(samples, "a") as f:
+                _fsync(f)
 
     def log_samples(self, step: int, columns: list[str], rows: list[list[Any]]) -> None:
         """A table of generated samples: a wandb Table, and `samples.jsonl` beside the metrics."""

@@ -460,6 +460,9 @@ def train(
             if d.world_size > 1 and all_reduce_sum({"s": float(signum is not None)}, device)["s"]:
                 signum = signum or signal.SIGTERM
             if (t.save_every and step % t.save_every == 0) or signum is not None:
+                # rows up to this step on disk before the checkpoint is: a resume from it never
+                # writes them again, so a machine crash must not keep one and lose the other
+                logger.sync()
                 saved = engine.save(
                     ckpt_root,
                     step,

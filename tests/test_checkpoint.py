@@ -2,6 +2,9 @@
 and nothing written is lost."""
 
 import json
+import os
+
+import pytest
 
 from rltune.checkpoint import (
     STATE_FILE,
@@ -138,3 +141,70 @@ def test_config_changes_resolve_interpolations_and_spellings_of_a_path(tmp_path,
     now = {"model": {"path": str(SHIPPED["tiny"]) + "/"}, "train": {"lr": "0.001", "seed": 1}}
     assert config_changes(tmp_path, now) == {"train.seed": (0, 1)}
     check_resumable(tmp_path, now)  # the same model: no error
+
+
+@pytest.fixture
+def synced(monkeypatch):
+    """`synced(path)`: whether the last fsync of that file reached its present length."""
+    sizes: dict[tuple[int, int], int] = {}  # (device, inode) -> its size when last synced
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        st = os.fstat(fd)
+        sizes[(st.st_dev, st.st_ino)] = st.st_size
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+    def check(path) -> bool:
+        st = os.stat(path)
+        return sizes.get((st.st_dev, st.st_ino)) == st.st_size
+
+    return check
+
+
+def test_rows_are_on_disk_before_the_checkpoint_of_their_step(tmp_path, monkeypatch, synced):
+    """A checkpoint is synced to disk before it is renamed into place, and so must be every
+    metrics and samples row up to its step: after a machine crash, a resume from that checkpoint
+    does not write those rows again. At each checkpoint's rename, both files must have been
+    synced to their whole length."""
+    from rltune import checkpoint
+    from rltune.cli import run
+
+    real_replace, unsynced = checkpoint.replace_dir, []
+
+    def replace_dir(tmp, final):
+        if final.parent.name == "checkpoints":
+            for name in ("metrics.jsonl", "samples.jsonl"):
+                if not synced(final.parent.parent / name):
+                    unsynced.append((final.name, name))
+        real_replace(tmp, final)
+
+    monkeypatch.setattr(checkpoint, "replace_dir", replace_dir)
+    run_dir = run(
+        [
+            "algo=sft",
+            f"hydra.run.dir={tmp_path}",
+            "train.max_steps=2",
+            "train.save_every=1",
+            "train.log_every=1",
+            "train.batch_size=4",
+            "train.micro_batch_size=4",
+            "train.eval_samples=4",
+            "data.train_size=16",
+        ]
+    )
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [0, 1, 2]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-1", "step-2"]
+    assert unsynced == []
+
+
+def test_a_resume_syncs_the_rewritten_metrics_and_the_orphans(tmp_path, synced):
+    """The rewrite without the abandoned rows replaces metrics.jsonl by a rename: unsynced, a
+    machine crash could leave an empty file under the name, every row to the checkpoint's step
+    lost; and the rows moved out must be on disk in the orphans' file before they leave."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(10)))
+    MetricsLogger(tmp_path, LoggerConfig(), config={}, total_steps=10).truncate_after(5)
+    assert [r["step"] for r in read_metrics(path)] == [0, 1, 2, 3, 4, 5]
+    assert synced(path) and synced(tmp_path / "metrics.orphaned.jsonl")

@@ -2,6 +2,7 @@
 survives functions that raise, hang or return garbage."""
 
 import math
+import threading
 import time
 
 import pytest
@@ -278,6 +279,56 @@ def test_retries_after_a_timeout_share_one_more_timeout():
     assert calls == [6, 1]
     assert out.errors == {"hangs": 6} and out.total.isnan().all()
     assert "no time left" in out.last_error["hangs"]
+
+
+def test_a_function_that_hangs_for_good_holds_a_bounded_number_of_threads():
+    """A function whose batch calls never return (a socket read without a timeout) while
+    single samples score: each rollout abandons one more thread at its timeout. Past
+    MAX_HUNG_CALLS still running, the function gets no new call and its samples fail, so
+    rollout after rollout the threads stop piling up (a run of 1,500 steps held 1,500 of
+    them); once the hung calls return, it scores again."""
+    release = threading.Event()
+    inside = []  # one entry per call now running in the function
+
+    def hangs_on_batches(prompts, completions, **columns):
+        inside.append(1)
+        try:
+            if len(completions) > 1:
+                release.wait()
+            return [1.0] * len(completions)
+        finally:
+            inside.pop()
+
+    fn = rewards.RewardFunction("hangs", hangs_on_batches, 1.0)
+    try:
+        for _ in range(rewards.MAX_HUNG_CALLS - 1):  # a rollout: a hung batch, retries score
+            out = rewards.score([fn], ["p"] * 3, ["a", "b", "c"], {}, timeout_s=0.05)
+            assert out.errors == {"hangs": 0}
+        for _ in range(3):  # the first hangs its batch too, then no call starts
+            out = rewards.score([fn], ["p"] * 3, ["a", "b", "c"], {}, timeout_s=0.05)
+            assert out.errors == {"hangs": 3} and out.total.isnan().all()
+            assert "still running past their reward.timeout_s" in out.last_error["hangs"]
+        assert len(inside) == rewards.MAX_HUNG_CALLS
+    finally:
+        release.set()
+    for thread in fn.hung:
+        thread.join(5)
+    out = rewards.score([fn], ["p"] * 3, ["a", "b", "c"], {}, timeout_s=5)
+    assert out.errors == {"hangs": 0} and out.total.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_columns_named_like_the_callers_parameters_reach_the_function():
+    """Data columns are passed as keyword arguments: one named `fn`, `timeout_s` or `hung`
+    reaches the reward function instead of clashing with the timeout wrapper's parameters."""
+
+    def reads(prompts, completions, fn, timeout_s, hung, **columns):
+        return [float(a + b + c) for a, b, c in zip(fn, timeout_s, hung, strict=True)]
+
+    columns = {"fn": [1, 2], "timeout_s": [10, 20], "hung": [100, 200]}
+    out = rewards.score(
+        [rewards.RewardFunction("reads", reads, 1.0)], ["p", "q"], ["a", "b"], columns, timeout_s=5
+    )
+    assert out.errors == {"reads": 0} and out.total.tolist() == [111.0, 222.0]
 
 
 def test_a_failure_names_the_line_of_the_users_file_and_trls_completion_shape(tmp_path):

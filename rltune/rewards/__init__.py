@@ -16,7 +16,11 @@ time, within one more timeout_s for all the retries, so only the samples that fa
 reward; each failure counts in `rewards/<name>/errors`, and the run goes on, unless a function
 fails on every sample of FAILING_STEPS rollouts in a row (`FailureWatch`). The timeout cannot
 interrupt code that holds Python's global lock (a long regular-expression match): such a call
-ends when it ends. Each function gets its own copies of the arguments.
+ends when it ends. A call that timed out runs on in its abandoned thread until it returns
+(Python cannot stop a thread); while MAX_HUNG_CALLS of one function's calls run so, it gets no
+new call and its samples fail, so a function that hangs for good costs a bounded number of
+threads, not one or two per step for the rest of the run. Each function gets its own copies of
+the arguments.
 
 A sample's reward is the weighted sum of the values its functions returned (None values are
 skipped); it is None (NaN in tensors) when any function failed on it or none returned a value.
@@ -39,7 +43,7 @@ import sysconfig
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +70,8 @@ class RewardFunction:
     """Data columns without which it scores nothing (the built-in checkers need `answer`)."""
     model: bool = False
     """reward.model_path's scorer (rltune's own code, run without a timeout)."""
+    hung: list[threading.Thread] = field(default_factory=list, repr=False)
+    """Threads of its calls abandoned at a timeout, until they end (see call_with_timeout)."""
 
 
 @dataclass
@@ -274,9 +280,29 @@ class _Timeout(Exception):
     pass
 
 
-def call_with_timeout(fn, timeout_s: float, *args: Any, **kwargs: Any) -> Any:
-    """fn(*args, **kwargs) in a daemon thread; _Timeout when it has not returned in timeout_s
-    (the thread is abandoned: Python cannot kill it, but it never blocks the run or its exit)."""
+class _Hung(Exception):
+    """The function has MAX_HUNG_CALLS calls still running past their timeout."""
+
+
+MAX_HUNG_CALLS = 8
+"""Calls of one reward function that may run on past reward.timeout_s at once; beyond them it
+gets no new call. Each holds a thread and its own copies of a batch's arguments."""
+
+
+def call_with_timeout(
+    fn, timeout_s: float, hung: list[threading.Thread], /, *args: Any, **kwargs: Any
+) -> Any:
+    """fn(*args, **kwargs) in a daemon thread; _Timeout when it has not returned in timeout_s.
+    The thread is then abandoned (Python cannot kill it, but it never blocks the run or its
+    exit) and kept in `hung` until it ends. With MAX_HUNG_CALLS of them still running, no thread
+    is started: _Hung. (Positional-only, so that a data column named `fn` reaches `fn`.)"""
+    hung[:] = [t for t in hung if t.is_alive()]
+    if len(hung) >= MAX_HUNG_CALLS:
+        raise _Hung(
+            f"{len(hung)} earlier calls are still running past their reward.timeout_s (Python "
+            "cannot stop them), so no new call is made until one returns; fix the function if "
+            "it hangs, or raise reward.timeout_s if it is only slow"
+        )
     box: dict[str, Any] = {}
 
     def target() -> None:
@@ -289,6 +315,7 @@ def call_with_timeout(fn, timeout_s: float, *args: Any, **kwargs: Any) -> Any:
     thread.start()
     thread.join(timeout_s)
     if thread.is_alive():
+        hung.append(thread)
         raise _Timeout(f"no result within reward.timeout_s={timeout_s}")
     if "error" in box:
         raise box["error"]
@@ -377,8 +404,10 @@ def _call(
         # collective, and a call abandoned by a timeout on one rank would hang the others
         return _checked(f.fn(prompts, completions, **columns), n), [False] * n, None
     try:
-        values = call_with_timeout(f.fn, timeout_s, prompts, completions, **columns)
+        values = call_with_timeout(f.fn, timeout_s, f.hung, prompts, completions, **columns)
         return _checked(values, n), [False] * n, None
+    except _Hung as err:  # the retries would find no thread either
+        return [None] * n, [True] * n, _failure(err, prompts)
     except Exception as err:  # noqa: BLE001 - a reward function must never stop the run
         log.warning(
             "reward %s failed on the batch (%s); retrying per sample",
@@ -397,6 +426,7 @@ def _call(
             one = call_with_timeout(
                 f.fn,
                 left,
+                f.hung,
                 prompts[i : i + 1],
                 completions[i : i + 1],
                 **{k: v[i : i + 1] for k, v in columns.items()},
