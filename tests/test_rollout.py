@@ -727,17 +727,19 @@ def test_a_short_last_call_is_filled_up_to_use_the_same_decoder(tiny, monkeypatc
     torch.testing.assert_close(split_logps[:, :n], whole_logps, atol=1e-5, rtol=1e-5)
 
 
-def test_the_graph_replica_keeps_the_training_decoder_across_an_eval(tiny, monkeypatch):
+@pytest.mark.parametrize("device", devices)
+def test_the_graph_replica_keeps_the_training_decoder_across_an_eval(tiny, monkeypatch, device):
     """Evaluation decodes greedily another number of rows (eval prompts x 1) than training's
     rollouts (prompts x group_size). The replica keeps a decoder per row count, so the
     training decoder (on CUDA its graph, with rollout.compile its compiled step) is the same
     object before and after an eval, and the eval's serves the next eval: two decoders made,
-    whatever the number of rounds. A third row count drops the least recently used one."""
+    whatever the number of rounds. A third row count drops the least recently used one. On
+    CUDA two captured graphs live side by side, and a dropped one's pool is released."""
     from rltune import decode
     from rltune.rollout import generate_greedy
 
     model, tokenizer = tiny
-    model = copy.deepcopy(model)  # no decoder left from other tests
+    model = copy.deepcopy(model).to(device)  # no decoder left from other tests
     made = _decoders_made(monkeypatch)
     prompts = _arith_prompts(tokenizer, 6)
     params = SamplingParams(max_new_tokens=6)
