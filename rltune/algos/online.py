@@ -169,6 +169,12 @@ class OnlineAlgorithm(AlgorithmBase):
                 else:
                     ids = self.tokenizer(shown, verbose=False)["input_ids"]
             except Exception as err:  # a template that rejects the messages, ...
+                if shown is not prompt and self._renders(prompt):  # the turn added, not the row
+                    raise ConfigError(
+                        f"data.system_prompt: the chat template of model.path="
+                        f"{self.ctx.cfg.model.path} cannot render a system turn ({err}); put "
+                        "the instruction in the prompts instead"
+                    ) from err
                 raise DataError(f"{record.where}: {err}") from err
             if len(ids) > budget:
                 ids, truncated = ids[-budget:], truncated + 1
@@ -190,6 +196,15 @@ class OnlineAlgorithm(AlgorithmBase):
                 budget,
             )
         return prompts
+
+    def _renders(self, prompt: str | list[dict[str, Any]]) -> bool:
+        """Whether the chat template renders `prompt` (a string as the user's turn)."""
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        try:
+            render_prompt(self.tokenizer, messages)
+        except Exception:  # noqa: BLE001 - whatever the template raises
+            return False
+        return True
 
     # --- rollouts -------------------------------------------------------------------------
 
