@@ -135,7 +135,7 @@ class DataConfig:
     columns: dict[str, str] = field(default_factory=dict)
     """Columns renamed as rows are read, before the format is detected: {the data's name: rltune's}, e.g. {question: prompt}."""
     system_prompt: str | None = None
-    """Online algorithms (grpo, ppo, rloo, reinforce, rs): a system turn put before each prompt, which is then rendered with the chat template (a string prompt becomes the user's turn; a message list that opens with a system turn keeps its own)."""
+    """Online algorithms (grpo, ppo, rloo, reinforce, rs): a system turn put before each prompt, which is then rendered with the chat template (a string prompt becomes the user's turn; a message list that opens with a system turn keeps its own); reward.model_path's model scores that chat too, reward functions the prompt as in the data."""
     task: str | None = "arith"
     """Built-in task used when path is null (also provides eval/accuracy); null for none."""
     format: str = "auto"
