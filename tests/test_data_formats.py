@@ -304,6 +304,8 @@ def test_hub_subset_and_splits_are_refused_for_local_data(tmp_path):
         _split(_data(tmp_path, subset="main"))
     with pytest.raises(DataError, match=r"data.eval_split='test' names a split of a hub dataset"):
         _split(_data(tmp_path, eval_split="test"))
+    with pytest.raises(DataError, match=r"data.split='test' names a split of a hub dataset, but"):
+        _split(_data(tmp_path, split="test"))
 
 
 def test_a_list_of_hub_ids_reads_each_at_the_subset_and_splits(tmp_path, monkeypatch):

@@ -75,6 +75,11 @@ def split_records(
                 f"data.subset={data.subset!r} picks a subset of a hub dataset, but "
                 f"data.path={data.path!r} is local data"
             )
+        if data.split != "train" and not is_hub_id(data.path):
+            raise DataError(
+                f"data.split={data.split!r} names a split of a hub dataset, but "
+                f"data.path={data.path!r} is local data: all of it is read for training"
+            )
         train = load_records(data.path, subset=data.subset, split=data.split)
         if data.eval_path is not None:
             split = data.eval_split or data.split
