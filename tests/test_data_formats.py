@@ -306,6 +306,9 @@ def test_hub_subset_and_splits_are_refused_for_local_data(tmp_path):
         _split(_data(tmp_path, eval_split="test"))
     with pytest.raises(DataError, match=r"data.split='test' names a split of a hub dataset, but"):
         _split(_data(tmp_path, split="test"))
+    local_eval = _data(tmp_path, eval_path=str(tmp_path / "d.jsonl"), eval_split="test")
+    with pytest.raises(DataError, match=r"but data.eval_path='.*d.jsonl' is local data: all of"):
+        _split(local_eval)
 
 
 def test_a_list_of_hub_ids_reads_each_at_the_subset_and_splits(tmp_path, monkeypatch):
