@@ -236,7 +236,13 @@ def _hydra_message(err: Exception) -> str:
     from hydra.errors import MissingConfigException
 
     if isinstance(err, MissingConfigException) and err.options and err.missing_cfg_file:
-        group, _, name = err.missing_cfg_file.rpartition("/")
+        # the group is the path's first folder where that is one of rltune's, so that an
+        # option with a slash in it (data=dir/file.jsonl in a sweep of presets) is named whole
+        top, _, rest = err.missing_cfg_file.partition("/")
+        if (conf_dir() / top).is_dir():
+            group, name = top, rest
+        else:
+            group, _, name = err.missing_cfg_file.rpartition("/")
         options = [o for o in err.options if not o.startswith("base_")]
         hint = " (or a data file, folder or org/name hub id)" if group == "data" else ""
         return f"{group}={name}: no such option; one of: {', '.join(options)}{hint}"
@@ -261,20 +267,38 @@ def launcher_args_removed(args: list[str]) -> list[str]:
 
 
 def data_shorthand(args: list[str]) -> list[str]:
-    """`args` with `data=<file, folder or hub id>` read as `data=custom data.path=<it>`, as
-    `rltune algo=dpo data=my_prefs.jsonl` is meant; a data preset's name (`data=arith`) and a
-    sweep over several values stay as they are."""
+    """`args` with `data=<file, folder or hub id>` (or `+data=`) read as `data=custom
+    data.path=<it>`, as `rltune algo=dpo data=my_prefs.jsonl` is meant, also where every value
+    of a sweep is one (`-m data=a.jsonl,b.jsonl`: a sweep over data.path); a data preset's name
+    (`data=arith`) and a sweep over presets stay as they are. The value is read as Hydra reads
+    it (quotes, sweeps) and passed on as it was written."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep
+    from hydra.errors import HydraException
+
     from rltune.data.loading import SUPPORTED_SUFFIXES, is_hub_id
 
     presets = {p.stem for p in (conf_dir() / "data").glob("*.yaml")}
+
+    def is_data(value: object) -> bool:
+        if not isinstance(value, str) or value in presets:
+            return False
+        path = Path(value).expanduser()
+        hub = "/" in value and is_hub_id(value)  # org/name: a bare word is a preset's typo
+        return path.exists() or path.suffix.lower() in SUPPORTED_SUFFIXES or hub
+
+    parser = OverridesParser.create()
     out = []
     for a in args:
-        key, eq, value = a.partition("=")
-        if key == "data" and eq and value not in presets and "," not in value:
-            path = Path(value).expanduser()
-            hub = "/" in value and is_hub_id(value)  # org/name: a bare word is a preset's typo
-            if path.exists() or path.suffix.lower() in SUPPORTED_SUFFIXES or hub:
-                out += ["data=custom", f"data.path={value}"]
+        key, eq, text = a.partition("=")
+        if key in ("data", "+data") and eq:  # `+`: the group is in the defaults already
+            try:
+                value = parser.parse_override(a).value()
+            except HydraException:  # malformed: Hydra's own run says how
+                value = None
+            values = value.list if isinstance(value, ChoiceSweep) else [value]
+            if values and all(is_data(v) for v in values):
+                out += ["data=custom", f"data.path={text}"]
                 continue
         out.append(a)
     return out

@@ -135,7 +135,7 @@ class DataConfig:
     columns: dict[str, str] = field(default_factory=dict)
     """Columns renamed as rows are read, before the format is detected: {the data's name: rltune's}, e.g. {question: prompt}."""
     system_prompt: str | None = None
-    """Online algorithms (grpo, ppo, rloo, reinforce, rs): a system turn put before each prompt, which is then rendered with the chat template (a string prompt becomes the user's turn; a message list that opens with a system turn keeps its own)."""
+    """Online algorithms (grpo, ppo, rloo, reinforce, rs): a system turn put before each prompt, which is then rendered with the chat template (a string prompt becomes the user's turn; a message list that opens with a system turn keeps its own); reward.model_path's model scores that chat too, reward functions the prompt as in the data."""
     task: str | None = "arith"
     """Built-in task used when path is null (also provides eval/accuracy); null for none."""
     format: str = "auto"
@@ -751,14 +751,29 @@ def validate(cfg: RLTuneConfig) -> None:
             f"data.eval_ratio={cfg.data.eval_ratio} and data.eval_split="
             f"{cfg.data.eval_split!r} both choose the eval rows: set one of them"
         )
-    if cfg.data.path is None and (cfg.data.subset, cfg.data.eval_split) != (None, None):
+    hub_choices = [  # data.split's default, train, chooses nothing
+        f"data.{k}"
+        for k, chosen in (
+            ("subset", cfg.data.subset is not None),
+            ("split", cfg.data.split != "train"),
+            ("eval_split", cfg.data.eval_split is not None),
+        )
+        if chosen
+    ]
+    if cfg.data.path is None and hub_choices:
         raise ConfigError(
-            "data.subset and data.eval_split choose from a hub dataset, but data.path is null "
-            f"(the built-in task {cfg.data.task!r} is used): set data.path to a hub dataset id"
+            f"{' and '.join(hub_choices)} {'choose' if len(hub_choices) > 1 else 'chooses'} "
+            f"from a hub dataset, but data.path is null (the built-in task {cfg.data.task!r} is "
+            "used): set data.path to a hub dataset id"
         )
     targets = list(cfg.data.columns.values())
     if len(set(targets)) < len(targets):
         raise ConfigError(f"data.columns={dict(cfg.data.columns)} renames two columns to one name")
+    if cfg.data.path is None and cfg.data.columns:
+        raise ConfigError(
+            f"data.columns={dict(cfg.data.columns)} renames the columns of data.path's rows, but "
+            f"data.path is null (the built-in task {cfg.data.task!r} is used, with its own columns)"
+        )
     if cfg.data.system_prompt is not None and not hasattr(cfg.algo, "group_size"):
         raise ConfigError(
             f"data.system_prompt is for the prompts of online algorithms (grpo, ppo, rloo, "

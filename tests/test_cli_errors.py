@@ -203,6 +203,20 @@ def test_data_takes_a_file_folder_or_hub_id_for_data_custom(tmp_path):
     ]  # fmt: skip
     assert data_shorthand([f"data={tmp_path / 'prefs'}"])[1] == f"data.path={tmp_path / 'prefs'}"
     assert data_shorthand(["data=openai/gsm8k"]) == ["data=custom", "data.path=openai/gsm8k"]
-    # presets, a bare word (a preset's typo, told as such) and sweeps are Hydra's
-    for args in (["data=arith"], ["data=custom"], ["data=arth"], ["-m", "data=a.jsonl,b.jsonl"]):
+    # presets, a bare word (a preset's typo, told as such) and sweeps over presets are Hydra's
+    for args in (["data=arith"], ["data=custom"], ["data=arth"], ["-m", "data=arith,a.jsonl"]):
         assert data_shorthand(args) == args
+    # a sweep over data (a sweep over data.path), quotes and `+` as Hydra reads them
+    assert data_shorthand(["-m", "data=a.jsonl,org/b"]) == [
+        "-m", "data=custom", "data.path=a.jsonl,org/b",
+    ]  # fmt: skip
+    assert data_shorthand(["data='my,file.jsonl'"])[1] == "data.path='my,file.jsonl'"
+    assert data_shorthand(["+data=a.jsonl"]) == ["data=custom", "data.path=a.jsonl"]
+
+
+def test_an_unknown_data_option_with_a_slash_is_named_whole(tmp_path, cli):
+    """A sweep over a preset and a folder that does not exist: the folder's path is the
+    option named, not split at its last slash into a group of its own."""
+    proc = cli("-m", "data=arith,sub/nope", f"hydra.sweep.dir={tmp_path}", timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "(data=sub/nope): data=sub/nope: no such option; one of: arith, custom" in proc.stderr

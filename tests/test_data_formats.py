@@ -304,6 +304,39 @@ def test_hub_subset_and_splits_are_refused_for_local_data(tmp_path):
         _split(_data(tmp_path, subset="main"))
     with pytest.raises(DataError, match=r"data.eval_split='test' names a split of a hub dataset"):
         _split(_data(tmp_path, eval_split="test"))
+    with pytest.raises(DataError, match=r"data.split='test' names a split of a hub dataset, but"):
+        _split(_data(tmp_path, split="test"))
+    local_eval = _data(tmp_path, eval_path=str(tmp_path / "d.jsonl"), eval_split="test")
+    with pytest.raises(DataError, match=r"but data.eval_path='.*d.jsonl' is local data: all of"):
+        _split(local_eval)
+
+
+def test_a_list_of_hub_ids_reads_each_at_the_subset_and_splits(tmp_path, monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake(name, subset, split):
+        calls.append((name, subset, split))
+        return [{"prompt": f"{name} {split}", "answer": "2"}]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    data = _data(tmp_path, path=["org/a", "org/b"], subset="main", split="dev", eval_split="test")
+    (train, _), (evals, _) = _split(data)
+    assert calls == [
+        ("org/a", "main", "dev"),
+        ("org/b", "main", "dev"),
+        ("org/a", "main", "test"),
+        ("org/b", "main", "test"),
+    ]
+    assert [r.data["prompt"] for r in train + evals] == [
+        "org/a dev", "org/b dev", "org/a test", "org/b test",
+    ]  # fmt: skip
+    # a list with a local file in it has no hub split to hold out
+    (tmp_path / "d.jsonl").write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n")
+    mixed = _data(tmp_path, path=["org/a", str(tmp_path / "d.jsonl")], eval_split="test")
+    with pytest.raises(DataError, match=r"data.eval_split='test' names a split of a hub dataset"):
+        _split(mixed)
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "json", "csv", "parquet", "txt"])

@@ -255,6 +255,32 @@ def test_batch_must_hold_whole_groups(tmp_path, cli):
     )
 
 
+def test_a_template_without_system_turns_is_told_as_data_system_prompts_fault(tmp_path, cli):
+    """A chat template that raises on a system turn (as Gemma's does) fails every prompt that
+    data.system_prompt opened: the error names the setting, not the first row of the data."""
+    import shutil
+
+    model = tmp_path / "no_system"
+    shutil.copytree(SHIPPED["tiny"], model)
+    template = (model / "chat_template.jinja").read_text()
+    refuse = "{%- if messages[0]['role'] == 'system' -%}{{ raise_exception('No system role') }}"
+    (model / "chat_template.jinja").write_text(refuse + "{%- endif -%}" + template)
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        "".join(json.dumps({"prompt": f"{i}+1=", "answer": i + 1}) + "\n" for i in range(8))
+    )
+    proc = cli(
+        *SMALL, "data=custom", f"data.path={data}", f"model.path={model}",
+        "data.system_prompt=Be brief.", "reward.funcs=[math_answer]",
+        f"hydra.run.dir={tmp_path / 'run'}", timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert (
+        f"rltune: error: data.system_prompt: the chat template of model.path={model} cannot "
+        "render a system turn (No system role)" in proc.stderr
+    ), proc.stderr[-2000:]
+
+
 def test_reward_model_from_algo_rm_scores_rollouts(tmp_path):
     rm_dir = run(
         ["algo=rm", "train.max_steps=2", "train.eval_samples=8", f"hydra.run.dir={tmp_path / 'rm'}"]

@@ -158,7 +158,22 @@ def test_dpo_ultrafeedback_takes_the_shared_first_turn_as_the_prompt(tmp_path, h
     assert any("eval/rewards/accuracies" in r for r in rows)
 
 
-def test_a_reward_model_from_the_rm_recipe_scores_the_ppo_recipes_rollouts(tmp_path, hub):
+def test_a_reward_model_from_the_rm_recipe_scores_the_ppo_recipes_rollouts(
+    tmp_path, hub, monkeypatch
+):
+    """The reward model, trained on chats, scores each completion in the chat the policy had:
+    the string prompt as the user's turn under the recipe's system prompt, not as plain text."""
+    from rltune.rewards.model import RewardModelScorer
+
+    scored_texts = []
+    encode = RewardModelScorer._encode
+
+    def spy(self, prompt, completion):
+        ids = encode(self, prompt, completion)
+        scored_texts.append(self.tokenizer.decode(ids))
+        return ids
+
+    monkeypatch.setattr(RewardModelScorer, "_encode", spy)
     rm_dir = run(
         [
             "+recipe=rm_ultrafeedback_qwen2.5_0.5b",
@@ -195,6 +210,14 @@ def test_a_reward_model_from_the_rm_recipe_scores_the_ppo_recipes_rollouts(tmp_p
     [scored] = [r for r in read_metrics(ppo_dir / "metrics.jsonl") if "reward" in r]
     assert scored["rewards/reward_model/errors"] == 0
     assert scored["reward"] == scored["reward"]  # not NaN
+    question = _ultrafeedback_h4("train_prefs")[0]["prompt"]
+    chat = (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert f"the first as the policy reads it: {chat!r}" in log
+    assert scored_texts[0] == chat + "<|im_end|>\n"  # check_prompt's, with no completion
+    assert all(text.startswith("<|im_start|>system\n") for text in scored_texts[1:])
 
 
 def test_a_system_turn_opens_every_prompt_that_has_none():

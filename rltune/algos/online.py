@@ -17,6 +17,7 @@ from rltune import rewards
 from rltune.algos import AlgorithmBase, BuildContext
 from rltune.config import ConfigError, check_groups
 from rltune.data import DataError
+from rltune.data.formats import with_system_turn
 from rltune.data.source import split_records
 from rltune.data.stream import IndexStream
 from rltune.decode import fast_sample
@@ -116,7 +117,13 @@ class OnlineAlgorithm(AlgorithmBase):
             log.info("reference: none (algo.kl_coef=0)")
         if c.reward.model_path is not None:
             weight = c.reward.weights[-1] if c.reward.weights is not None else 1.0
-            scorer = rewards.load_model_reward(c.reward, weight, device=ctx.device, dtype=ctx.dtype)
+            scorer = rewards.load_model_reward(
+                c.reward,
+                weight,
+                device=ctx.device,
+                dtype=ctx.dtype,
+                system_prompt=c.data.system_prompt,
+            )
             scorer.fn.check_prompt(self.prompts[0].prompt, where)
             self.reward_fns.append(scorer)
         log.info(
@@ -169,6 +176,12 @@ class OnlineAlgorithm(AlgorithmBase):
                 else:
                     ids = self.tokenizer(shown, verbose=False)["input_ids"]
             except Exception as err:  # a template that rejects the messages, ...
+                if shown is not prompt and self._renders(prompt):  # the turn added, not the row
+                    raise ConfigError(
+                        f"data.system_prompt: the chat template of model.path="
+                        f"{self.ctx.cfg.model.path} cannot render a system turn ({err}); put "
+                        "the instruction in the prompts instead"
+                    ) from err
                 raise DataError(f"{record.where}: {err}") from err
             if len(ids) > budget:
                 ids, truncated = ids[-budget:], truncated + 1
@@ -190,6 +203,15 @@ class OnlineAlgorithm(AlgorithmBase):
                 budget,
             )
         return prompts
+
+    def _renders(self, prompt: str | list[dict[str, Any]]) -> bool:
+        """Whether the chat template renders `prompt` (a string as the user's turn)."""
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        try:
+            render_prompt(self.tokenizer, messages)
+        except Exception:  # noqa: BLE001 - whatever the template raises
+            return False
+        return True
 
     # --- rollouts -------------------------------------------------------------------------
 
@@ -492,16 +514,6 @@ class OnlineAlgorithm(AlgorithmBase):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.stream.load_state_dict(state["stream"])
         self.steps = state["steps"]
-
-
-def with_system_turn(prompt: str | list[dict[str, Any]], system: str) -> list[dict[str, Any]]:
-    """`prompt` as messages that open with the system turn `system` (data.system_prompt): a
-    string becomes the user's turn after it; a message list gets it first, unless it opens
-    with a system turn of its own."""
-    turn = {"role": "system", "content": system}
-    if isinstance(prompt, str):
-        return [turn, {"role": "user", "content": prompt}]
-    return prompt if prompt and prompt[0].get("role") == "system" else [turn, *prompt]
 
 
 def function_means(scores: rewards.RewardScores, prefix: str) -> dict[str, float]:

@@ -272,6 +272,16 @@ def to_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def with_system_turn(prompt: str | list[dict[str, Any]], system: str) -> list[dict[str, Any]]:
+    """`prompt` as messages that open with the system turn `system` (data.system_prompt): a
+    string becomes the user's turn after it; a message list gets it first, unless it opens
+    with a system turn of its own."""
+    turn = {"role": "system", "content": system}
+    if isinstance(prompt, str):
+        return [turn, {"role": "user", "content": prompt}]
+    return prompt if prompt and prompt[0].get("role") == "system" else [turn, *prompt]
+
+
 def conversation(row: dict[str, Any], fmt: str) -> list[dict[str, str]]:
     """The role/content messages of a ``chat`` or ``sharegpt`` row."""
     return to_messages(row["messages"] if fmt == "chat" else row["conversations"])

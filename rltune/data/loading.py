@@ -57,9 +57,10 @@ class Record:
 
 
 def is_hub_id(path: Any) -> bool:
-    """Whether `path` names a hub dataset: shaped like `org/name` and not a local file or folder."""
+    """Whether `path` names a hub dataset: shaped like `org/name` and not a local file or folder
+    (a list of paths: every one of them does)."""
     if isinstance(path, list | tuple):
-        return False
+        return bool(path) and all(is_hub_id(p) for p in path)
     name = os.fspath(path)
     return (
         not Path(name).expanduser().exists()
@@ -80,7 +81,8 @@ def load_records(
     if isinstance(path, list | tuple):
         if not path:
             raise DataError(f"{key}: empty list of files")
-        return [record for p in path for record in load_records(p, key)]
+        # each hub id in the list at the same subset and split
+        return [record for p in path for record in load_records(p, key, subset=subset, split=split)]
     name = os.fspath(path)
     if is_hub_id(name):
         return _load_hub(name, key, subset, split)

@@ -75,8 +75,18 @@ def split_records(
                 f"data.subset={data.subset!r} picks a subset of a hub dataset, but "
                 f"data.path={data.path!r} is local data"
             )
+        if data.split != "train" and not is_hub_id(data.path):
+            raise DataError(
+                f"data.split={data.split!r} names a split of a hub dataset, but "
+                f"data.path={data.path!r} is local data: all of it is read for training"
+            )
         train = load_records(data.path, subset=data.subset, split=data.split)
         if data.eval_path is not None:
+            if data.eval_split is not None and not is_hub_id(data.eval_path):
+                raise DataError(
+                    f"data.eval_split={data.eval_split!r} names a split of a hub dataset, but "
+                    f"data.eval_path={data.eval_path!r} is local data: all of it is read for eval"
+                )
             split = data.eval_split or data.split
             evals = load_records(data.eval_path, "data.eval_path", subset=data.subset, split=split)
         elif data.eval_split is not None:

@@ -213,12 +213,23 @@ def _needs(name: str) -> tuple[str, ...]:
 
 
 def load_model_reward(
-    cfg: RewardConfig, weight: float, *, device: torch.device, dtype: torch.dtype
+    cfg: RewardConfig,
+    weight: float,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    system_prompt: str | None = None,
 ) -> RewardFunction:
+    """reward.model_path's scorer; `system_prompt` (data.system_prompt) is the system turn the
+    policy's prompts open with, which the reward model then reads too."""
     from rltune.rewards.model import RewardModelScorer
 
     scorer = RewardModelScorer(
-        cfg.model_path, device=device, dtype=dtype, batch_size=cfg.model_batch_size
+        cfg.model_path,
+        device=device,
+        dtype=dtype,
+        batch_size=cfg.model_batch_size,
+        system_prompt=system_prompt,
     )
     return RewardFunction(MODEL_REWARD, scorer, weight, model=True)
 

@@ -1,7 +1,9 @@
 """A trained reward model as a reward function: `reward.model_path`, e.g. an `algo=rm` output.
 
 It scores prompt + completion rendered exactly as reward-model training rendered its pairs (the
-chat template for message-list prompts, plain concatenation plus EOS for strings).
+chat template for message-list prompts, plain concatenation plus EOS for strings). Under
+data.system_prompt it scores the conversation the policy had: the prompt opened with that system
+turn, so a string prompt is the user's turn of a chat, as the policy read it.
 """
 
 from __future__ import annotations
@@ -11,10 +13,19 @@ from typing import Any
 import torch
 
 from rltune.config import ConfigError
+from rltune.data.formats import with_system_turn
 
 
 class RewardModelScorer:
-    def __init__(self, path: str, *, device: torch.device, dtype: torch.dtype, batch_size: int):
+    def __init__(
+        self,
+        path: str,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        batch_size: int,
+        system_prompt: str | None = None,
+    ):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from rltune.models import resolve_path
@@ -41,6 +52,10 @@ class RewardModelScorer:
         self.device = device
         self.batch_size = batch_size
         self.path = path
+        # data.system_prompt: the policy reads its prompts as chats under that system turn, and
+        # an algo=rm model was trained on chats; scored as plain text, a string prompt would be
+        # text it never saw. A tokenizer without a chat template was trained on plain text.
+        self.system_prompt = system_prompt if self.tokenizer.chat_template else None
 
     def check_prompt(self, prompt: Any, where: str) -> None:
         """Raise ConfigError naming reward.model_path when its tokenizer cannot render `prompt`
@@ -56,6 +71,8 @@ class RewardModelScorer:
     def _encode(self, prompt: Any, completion: str) -> list[int]:
         from rltune.data.sft import encode_sft
 
+        if self.system_prompt is not None:
+            prompt = with_system_turn(prompt, self.system_prompt)
         response = (
             [{"role": "assistant", "content": completion}]
             if isinstance(prompt, list)
