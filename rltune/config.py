@@ -61,7 +61,7 @@ class TrainConfig:
     eval_every: int = 0
     """Evaluate every N steps; 0 evaluates only at step 0 and at the end."""
     eval_samples: int = 200
-    """Eval examples used for eval/accuracy and eval/loss."""
+    """Eval examples used for eval/accuracy and eval/loss; 0 runs no eval, and no eval data is read."""
     save_every: int = 0
     """Checkpoint every N steps; 0 saves only on interruption (final/ is always written)."""
     keep_checkpoints: int = 2

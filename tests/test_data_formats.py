@@ -587,3 +587,33 @@ def test_a_missing_eval_file_names_data_eval_path(tmp_path):
     data = DataConfig(path=str(train), task=None, eval_path=str(tmp_path / "nope.jsonl"))
     with pytest.raises(DataError, match=r"^data.eval_path: file not found: .*nope.jsonl"):
         split_records(data, eval_n=8, task_kind="prompt_completion", allowed=None, algo="sft")
+
+
+def test_with_eval_off_no_eval_file_or_split_is_read(tmp_path, monkeypatch):
+    """eval_n=0 (train.eval_samples=0): neither data.eval_path nor data.eval_split is loaded,
+    so one that is missing stops nothing; data.eval_ratio still holds its share out."""
+    import datasets
+
+    calls = []
+
+    def train_only(name, subset, split):
+        calls.append((name, subset, split))
+        if split != "train":
+            raise ValueError(f"Unknown split {split!r}")
+        return [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(4)]
+
+    monkeypatch.setattr(datasets, "load_dataset", train_only)
+    off = {"eval_n": 0, "task_kind": "prompt_answer", "allowed": PROMPTS, "algo": "grpo"}
+    hub = DataConfig(task=None, path="org/a", eval_split="test")
+    (train, _), evals = split_records(hub, **off)
+    assert (len(train), evals, calls) == (4, None, [("org/a", None, "train")])
+    with pytest.raises(DataError, match=r"org/a.*split 'test'.*Unknown split 'test'"):
+        _split(hub)  # with eval on, the same split is read, and its failure stops the run
+
+    (tmp_path / "d.jsonl").write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n")
+    missing = _data(tmp_path, eval_path=str(tmp_path / "nope.jsonl"))
+    assert split_records(missing, **off)[1] is None
+    rows = "".join(json.dumps({"prompt": f"{i}+1=", "answer": "x"}) + "\n" for i in range(10))
+    (tmp_path / "d.jsonl").write_text(rows)
+    (train, _), (held_out, _) = split_records(_data(tmp_path, eval_ratio=0.2), **off)
+    assert (len(train), len(held_out)) == (8, 2)
