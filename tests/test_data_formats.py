@@ -617,3 +617,58 @@ def test_with_eval_off_no_eval_file_or_split_is_read(tmp_path, monkeypatch):
     (tmp_path / "d.jsonl").write_text(rows)
     (train, _), (held_out, _) = split_records(_data(tmp_path, eval_ratio=0.2), **off)
     assert (len(train), len(held_out)) == (8, 2)
+
+
+def test_the_eval_rows_of_another_hub_dataset_are_read_at_their_own_subset(tmp_path, monkeypatch):
+    """data.subset is data.path's: the eval rows of another dataset are read at
+    data.eval_subset (no subset when null), those of the same dataset at data.subset unless
+    data.eval_subset says otherwise; rows are named by the subset they came from."""
+    import datasets
+
+    calls = []
+
+    def fake(name, subset, split):
+        calls.append((name, subset, split))
+        if name == "org/bad":
+            return [{"prompt": None, "answer": "2"}]
+        return [{"prompt": f"{name} {subset} {split}", "answer": "2"}]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    hub = {"path": "org/a", "subset": "main", "eval_split": "test"}
+
+    def eval_read(**fields) -> tuple[tuple, str]:
+        calls.clear()
+        _, (evals, _) = _split(_data(tmp_path, **hub, **fields))
+        assert calls[0] == ("org/a", "main", "train")
+        [call] = calls[1:]
+        [record] = evals
+        return call, record.where
+
+    assert eval_read() == (("org/a", "main", "test"), "org/a:main[test], row 0")
+    assert eval_read(eval_path="org/a") == (("org/a", "main", "test"), "org/a:main[test], row 0")
+    assert eval_read(eval_path="org/b") == (("org/b", None, "test"), "org/b[test], row 0")
+    assert eval_read(eval_path="org/b", eval_subset="en") == (
+        ("org/b", "en", "test"),
+        "org/b:en[test], row 0",
+    )
+    assert eval_read(eval_subset="other") == (
+        ("org/a", "other", "test"),
+        "org/a:other[test], row 0",
+    )
+    with pytest.raises(DataError, match=r"\n  org/bad\[test\], row 0, column 'prompt': null"):
+        _split(_data(tmp_path, **hub, eval_path="org/bad"))
+
+
+def test_eval_subset_is_refused_for_local_eval_data(tmp_path):
+    (tmp_path / "d.jsonl").write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n")
+    local_eval = _data(
+        tmp_path, path="org/a", eval_path=str(tmp_path / "d.jsonl"), eval_subset="en"
+    )
+    with pytest.raises(
+        DataError, match=r"data.eval_subset='en' picks a subset of a hub dataset, b"
+    ):
+        _split(local_eval)
+    with pytest.raises(
+        DataError, match=r"but data.path='.*d.jsonl' is local data: set data.eval_p"
+    ):
+        _split(_data(tmp_path, eval_subset="en"))

@@ -60,8 +60,9 @@ def checked(records: list[Record], forced: str, allowed: set[str], algo: str) ->
 
 
 def check_hub_choices(data: DataConfig) -> None:
-    """A DataError naming the key where data.subset, data.split or data.eval_split chooses from
-    a hub dataset but the data it would choose from is local (it would be silently ignored)."""
+    """A DataError naming the key where data.subset, data.split, data.eval_split or
+    data.eval_subset chooses from a hub dataset but the data it would choose from is local (it
+    would be silently ignored)."""
     if data.subset is not None and not is_hub_id(data.path):
         raise DataError(
             f"data.subset={data.subset!r} picks a subset of a hub dataset, but "
@@ -72,28 +73,44 @@ def check_hub_choices(data: DataConfig) -> None:
             f"data.split={data.split!r} names a split of a hub dataset, but "
             f"data.path={data.path!r} is local data: all of it is read for training"
         )
-    if data.eval_split is None:
+    if data.eval_path is None:
+        key, source, hint = "data.path", data.path, "set data.eval_path instead"
+    else:
+        key, source, hint = "data.eval_path", data.eval_path, "all of it is read for eval"
+    if is_hub_id(source):
         return
-    if data.eval_path is not None and not is_hub_id(data.eval_path):
+    if data.eval_split is not None:
         raise DataError(
             f"data.eval_split={data.eval_split!r} names a split of a hub dataset, but "
-            f"data.eval_path={data.eval_path!r} is local data: all of it is read for eval"
+            f"{key}={source!r} is local data: {hint}"
         )
-    if data.eval_path is None and not is_hub_id(data.path):
+    if data.eval_subset is not None:
         raise DataError(
-            f"data.eval_split={data.eval_split!r} names a split of a hub dataset, but "
-            f"data.path={data.path!r} is local data: set data.eval_path instead"
+            f"data.eval_subset={data.eval_subset!r} picks a subset of a hub dataset, but "
+            f"{key}={source!r} is local data: {hint}"
         )
+
+
+def eval_subset(data: DataConfig) -> str | None:
+    """The subset the hub eval rows are read at: data.eval_subset; else data.subset where they
+    come from data.path's dataset, none where data.eval_path names another one (a subset of
+    one dataset means nothing to another)."""
+    if data.eval_subset is not None:
+        return data.eval_subset
+    same = data.eval_path is None or data.eval_path == data.path
+    return data.subset if same else None
 
 
 def eval_records(data: DataConfig) -> list[Record]:
     """The rows read for eval: data.eval_path (at data.eval_split, else data.split), or
-    data.path's data.eval_split; none where data.eval_ratio holds rows out, or nothing does."""
+    data.path's data.eval_split, at `eval_subset`; none where data.eval_ratio holds rows out,
+    or nothing does."""
+    subset = eval_subset(data)
     if data.eval_path is not None:
         split = data.eval_split or data.split
-        return load_records(data.eval_path, "data.eval_path", subset=data.subset, split=split)
+        return load_records(data.eval_path, "data.eval_path", subset=subset, split=split)
     if data.eval_split is not None:
-        return load_records(data.path, subset=data.subset, split=data.eval_split)
+        return load_records(data.path, subset=subset, split=data.eval_split)
     return []
 
 
