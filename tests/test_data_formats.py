@@ -617,6 +617,10 @@ def test_with_eval_off_no_eval_file_or_split_is_read(tmp_path, monkeypatch):
     (tmp_path / "d.jsonl").write_text(rows)
     (train, _), (held_out, _) = split_records(_data(tmp_path, eval_ratio=0.2), **off)
     assert (len(train), len(held_out)) == (8, 2)
+    # beside a data.eval_path, data.eval_ratio holds nothing out, read or not
+    beside = _data(tmp_path, eval_path=str(tmp_path / "nope.jsonl"), eval_ratio=0.2)
+    (train, _), evals = split_records(beside, **off)
+    assert (len(train), evals) == (10, None)
 
 
 def test_the_eval_rows_of_another_hub_dataset_are_read_at_their_own_subset(tmp_path, monkeypatch):

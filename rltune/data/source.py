@@ -139,7 +139,9 @@ def split_records(
             log.info("eval data not read: train.eval_samples=0 runs no eval")
         both = renamed(train + evals, data.columns)
         train, evals = both[: len(train)], both[len(train) :]
-        if not evals and data.eval_ratio > 0:
+        # by data.eval_path and data.eval_split alone, not by what was read: eval off holds no
+        # share of the training rows out that eval on would not
+        if data.eval_path is None and data.eval_split is None and data.eval_ratio > 0:
             n_eval = max(1, int(len(train) * data.eval_ratio))
             order = torch.randperm(
                 len(train), generator=torch.Generator().manual_seed(data.seed)
