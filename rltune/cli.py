@@ -268,10 +268,12 @@ def launcher_args_removed(args: list[str]) -> list[str]:
 
 def data_shorthand(args: list[str]) -> list[str]:
     """`args` with `data=<file, folder or hub id>` (or `+data=`) read as `data=custom
-    data.path=<it>`, as `rltune algo=dpo data=my_prefs.jsonl` is meant, also where every value
-    of a sweep is one (`-m data=a.jsonl,b.jsonl`: a sweep over data.path); a data preset's name
-    (`data=arith`) and a sweep over presets stay as they are. The value is read as Hydra reads
-    it (quotes, sweeps) and passed on as it was written."""
+    data.path=<it>`, as `rltune algo=dpo data=my_prefs.jsonl` is meant, also for a list of them
+    (`data=[a.jsonl,b.jsonl]`: data.path's list, each loaded) and where every value of a sweep
+    is one (`-m data=a.jsonl,b.jsonl`: a sweep over data.path); a data preset's name
+    (`data=arith`), a list of presets (Hydra merges them in order) and a sweep over presets stay
+    as they are. A list that mixes presets and data is a ConfigError: neither reading fits it.
+    The value is read as Hydra reads it (quotes, sweeps) and passed on as it was written."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import ChoiceSweep
     from hydra.errors import HydraException
@@ -281,6 +283,8 @@ def data_shorthand(args: list[str]) -> list[str]:
     presets = {p.stem for p in (conf_dir() / "data").glob("*.yaml")}
 
     def is_data(value: object) -> bool:
+        if isinstance(value, list):  # data=[a.jsonl,org/b]: every element, none a list itself
+            return bool(value) and all(not isinstance(v, list) and is_data(v) for v in value)
         if not isinstance(value, str) or value in presets:
             return False
         path = Path(value).expanduser()
@@ -297,6 +301,10 @@ def data_shorthand(args: list[str]) -> list[str]:
             except HydraException:  # malformed: Hydra's own run says how
                 value = None
             values = value.list if isinstance(value, ChoiceSweep) else [value]
+            for v in values:  # data=[arith,a.jsonl]: neither data.path's list nor presets
+                found = [x for x in v if is_data(x)] if isinstance(v, list) else []
+                if found and len(found) < len(v):
+                    raise ConfigError(mixed_data_list_error(v, found))
             if values and all(is_data(v) for v in values):
                 out += ["data=custom", f"data.path={text}"]
                 continue
@@ -304,10 +312,22 @@ def data_shorthand(args: list[str]) -> list[str]:
     return out
 
 
+def mixed_data_list_error(values: list[object], data: list[object]) -> str:
+    """Why `data=[<values>]`, where only `data` are files, folders or hub ids, is refused."""
+    listed = ",".join(map(str, data))
+    others = ", ".join(str(v) for v in values if v not in data)
+    return (
+        f"data=[{','.join(map(str, values))}] mixes data ({', '.join(map(str, data))}) with "
+        f"values that are no file, folder or hub id ({others}): a list of data is read as "
+        f"data.path, a list of presets is merged by Hydra; use data=[{listed}] for the data "
+        f"alone, or data=<preset> data.path=[{listed}]"
+    )
+
+
 def main() -> None:
     """Console entry point (`rltune ...`, `python -m rltune ...`)."""
-    sys.argv = [sys.argv[0], *data_shorthand(launcher_args_removed(sys.argv[1:]))]
-    if sys.argv[1:] == ["--version"]:
+    args = launcher_args_removed(sys.argv[1:])
+    if args == ["--version"]:
         from importlib.metadata import PackageNotFoundError, version
 
         try:
@@ -316,11 +336,13 @@ def main() -> None:
             print("rltune (not installed)")
         return
     try:
-        check_override_keys(sys.argv[1:])
-        check_jobs(sys.argv[1:])
+        args = data_shorthand(args)
+        check_override_keys(args)
+        check_jobs(args)
     except ConfigError as err:
         print(f"rltune: error: {err}", file=sys.stderr)
         sys.exit(CONFIG_ERROR_EXIT)
+    sys.argv = [sys.argv[0], *args]
     register_configs()
     _failed_jobs.clear()
     app = hydra.main(config_path=str(conf_dir()), config_name="config", version_base=None)(_task)

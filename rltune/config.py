@@ -61,7 +61,7 @@ class TrainConfig:
     eval_every: int = 0
     """Evaluate every N steps; 0 evaluates only at step 0 and at the end."""
     eval_samples: int = 200
-    """Eval examples used for eval/accuracy and eval/loss."""
+    """Eval examples used for eval/accuracy and eval/loss; 0 runs no eval, and no eval data is read."""
     save_every: int = 0
     """Checkpoint every N steps; 0 saves only on interruption (final/ is always written)."""
     keep_checkpoints: int = 2
@@ -127,11 +127,13 @@ class DataConfig:
     path: Any = None
     """A .jsonl/.json/.csv/.parquet/.txt/.md/.pdf/.docx file, a list of them, or a hub dataset id; null uses data.task."""
     subset: str | None = None
-    """Subset (configuration) of a hub dataset, as datasets.load_dataset's second argument (e.g. main for openai/gsm8k)."""
+    """Subset (configuration) of data.path's hub dataset, as datasets.load_dataset's second argument (e.g. main for openai/gsm8k); a hub eval_path of another dataset has data.eval_subset."""
     split: str = "train"
     """Split of a hub dataset read for training."""
     eval_split: str | None = None
     """Split of a hub dataset read for eval (e.g. test): of data.eval_path, or of data.path when eval_path is null; null holds no split out (a hub eval_path then reads data.split)."""
+    eval_subset: str | None = None
+    """Subset of the hub dataset read for eval; null uses data.subset when that dataset is data.path's (eval_path null or the same), none for another dataset (its subsets are its own)."""
     columns: dict[str, str] = field(default_factory=dict)
     """Columns renamed as rows are read, before the format is detected: {the data's name: rltune's}, e.g. {question: prompt}."""
     system_prompt: str | None = None
@@ -757,6 +759,7 @@ def validate(cfg: RLTuneConfig) -> None:
             ("subset", cfg.data.subset is not None),
             ("split", cfg.data.split != "train"),
             ("eval_split", cfg.data.eval_split is not None),
+            ("eval_subset", cfg.data.eval_subset is not None),
         )
         if chosen
     ]
@@ -765,6 +768,13 @@ def validate(cfg: RLTuneConfig) -> None:
             f"{' and '.join(hub_choices)} {'choose' if len(hub_choices) > 1 else 'chooses'} "
             f"from a hub dataset, but data.path is null (the built-in task {cfg.data.task!r} is "
             "used): set data.path to a hub dataset id"
+        )
+    no_hub_eval = cfg.data.eval_path is None and cfg.data.eval_split is None
+    if cfg.data.eval_subset is not None and no_hub_eval:  # eval_ratio's rows or none
+        raise ConfigError(
+            f"data.eval_subset={cfg.data.eval_subset!r} picks the subset of the eval rows read "
+            "from the hub, but none are (data.eval_path and data.eval_split are null): set "
+            "data.eval_split to a split of data.path, or data.eval_path to a hub dataset id"
         )
     targets = list(cfg.data.columns.values())
     if len(set(targets)) < len(targets):

@@ -214,6 +214,49 @@ def test_data_takes_a_file_folder_or_hub_id_for_data_custom(tmp_path):
     assert data_shorthand(["+data=a.jsonl"]) == ["data=custom", "data.path=a.jsonl"]
 
 
+def test_data_takes_a_list_of_files_folders_or_hub_ids_for_data_path(tmp_path):
+    from rltune.cli import data_shorthand
+
+    assert data_shorthand(["data=[a.jsonl,org/b]", "algo=sft"]) == [
+        "data=custom", "data.path=[a.jsonl,org/b]", "algo=sft",
+    ]  # fmt: skip
+    # a sweep whose values are lists of data, or data, sweeps data.path
+    assert data_shorthand(["-m", "data=[a.jsonl,b.csv],c.jsonl"]) == [
+        "-m", "data=custom", "data.path=[a.jsonl,b.csv],c.jsonl",
+    ]  # fmt: skip
+    # a list of presets is Hydra's (merged in order), and so is a sweep of a preset and a list
+    for args in (["data=[arith]"], ["data=[arith,custom]"], ["-m", "data=arith,[a.jsonl]"]):
+        assert data_shorthand(args) == args
+
+
+def test_a_list_of_two_data_files_trains_on_both(tmp_path):
+    from rltune.cli import run
+
+    (tmp_path / "a.jsonl").write_text('{"prompt": "1+1=", "completion": "2"}\n' * 2)
+    (tmp_path / "b.jsonl").write_text('{"prompt": "2+2=", "completion": "4"}\n')
+    run_dir = run(
+        [
+            "algo=sft",
+            f"data=[{tmp_path / 'a.jsonl'},{tmp_path / 'b.jsonl'}]",
+            "train.max_steps=1",
+            "train.batch_size=1",
+            "train.micro_batch_size=1",
+            "train.eval_samples=0",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ]
+    )
+    assert "train data: 3 rows (prompt_completion)" in (run_dir / "cli.log").read_text()
+
+
+def test_a_list_that_mixes_a_preset_and_data_is_refused_naming_both(tmp_path, cli):
+    (tmp_path / "a.jsonl").write_text('{"prompt": "1+1=", "completion": "2"}\n')
+    proc = cli(f"data=[arith,{tmp_path / 'a.jsonl'}]", f"hydra.run.dir={tmp_path}/run", timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"mixes data ({tmp_path / 'a.jsonl'}) with values that are no file" in proc.stderr
+    assert "no file, folder or hub id (arith)" in proc.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_an_unknown_data_option_with_a_slash_is_named_whole(tmp_path, cli):
     """A sweep over a preset and a folder that does not exist: the folder's path is the
     option named, not split at its last slash into a group of its own."""

@@ -114,6 +114,11 @@ def test_plus_top_level_key_is_rejected():
         ("data.path=x.jsonl,data.eval_ratio=0.1,data.eval_split=test", "both choose the eval"),
         ("data.subset=main", "data.subset chooses from a hub dataset, but data.path is null"),
         ("data.split=test,data.eval_split=dev", "data.split and data.eval_split choose from a"),
+        ("data.eval_subset=en", "data.eval_subset chooses from a hub dataset, but data.path is"),
+        (
+            "data.path=org/a,data.eval_subset=en",
+            "data.eval_subset='en' picks the subset of the eva",
+        ),
         ("+data.columns.question=prompt", "renames the columns of data.path's rows, but data.pat"),
         ("+data.columns.q=prompt,+data.columns.p=prompt", "renames two columns to one name"),
         ("algo=sft,data.system_prompt=Think", "data.system_prompt is for the prompts of online"),

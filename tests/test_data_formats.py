@@ -587,3 +587,92 @@ def test_a_missing_eval_file_names_data_eval_path(tmp_path):
     data = DataConfig(path=str(train), task=None, eval_path=str(tmp_path / "nope.jsonl"))
     with pytest.raises(DataError, match=r"^data.eval_path: file not found: .*nope.jsonl"):
         split_records(data, eval_n=8, task_kind="prompt_completion", allowed=None, algo="sft")
+
+
+def test_with_eval_off_no_eval_file_or_split_is_read(tmp_path, monkeypatch):
+    """eval_n=0 (train.eval_samples=0): neither data.eval_path nor data.eval_split is loaded,
+    so one that is missing stops nothing; data.eval_ratio still holds its share out."""
+    import datasets
+
+    calls = []
+
+    def train_only(name, subset, split):
+        calls.append((name, subset, split))
+        if split != "train":
+            raise ValueError(f"Unknown split {split!r}")
+        return [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(4)]
+
+    monkeypatch.setattr(datasets, "load_dataset", train_only)
+    off = {"eval_n": 0, "task_kind": "prompt_answer", "allowed": PROMPTS, "algo": "grpo"}
+    hub = DataConfig(task=None, path="org/a", eval_split="test")
+    (train, _), evals = split_records(hub, **off)
+    assert (len(train), evals, calls) == (4, None, [("org/a", None, "train")])
+    with pytest.raises(DataError, match=r"org/a.*split 'test'.*Unknown split 'test'"):
+        _split(hub)  # with eval on, the same split is read, and its failure stops the run
+
+    (tmp_path / "d.jsonl").write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n")
+    missing = _data(tmp_path, eval_path=str(tmp_path / "nope.jsonl"))
+    assert split_records(missing, **off)[1] is None
+    rows = "".join(json.dumps({"prompt": f"{i}+1=", "answer": "x"}) + "\n" for i in range(10))
+    (tmp_path / "d.jsonl").write_text(rows)
+    (train, _), (held_out, _) = split_records(_data(tmp_path, eval_ratio=0.2), **off)
+    assert (len(train), len(held_out)) == (8, 2)
+    # beside a data.eval_path, data.eval_ratio holds nothing out, read or not
+    beside = _data(tmp_path, eval_path=str(tmp_path / "nope.jsonl"), eval_ratio=0.2)
+    (train, _), evals = split_records(beside, **off)
+    assert (len(train), evals) == (10, None)
+
+
+def test_the_eval_rows_of_another_hub_dataset_are_read_at_their_own_subset(tmp_path, monkeypatch):
+    """data.subset is data.path's: the eval rows of another dataset are read at
+    data.eval_subset (no subset when null), those of the same dataset at data.subset unless
+    data.eval_subset says otherwise; rows are named by the subset they came from."""
+    import datasets
+
+    calls = []
+
+    def fake(name, subset, split):
+        calls.append((name, subset, split))
+        if name == "org/bad":
+            return [{"prompt": None, "answer": "2"}]
+        return [{"prompt": f"{name} {subset} {split}", "answer": "2"}]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    hub = {"path": "org/a", "subset": "main", "eval_split": "test"}
+
+    def eval_read(**fields) -> tuple[tuple, str]:
+        calls.clear()
+        _, (evals, _) = _split(_data(tmp_path, **hub, **fields))
+        assert calls[0] == ("org/a", "main", "train")
+        [call] = calls[1:]
+        [record] = evals
+        return call, record.where
+
+    assert eval_read() == (("org/a", "main", "test"), "org/a:main[test], row 0")
+    assert eval_read(eval_path="org/a") == (("org/a", "main", "test"), "org/a:main[test], row 0")
+    assert eval_read(eval_path="org/b") == (("org/b", None, "test"), "org/b[test], row 0")
+    assert eval_read(eval_path="org/b", eval_subset="en") == (
+        ("org/b", "en", "test"),
+        "org/b:en[test], row 0",
+    )
+    assert eval_read(eval_subset="other") == (
+        ("org/a", "other", "test"),
+        "org/a:other[test], row 0",
+    )
+    with pytest.raises(DataError, match=r"\n  org/bad\[test\], row 0, column 'prompt': null"):
+        _split(_data(tmp_path, **hub, eval_path="org/bad"))
+
+
+def test_eval_subset_is_refused_for_local_eval_data(tmp_path):
+    (tmp_path / "d.jsonl").write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n")
+    local_eval = _data(
+        tmp_path, path="org/a", eval_path=str(tmp_path / "d.jsonl"), eval_subset="en"
+    )
+    with pytest.raises(
+        DataError, match=r"data.eval_subset='en' picks a subset of a hub dataset, b"
+    ):
+        _split(local_eval)
+    with pytest.raises(
+        DataError, match=r"but data.path='.*d.jsonl' is local data: set data.eval_p"
+    ):
+        _split(_data(tmp_path, eval_subset="en"))

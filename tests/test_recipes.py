@@ -137,6 +137,34 @@ def test_sft_capybara_trains_its_chats_and_evaluates_on_its_test_split(tmp_path,
     assert all(r["loss"] > 0 for r in rows if "loss" in r)
 
 
+def test_with_eval_off_the_eval_split_is_never_asked_for(tmp_path, hub, monkeypatch):
+    """train.eval_samples=0 runs no eval, so the recipe's eval split (data.eval_split=test) is
+    not read: a dataset whose test split cannot be loaded trains all the same."""
+
+    def train_only(split: str) -> list[dict]:
+        if split != "train":
+            raise ValueError(f"Unknown split \"{split}\". Should be one of ['train'].")
+        return _capybara(split)
+
+    monkeypatch.setitem(HUB, "trl-lib/Capybara", train_only)
+    run_dir = run(
+        [
+            "+recipe=sft_capybara_qwen2.5_0.5b",
+            *TINY,
+            "data.max_length=64",
+            "train.batch_size=4",
+            "train.micro_batch_size=4",
+            "train.eval_samples=0",
+            f"hydra.run.dir={tmp_path}",
+        ]
+    )
+    assert hub == [("trl-lib/Capybara", None, "train")]
+    assert "eval data not read: train.eval_samples=0" in (run_dir / "cli.log").read_text()
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    assert not any(k.startswith("eval/") for r in rows for k in r)
+
+
 def test_dpo_ultrafeedback_takes_the_shared_first_turn_as_the_prompt(tmp_path, hub):
     run_dir = run(
         [

@@ -251,6 +251,7 @@ def _read_document(p: Path, suffix: str) -> str:
 
 
 def _load_hub(name: str, key: str, subset: str | None, split: str) -> list[Record]:
+    chosen = (f"subset {subset!r}, " if subset is not None else "") + f"split {split!r}"
     try:
         import datasets
 
@@ -261,7 +262,6 @@ def _load_hub(name: str, key: str, subset: str | None, split: str) -> list[Recor
         hint = (
             " HF_HUB_OFFLINE is set, so no hub is reachable: use a local file." if offline else ""
         )
-        chosen = (f"subset {subset!r}, " if subset is not None else "") + f"split {split!r}"
         raise DataError(
             f"{key}: {name!r} is not a local file or folder, and loading it as a "
             f"hub dataset ({chosen}) failed ({type(e).__name__}: {e}).{hint}"
@@ -270,5 +270,5 @@ def _load_hub(name: str, key: str, subset: str | None, split: str) -> list[Recor
     source += f"[{split}]"
     rows = [Record(dict(row), source, i) for i, row in enumerate(dataset)]
     if not rows:
-        raise DataError(f"{key}: hub dataset {name!r} has no rows in split {split!r}")
+        raise DataError(f"{key}: hub dataset {name!r} has no rows in {chosen}")
     return rows

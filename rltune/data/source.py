@@ -5,11 +5,15 @@ Every row is format-checked here, before any model is loaded.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from rltune.config import DataConfig
 from rltune.data.formats import DataError, check_records, require_kind, resolve_format
 from rltune.data.loading import Record, is_hub_id, load_records
+
+log = logging.getLogger(__name__)
 
 
 def task_records(task_name: str, kind: str, n: int, *, seed: int, split: str) -> list[Record]:
@@ -55,13 +59,71 @@ def checked(records: list[Record], forced: str, allowed: set[str], algo: str) ->
     return fmt
 
 
+def check_hub_choices(data: DataConfig) -> None:
+    """A DataError naming the key where data.subset, data.split, data.eval_split or
+    data.eval_subset chooses from a hub dataset but the data it would choose from is local (it
+    would be silently ignored)."""
+    if data.subset is not None and not is_hub_id(data.path):
+        raise DataError(
+            f"data.subset={data.subset!r} picks a subset of a hub dataset, but "
+            f"data.path={data.path!r} is local data"
+        )
+    if data.split != "train" and not is_hub_id(data.path):
+        raise DataError(
+            f"data.split={data.split!r} names a split of a hub dataset, but "
+            f"data.path={data.path!r} is local data: all of it is read for training"
+        )
+    if data.eval_path is None:
+        key, source, hint = "data.path", data.path, "set data.eval_path instead"
+    else:
+        key, source, hint = "data.eval_path", data.eval_path, "all of it is read for eval"
+    if is_hub_id(source):
+        return
+    if data.eval_split is not None:
+        raise DataError(
+            f"data.eval_split={data.eval_split!r} names a split of a hub dataset, but "
+            f"{key}={source!r} is local data: {hint}"
+        )
+    if data.eval_subset is not None:
+        raise DataError(
+            f"data.eval_subset={data.eval_subset!r} picks a subset of a hub dataset, but "
+            f"{key}={source!r} is local data: {hint}"
+        )
+
+
+def eval_subset(data: DataConfig) -> str | None:
+    """The subset the hub eval rows are read at: data.eval_subset; else data.subset where they
+    come from data.path's dataset, none where data.eval_path names another one (a subset of
+    one dataset means nothing to another)."""
+    if data.eval_subset is not None:
+        return data.eval_subset
+    same = data.eval_path is None or data.eval_path == data.path
+    return data.subset if same else None
+
+
+def eval_records(data: DataConfig) -> list[Record]:
+    """The rows read for eval: data.eval_path (at data.eval_split, else data.split), or
+    data.path's data.eval_split, at `eval_subset`; none where data.eval_ratio holds rows out,
+    or nothing does."""
+    subset = eval_subset(data)
+    if data.eval_path is not None:
+        split = data.eval_split or data.split
+        return load_records(data.eval_path, "data.eval_path", subset=subset, split=split)
+    if data.eval_split is not None:
+        return load_records(data.path, subset=subset, split=data.eval_split)
+    return []
+
+
 def split_records(
     data: DataConfig, *, eval_n: int, task_kind: str, allowed: set[str], algo: str
 ) -> tuple[tuple[list[Record], str], tuple[list[Record], str] | None]:
     """((train records, format), (eval records, format) or None).
 
     With data.path null the built-in task supplies `task_kind` rows for both splits; otherwise
-    eval rows come from data.eval_path, or a seeded data.eval_ratio share of data.path."""
+    eval rows come from data.eval_path, data.eval_split, or a seeded data.eval_ratio share of
+    data.path. With `eval_n` 0 (train.eval_samples=0: no eval runs) no eval rows are read, so a
+    missing eval file or split does not stop the run; data.eval_ratio still holds its share
+    out, so that the training rows do not depend on whether eval runs."""
     if data.path is None:
         train = task_records(data.task, task_kind, data.train_size, seed=data.seed, split="train")
         evals = (
@@ -70,37 +132,16 @@ def split_records(
             else []
         )
     else:
-        if data.subset is not None and not is_hub_id(data.path):
-            raise DataError(
-                f"data.subset={data.subset!r} picks a subset of a hub dataset, but "
-                f"data.path={data.path!r} is local data"
-            )
-        if data.split != "train" and not is_hub_id(data.path):
-            raise DataError(
-                f"data.split={data.split!r} names a split of a hub dataset, but "
-                f"data.path={data.path!r} is local data: all of it is read for training"
-            )
+        check_hub_choices(data)  # with eval off too: the setting is wrong either way
         train = load_records(data.path, subset=data.subset, split=data.split)
-        if data.eval_path is not None:
-            if data.eval_split is not None and not is_hub_id(data.eval_path):
-                raise DataError(
-                    f"data.eval_split={data.eval_split!r} names a split of a hub dataset, but "
-                    f"data.eval_path={data.eval_path!r} is local data: all of it is read for eval"
-                )
-            split = data.eval_split or data.split
-            evals = load_records(data.eval_path, "data.eval_path", subset=data.subset, split=split)
-        elif data.eval_split is not None:
-            if not is_hub_id(data.path):
-                raise DataError(
-                    f"data.eval_split={data.eval_split!r} names a split of a hub dataset, but "
-                    f"data.path={data.path!r} is local data: set data.eval_path instead"
-                )
-            evals = load_records(data.path, subset=data.subset, split=data.eval_split)
-        else:
-            evals = []
+        evals = eval_records(data) if eval_n else []
+        if not eval_n and (data.eval_path is not None or data.eval_split is not None):
+            log.info("eval data not read: train.eval_samples=0 runs no eval")
         both = renamed(train + evals, data.columns)
         train, evals = both[: len(train)], both[len(train) :]
-        if not evals and data.eval_ratio > 0:
+        # by data.eval_path and data.eval_split alone, not by what was read: eval off holds no
+        # share of the training rows out that eval on would not
+        if data.eval_path is None and data.eval_split is None and data.eval_ratio > 0:
             n_eval = max(1, int(len(train) * data.eval_ratio))
             order = torch.randperm(
                 len(train), generator=torch.Generator().manual_seed(data.seed)
