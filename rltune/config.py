@@ -149,7 +149,7 @@ class DataConfig:
     eval_path: Any = None
     """Held-out data for eval/loss; null uses the task's eval split or data.eval_ratio."""
     eval_ratio: float = 0.0
-    """Fraction of data.path held out for eval/loss when eval_path is null."""
+    """Fraction of data.path held out for eval/loss (not with data.eval_path or data.eval_split)."""
     train_size: int = 5000
     """Examples generated from the built-in task for training."""
     max_new_tokens: int = 256
@@ -752,6 +752,17 @@ def validate(cfg: RLTuneConfig) -> None:
         raise ConfigError(
             f"data.eval_ratio={cfg.data.eval_ratio} and data.eval_split="
             f"{cfg.data.eval_split!r} both choose the eval rows: set one of them"
+        )
+    if cfg.data.eval_ratio > 0 and cfg.data.eval_path is not None:
+        raise ConfigError(
+            f"data.eval_ratio={cfg.data.eval_ratio} and data.eval_path="
+            f"{cfg.data.eval_path!r} both choose the eval rows: set one of them"
+        )
+    if cfg.data.path is None and cfg.data.eval_path is not None:
+        raise ConfigError(
+            f"data.eval_path={cfg.data.eval_path!r} is eval data for data.path, but data.path is "
+            f"null (the built-in task {cfg.data.task!r} is used, with its own eval split): set "
+            "data.path too, or leave data.eval_path out"
         )
     hub_choices = [  # data.split's default, train, chooses nothing
         f"data.{k}"

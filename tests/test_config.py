@@ -112,6 +112,8 @@ def test_plus_top_level_key_is_rejected():
         ("algo=ppo,algo.reward_clip=-1", "algo.reward_clip"),
         ("data.train_size=0", "data.train_size"),
         ("data.path=x.jsonl,data.eval_ratio=0.1,data.eval_split=test", "both choose the eval"),
+        ("data.path=x.jsonl,data.eval_ratio=0.1,data.eval_path=y.jsonl", "data.eval_path='y.j"),
+        ("data.eval_path=y.jsonl", "data.eval_path='y.jsonl' is eval data for data.path, but"),
         ("data.subset=main", "data.subset chooses from a hub dataset, but data.path is null"),
         ("data.split=test,data.eval_split=dev", "data.split and data.eval_split choose from a"),
         ("data.eval_subset=en", "data.eval_subset chooses from a hub dataset, but data.path is"),
