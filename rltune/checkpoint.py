@@ -15,7 +15,9 @@ Layout of `checkpoints/step-<N>/`:
 A checkpoint is written into a hidden temporary folder, flushed to disk, and renamed to
 `step-<N>` in one `os.rename`; a crash mid-save leaves only the temporary folder, which
 `resume=auto` never considers (and the next save removes). Folders leave the same way: renamed
-to a hidden name first, then deleted, so a crash never leaves a half-deleted `step-<N>`.
+to a hidden name first, then deleted, so a crash never leaves a half-deleted `step-<N>`. Every
+rename is followed by a sync of the folder it happened in (see rltune.durable), so that after a
+power loss too `step-<N>` is there, complete, or not there at all.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch
 from torch import nn
 
 from rltune.config import ConfigError
+from rltune.durable import fsync_dir, make_dirs
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +44,16 @@ STATE_FILE = "trainer_state.json"
 
 
 def fsync_tree(folder: Path) -> None:
-    """Flush every file under `folder`, and the folder itself, to disk."""
+    """Flush every file under `folder`, and the entries of every folder in it (its own too), to
+    disk: done before the rename that names the tree, so that the name never leads to missing
+    or short files (`model/`'s weights are named in `model/`, not in `folder`)."""
     for path in folder.rglob("*"):
-        if path.is_file():
+        if path.is_dir():
+            fsync_dir(path)
+        elif path.is_file():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def rng_state() -> dict[str, Any]:
@@ -87,7 +94,7 @@ def save_checkpoint(
 ) -> Path:
     """Write `root/step-<step>` atomically, then delete all but the newest `keep` checkpoints.
     `extra_models` (e.g. PPO's value model) go to `<role>/` beside `model/`."""
-    root.mkdir(parents=True, exist_ok=True)
+    make_dirs(root)
     clear_temporaries(root)
     tmp = root / f".tmp-step-{step}"
     tmp.mkdir()
@@ -125,10 +132,14 @@ def load_algo_state(
 def clear_temporaries(root: Path) -> None:
     """Remove what an interrupted save, replace or rotation left behind; a folder that a
     replace had moved aside but not yet replaced goes back under its name."""
+    restored = False
     for old in root.glob(".tmp-old-*"):
         name = root / old.name.removeprefix(".tmp-old-")
         if not name.exists():
             os.rename(old, name)
+            restored = True
+    if restored:
+        fsync_dir(root)
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
 
@@ -139,23 +150,24 @@ def remove_dir(folder: Path) -> None:
     doomed = folder.with_name(f".tmp-del-{folder.name}")
     shutil.rmtree(doomed, ignore_errors=True)
     os.rename(folder, doomed)
-    _fsync_dir(folder.parent)
+    fsync_dir(folder.parent)
     shutil.rmtree(doomed)
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move the complete folder `tmp` to `final`, replacing any folder there; at every moment
-    one of the two complete versions is in place or about to be renamed into it."""
+    one of the two complete versions is in place or about to be renamed into it. `tmp`'s
+    contents must already be on disk (`fsync_tree`): the rename only names them."""
     if final.exists():  # re-saving a step after a resume, re-exporting final/
         old = final.with_name(f".tmp-old-{final.name}")
         shutil.rmtree(old, ignore_errors=True)
         os.rename(final, old)
         os.rename(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)  # the new version is named on disk before the old one goes
         shutil.rmtree(old)
     else:
         os.rename(tmp, final)
-    _fsync_dir(final.parent)  # make the rename itself durable
+        fsync_dir(final.parent)  # the rename itself on disk, not only in the page cache
 
 
 def set_aside_after(root: Path, step: int) -> list[tuple[str, Path]]:
@@ -174,16 +186,8 @@ def set_aside_after(root: Path, step: int) -> list[tuple[str, Path]]:
             os.rename(path, target)
             moved.append((path.name, target))
     if moved:
-        _fsync_dir(root)
+        fsync_dir(root)
     return moved
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def rotate(root: Path, keep: int) -> None:

@@ -30,6 +30,7 @@ from torch import nn
 from rltune import checkpoint as ckpt
 from rltune.config import TrainConfig
 from rltune.distributed import Dist, barrier, gathered, partitioned_bytes
+from rltune.durable import make_dirs
 from rltune.models import export_final, is_peft
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,7 @@ class PlainEngine:
         export_final(self.trained, tokenizer, tmp, dtype, in_place=True)
         for role, model in self.extra_models.items():  # e.g. final/value/
             export_final(model, tokenizer, tmp / role, dtype)
+        ckpt.fsync_tree(tmp)  # the weights on disk before the rename names them final/
         ckpt.replace_dir(tmp, final)
 
 
@@ -271,7 +273,7 @@ class DeepSpeedEngine:
         0 adds the loop's state and renames it into place once all ranks are done."""
         tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
         if self.dist.main:
-            root.mkdir(parents=True, exist_ok=True)
+            make_dirs(root)
             ckpt.clear_temporaries(root)
             tmp.mkdir()
         barrier()
@@ -322,6 +324,7 @@ class DeepSpeedEngine:
                     export_final(model, tokenizer, out, dtype, in_place=True)
             barrier()
         if self.dist.main:
+            ckpt.fsync_tree(tmp)  # the weights on disk before the rename names them final/
             ckpt.replace_dir(tmp, final)
         barrier()
 

@@ -4,9 +4,11 @@
 as it is written, so a crash loses at most the row being written; a torn last line is skipped
 on reading and dropped before new rows are appended. Before each checkpoint both files are
 synced to disk, so a machine crash never keeps a checkpoint while losing rows up to its step,
-which the resumed run would not write again. On resume, rows after the checkpoint's
+which the resumed run would not write again; each file's name is synced into the run directory
+once, when it is created. On resume, rows after the checkpoint's
 step belong to the abandoned trajectory: they are moved to `metrics.orphaned.jsonl` (never
-deleted) and the main file is rewritten atomically without them; `samples.jsonl` likewise.
+deleted) and the main file is rewritten atomically without them (written beside it, synced,
+renamed over it, the rename synced); `samples.jsonl` likewise.
 
 wandb plots every metric against `step`, a metric of its own, rather than wandb's internal
 step: a resumed run goes on in the same wandb run, and the steps it repeats (those after its
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from rltune.config import LoggerConfig
+from rltune.durable import fsync_dir
 
 log = logging.getLogger("rltune")
 
@@ -65,8 +68,8 @@ def _truncate(path: Path, orphans: Path, step: int) -> tuple[int, bool]:
     orphaned = [r for r in rows if r.get("step", 0) > step]
     if not orphaned and (not text or text.endswith("\n")):
         return 0, False
-    if orphaned:  # on disk before they leave the main file
-        with open(orphans, "a") as f:
+    if orphaned:  # on disk, named, before they leave the main file
+        with _append(orphans) as f:
             f.writelines(json.dumps(r) + "\n" for r in orphaned)
             _fsync(f)
     tmp = path.with_suffix(".jsonl.tmp")
@@ -74,7 +77,19 @@ def _truncate(path: Path, orphans: Path, step: int) -> tuple[int, bool]:
         f.write("".join(json.dumps(r) + "\n" for r in keep))
         _fsync(f)
     os.replace(tmp, path)
+    fsync_dir(path.parent)  # else a power loss could bring back the old file, or none
     return len(orphaned), torn
+
+
+def _append(path: Path):
+    """`path` opened for appending. A file it creates has its name synced into its folder at
+    once: one sync per file and run, where its rows are synced before each checkpoint
+    (MetricsLogger.sync) but would be lost with the name."""
+    new = not path.exists()
+    f = open(path, "a")  # noqa: SIM115 - the caller closes it
+    if new:
+        fsync_dir(path.parent)
+    return f
 
 
 def _fsync(f) -> None:
@@ -159,8 +174,8 @@ class MetricsLogger:
             )
 
     def log(self, row: dict[str, Any]) -> None:
-        if self._file is None:
-            self._file = open(self.path, "a")  # noqa: SIM115 - held open for the run, closed in close()
+        if self._file is None:  # held open for the run, closed in close()
+            self._file = _append(self.path)
         self._file.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
         self._file.flush()
         if self._wandb is not None:
@@ -178,7 +193,7 @@ class MetricsLogger:
 
     def log_samples(self, step: int, columns: list[str], rows: list[list[Any]]) -> None:
         """A table of generated samples: a wandb Table, and `samples.jsonl` beside the metrics."""
-        with open(self.run_dir / SAMPLES_FILE, "a") as f:
+        with _append(self.run_dir / SAMPLES_FILE) as f:
             for values in rows:
                 f.write(
                     json.dumps({"step": step, **dict(zip(columns, values, strict=False))}) + "\n"

@@ -1,8 +1,11 @@
 """Checkpoint discovery and metrics bookkeeping: what a crash leaves behind is never resumed from,
 and nothing written is lost."""
 
+import errno
 import json
 import os
+import stat
+from collections import Counter
 
 import pytest
 
@@ -143,42 +146,78 @@ def test_config_changes_resolve_interpolations_and_spellings_of_a_path(tmp_path,
     check_resumable(tmp_path, now)  # the same model: no error
 
 
-@pytest.fixture
-def synced(monkeypatch):
-    """`synced(path)`: whether the last fsync of that file reached its present length."""
-    sizes: dict[tuple[int, int], int] = {}  # (device, inode) -> its size when last synced
-    real_fsync = os.fsync
+def _key(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
 
-    def fsync(fd: int) -> None:
-        real_fsync(fd)
+
+class Disk:
+    """What a power loss would keep, by the strict POSIX rule, as far as os.fsync has been
+    called: a file's bytes up to its last fsync, and a folder's entries (name -> inode) as they
+    were at its last fsync. Renames keep inodes, so a file synced under a temporary name is
+    still known under its final one."""
+
+    def __init__(self, real_fsync):
+        self.real_fsync = real_fsync
+        self.sizes: dict[tuple[int, int], int] = {}  # a file -> its size when last synced
+        self.entries: dict[tuple[int, int], dict[str, int]] = {}  # a folder -> its entries
+        self.folder_syncs: Counter = Counter()  # a folder -> how often it was synced
+
+    def fsync(self, fd: int) -> None:
+        self.real_fsync(fd)
         st = os.fstat(fd)
-        sizes[(st.st_dev, st.st_ino)] = st.st_size
+        if stat.S_ISDIR(st.st_mode):
+            with os.scandir(fd) as found:
+                self.entries[_key(st)] = {e.name: e.inode() for e in found}
+            self.folder_syncs[_key(st)] += 1
+        else:
+            self.sizes[_key(st)] = st.st_size
 
-    monkeypatch.setattr(os, "fsync", fsync)
+    def named(self, path) -> bool:
+        """Whether `path`'s folder was synced since `path` got its present name."""
+        kept = self.entries.get(_key(os.stat(path.parent)), {})
+        return kept.get(path.name) == os.stat(path).st_ino
 
-    def check(path) -> bool:
+    def written(self, path) -> bool:
+        """Whether the file's last fsync reached its present length."""
         st = os.stat(path)
-        return sizes.get((st.st_dev, st.st_ino)) == st.st_size
+        return self.sizes.get(_key(st)) == st.st_size
 
-    return check
+    def kept(self, path) -> bool:
+        """Whether a power loss now would leave `path` as it is (a folder: its name)."""
+        return self.named(path) and (path.is_dir() or self.written(path))
+
+    def syncs_of(self, folder) -> int:
+        return self.folder_syncs[_key(os.stat(folder))]
 
 
-def test_rows_are_on_disk_before_the_checkpoint_of_their_step(tmp_path, monkeypatch, synced):
-    """A checkpoint is synced to disk before it is renamed into place, and so must be every
-    metrics and samples row up to its step: after a machine crash, a resume from that checkpoint
-    does not write those rows again. At each checkpoint's rename, both files must have been
-    synced to their whole length."""
+@pytest.fixture
+def disk(monkeypatch):
+    recorder = Disk(os.fsync)
+    monkeypatch.setattr(os, "fsync", recorder.fsync)
+    return recorder
+
+
+def test_rows_are_on_disk_before_the_checkpoint_of_their_step(tmp_path, monkeypatch, disk):
+    """A checkpoint is on disk before it is renamed into place, every file and every folder's
+    entries (model/'s weights are named in model/), and so must be every metrics and samples
+    row up to its step: after a machine crash, a resume from that checkpoint does not write
+    those rows again. The rename itself is on disk when the save returns: its folder was synced
+    after it. final/ likewise."""
     from rltune import checkpoint
     from rltune.cli import run
 
-    real_replace, unsynced = checkpoint.replace_dir, []
+    real_replace, lost = checkpoint.replace_dir, []
 
     def replace_dir(tmp, final):
+        lost.extend((final.name, p.relative_to(tmp)) for p in tmp.rglob("*") if not disk.kept(p))
+        named = [final]
         if final.parent.name == "checkpoints":
+            named.append(final.parent)  # created by the first save
             for name in ("metrics.jsonl", "samples.jsonl"):
-                if not synced(final.parent.parent / name):
-                    unsynced.append((final.name, name))
+                if not disk.kept(final.parent.parent / name):
+                    lost.append((final.name, name))
         real_replace(tmp, final)
+        lost.extend((final.name, p.name) for p in named if not disk.named(p))
 
     monkeypatch.setattr(checkpoint, "replace_dir", replace_dir)
     run_dir = run(
@@ -196,15 +235,74 @@ def test_rows_are_on_disk_before_the_checkpoint_of_their_step(tmp_path, monkeypa
     )
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [0, 1, 2]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-1", "step-2"]
-    assert unsynced == []
+    assert (run_dir / "final" / "config.json").exists()
+    assert lost == []
 
 
-def test_a_resume_syncs_the_rewritten_metrics_and_the_orphans(tmp_path, synced):
+def test_a_resume_syncs_the_rewritten_metrics_and_the_orphans(tmp_path, monkeypatch, disk):
     """The rewrite without the abandoned rows replaces metrics.jsonl by a rename: unsynced, a
     machine crash could leave an empty file under the name, every row to the checkpoint's step
-    lost; and the rows moved out must be on disk in the orphans' file before they leave."""
-    path = tmp_path / "metrics.jsonl"
+    lost; and the rows moved out must be on disk, and named, in the orphans' file before they
+    leave. The rename is on disk once truncate_after returns."""
+    path, orphans = tmp_path / "metrics.jsonl", tmp_path / "metrics.orphaned.jsonl"
     path.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(10)))
+    real_replace, at_rename = os.replace, []
+
+    def replace(src, dst):
+        at_rename.append((disk.written(src), disk.kept(orphans)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
     MetricsLogger(tmp_path, LoggerConfig(), config={}, total_steps=10).truncate_after(5)
     assert [r["step"] for r in read_metrics(path)] == [0, 1, 2, 3, 4, 5]
-    assert synced(path) and synced(tmp_path / "metrics.orphaned.jsonl")
+    assert at_rename == [(True, True)]
+    assert disk.kept(path) and disk.kept(orphans)
+
+
+def test_a_new_log_file_is_named_on_disk_once_not_per_row(tmp_path, disk):
+    """metrics.jsonl and samples.jsonl are synced before each checkpoint, which keeps their rows
+    only if their names are on disk too: the run directory is synced when each is created, and
+    not again for the rows that follow."""
+    logger = MetricsLogger(tmp_path, LoggerConfig(), config={}, total_steps=10)
+    for step in range(5):
+        logger.log({"step": step, "loss": 1.0})
+        logger.log_samples(step, ["prompt", "completion"], [["p", "c"]])
+    logger.close()
+    assert disk.named(tmp_path / "metrics.jsonl") and disk.named(tmp_path / "samples.jsonl")
+    assert disk.syncs_of(tmp_path) == 2
+
+
+def test_a_new_checkpoints_folder_is_named_in_the_run_directory(tmp_path, disk):
+    """save_checkpoint creates checkpoints/ on the first save: unsynced, a power loss could
+    take the whole folder, and every checkpoint in it, with it."""
+    from rltune.durable import make_dirs
+
+    make_dirs(tmp_path / "run" / "checkpoints")
+    assert disk.named(tmp_path / "run") and disk.named(tmp_path / "run" / "checkpoints")
+
+
+def test_a_folder_that_cannot_be_synced_is_skipped_quietly(tmp_path, monkeypatch):
+    """Windows cannot open a folder to sync it, and a file system may answer EINVAL (it cannot
+    sync a folder): neither stops a save. Any other failure (EIO: the disk lost the data) does."""
+    from rltune.durable import fsync_dir
+
+    def refuse(*args):
+        raise PermissionError(errno.EACCES, "a folder cannot be opened on Windows")
+
+    with monkeypatch.context() as windows:
+        windows.setattr(os, "name", "nt")
+        windows.setattr(os, "open", refuse)
+        fsync_dir(tmp_path)
+
+    def fails(code):
+        def fsync(fd):
+            raise OSError(code, os.strerror(code))
+
+        return fsync
+
+    monkeypatch.setattr(os, "fsync", fails(errno.EINVAL))
+    fsync_dir(tmp_path)
+    monkeypatch.setattr(os, "fsync", fails(errno.EIO))
+    with pytest.raises(OSError) as raised:
+        fsync_dir(tmp_path)
+    assert raised.value.errno == errno.EIO

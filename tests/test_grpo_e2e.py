@@ -225,6 +225,13 @@ def test_a_raising_user_reward_is_counted_and_the_run_goes_on(tmp_path):
     assert len(rows) == 3 and (run_dir / "final" / "config.json").exists()
     assert sum(r["rewards/picky/errors"] for r in rows) > 0
     assert all(r["rewards/arith/errors"] == 0 for r in rows)
+    # a batch holding a '1' fails, then its samples are scored one at a time: counted in every
+    # step where it happens, logged only the first time (several times here, eval's included)
+    batch_failures = [r["rewards/picky/batch_failures"] for r in rows]
+    assert batch_failures == [float(r["rewards/picky/errors"] > 0) for r in rows]
+    assert sum(batch_failures) >= 2
+    assert all(r["rewards/arith/batch_failures"] == 0 for r in rows)
+    assert (run_dir / "cli.log").read_text().count("reward picky failed on the batch") == 1
     # eval logs each function's mean too; arith's on the greedy completions is the task's accuracy
     evals = _rows(run_dir, "eval/reward")
     assert [e["eval/rewards/arith/mean"] for e in evals] == [e["eval/accuracy"] for e in evals]

@@ -1,6 +1,7 @@
 """Reward functions: built-ins by hand, resolution errors before any model loads, and scoring that
 survives functions that raise, hang or return garbage."""
 
+import logging
 import math
 import threading
 import time
@@ -315,6 +316,39 @@ def test_a_function_that_hangs_for_good_holds_a_bounded_number_of_threads():
         thread.join(5)
     out = rewards.score([fn], ["p"] * 3, ["a", "b", "c"], {}, timeout_s=5)
     assert out.errors == {"hangs": 0} and out.total.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_a_function_that_takes_one_sample_at_a_time_warns_once_then_counts(caplog):
+    """A function that reads completions[0] alone fails on every batch and scores every sample
+    on its retry. Each rollout still tries the batch first and scores the same as before; the
+    failure is logged once (a 200-step run's log held 200 copies), and each step's
+    batch_failures says that it happened again."""
+    calls = []
+
+    def one_at_a_time(prompts, completions, **columns):
+        calls.append(len(completions))
+        if len(completions) > 1:
+            raise ValueError("one completion at a time, please")
+        return [float(len(completions[0]))]
+
+    single = rewards.RewardFunction("single", one_at_a_time, 1.0)
+    steady = rewards.RewardFunction("steady", lambda p, c, **k: [0.5] * len(c), 1.0)
+    failures = 0
+    with caplog.at_level(logging.WARNING, logger=rewards.log.name):
+        for _ in range(4):  # four rollouts
+            out = rewards.score([single, steady], ["p"] * 3, ["a", "bb", "ccc"], {}, timeout_s=5)
+            assert out.values["single"] == [1.0, 2.0, 3.0] and out.total.tolist() == [1.5, 2.5, 3.5]
+            assert out.errors == {"single": 0, "steady": 0}
+            assert out.batch_failures == {"single": 1, "steady": 0}
+            failures += out.batch_failures["single"]
+    assert calls == [3, 1, 1, 1] * 4
+    assert failures == 4
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1
+    assert warned[0].startswith(
+        "reward single failed on the batch (ValueError: one completion at a time, please (at "
+    )
+    assert "not logged, but counted in rewards/single/batch_failures" in warned[0]
 
 
 def test_columns_named_like_the_callers_parameters_reach_the_function():

@@ -25,12 +25,12 @@ log-probs are computed once after sampling and reused by the mu steps. Log-probs
 sampling temperature (logits / T), as the sampler did.
 
 Logged metrics (TRL's names): reward, reward_std (mean of the groups' std), rewards/<fn>/mean,
-rewards/<fn>/errors, frac_reward_zero_std, filtered_groups (with filter_zero_std), loss, kl
-(kl_coef > 0), entropy, clip_ratio/low_mean, clip_ratio/high_mean, clip_ratio/region_mean,
-completions/mean_length, completions/min_length, completions/max_length,
-completions/clipped_ratio, time/generate, time/reward, time/train; at eval steps eval/reward
-(greedy completions of held-out prompts), eval/rewards/<fn>/mean and eval/accuracy (built-in
-task).
+rewards/<fn>/errors, rewards/<fn>/batch_failures (1 when the call on the whole batch failed and the
+function was called per sample), frac_reward_zero_std, filtered_groups (with filter_zero_std), loss,
+kl (kl_coef > 0), entropy, clip_ratio/low_mean, clip_ratio/high_mean, clip_ratio/region_mean,
+completions/mean_length, completions/min_length, completions/max_length, completions/clipped_ratio,
+time/generate, time/reward, time/train; at eval steps eval/reward (greedy completions of held-out
+prompts), eval/rewards/<fn>/mean and eval/accuracy (built-in task).
 """
 
 from __future__ import annotations

@@ -421,6 +421,7 @@ class OnlineAlgorithm(AlgorithmBase):
         metrics |= function_means(scores, "rewards")
         for name in scores.values:
             metrics[f"rewards/{name}/errors"] = float(scores.errors[name])
+            metrics[f"rewards/{name}/batch_failures"] = float(scores.batch_failures[name])
         return metrics
 
     def samples(

@@ -23,11 +23,11 @@ every completion position, initialised from the reward model or the policy's bas
 (algo.critic_init), and trained beside the policy at algo.critic_lr.
 
 Logged: reward (before the clip and the penalty), rewards/<fn>/mean, rewards/<fn>/errors,
-rewards/clipped_frac (with algo.reward_clip: the share of scores outside the bounds), kl (per
-completion, summed over its tokens), kl_coef, returns/mean, advantages/mean (before whitening),
-value/explained_var, completions/*, time/*, and per step loss, ppo/policy_loss, ppo/value_loss,
-ppo/clipfrac, ppo/approx_kl, value/clipfrac, entropy; eval/reward, eval/rewards/<fn>/mean and
-eval/accuracy at eval steps.
+rewards/<fn>/batch_failures, rewards/clipped_frac (with algo.reward_clip: the share of scores
+outside the bounds), kl (per completion, summed over its tokens), kl_coef, returns/mean,
+advantages/mean (before whitening), value/explained_var, completions/*, time/*, and per step loss,
+ppo/policy_loss, ppo/value_loss, ppo/clipfrac, ppo/approx_kl, value/clipfrac, entropy; eval/reward,
+eval/rewards/<fn>/mean and eval/accuracy at eval steps.
 """
 
 from __future__ import annotations

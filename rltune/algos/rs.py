@@ -6,9 +6,9 @@ truncated) when its reward reaches algo.threshold. The kept (prompt, completion)
 of the completion, normalised by the step's completion tokens) until they run out; then the next
 round samples from the improved policy.
 
-Logged: acceptance_rate (share of a round's prompts that kept a completion), reward (mean over
-every sample of the round), rewards/<fn>/mean, rewards/<fn>/errors, rounds, completions/*,
-time/generate, time/reward at each round; loss and num_tokens per step; eval/reward,
+Logged: acceptance_rate (share of a round's prompts that kept a completion), reward (mean over every
+sample of the round), rewards/<fn>/mean, rewards/<fn>/errors, rewards/<fn>/batch_failures, rounds,
+completions/*, time/generate, time/reward at each round; loss and num_tokens per step; eval/reward,
 eval/rewards/<fn>/mean and eval/accuracy at eval steps.
 """
 

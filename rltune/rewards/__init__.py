@@ -10,17 +10,19 @@ e.g. `arith`), or a user function as `module:function` or `path/to/file.py:funct
 
 Names and imports are resolved by `resolve` before any model loads, so a typo fails in seconds.
 `score` calls every user or built-in function with a timeout (`reward.timeout_s`; the reward
-model, rltune's own code, runs directly). A call that raises, times out
-or returns something other than one number-or-None per completion is retried one sample at a
-time, within one more timeout_s for all the retries, so only the samples that fail lose their
-reward; each failure counts in `rewards/<name>/errors`, and the run goes on, unless a function
-fails on every sample of FAILING_STEPS rollouts in a row (`FailureWatch`). The timeout cannot
-interrupt code that holds Python's global lock (a long regular-expression match): such a call
-ends when it ends. A call that timed out runs on in its abandoned thread until it returns
-(Python cannot stop a thread); while MAX_HUNG_CALLS of one function's calls run so, it gets no
-new call and its samples fail, so a function that hangs for good costs a bounded number of
-threads, not one or two per step for the rest of the run. Each function gets its own copies of
-the arguments.
+model, rltune's own code, runs directly). A call that raises, times out or returns something
+other than one number-or-None per completion is retried one sample at a time, within one more
+timeout_s for all the retries, so only the samples that fail lose their reward; each failure
+counts in `rewards/<name>/errors`, and the run goes on, unless a function fails on every sample
+of FAILING_STEPS rollouts in a row (`FailureWatch`). Every rollout tries the whole batch first;
+a function that only ever works one sample at a time would fail so at every step, so its first
+failure on a batch is logged as a warning and the later ones only counted, in
+`rewards/<name>/batch_failures`. The timeout cannot interrupt code that holds Python's global
+lock (a long regular-expression match): such a call ends when it ends. A call that timed out
+runs on in its abandoned thread until it returns (Python cannot stop a thread); while
+MAX_HUNG_CALLS of one function's calls run so, it gets no new call and its samples fail, so a
+function that hangs for good costs a bounded number of threads, not one or two per step for the
+rest of the run. Each function gets its own copies of the arguments.
 
 A sample's reward is the weighted sum of the values its functions returned (None values are
 skipped); it is None (NaN in tensors) when any function failed on it or none returned a value.
@@ -72,6 +74,8 @@ class RewardFunction:
     """reward.model_path's scorer (rltune's own code, run without a timeout)."""
     hung: list[threading.Thread] = field(default_factory=list, repr=False)
     """Threads of its calls abandoned at a timeout, until they end (see call_with_timeout)."""
+    batch_failure_logged: bool = field(default=False, repr=False)
+    """Whether its failure on a whole batch has been logged (once a run; see _batch_failed)."""
 
 
 @dataclass
@@ -84,6 +88,8 @@ class RewardScores:
     """Per function, how many samples failed (exception, timeout or a bad return value)."""
     last_error: dict[str, str]
     """Per function that failed, what its last failure said."""
+    batch_failures: dict[str, int]
+    """Per function, 1 when its call on the whole batch failed and it was called per sample."""
 
 
 class RewardError(ConfigError):
@@ -396,15 +402,33 @@ def _failure(err: BaseException, prompts: list[Any]) -> str:
     return text
 
 
+def _batch_failed(f: RewardFunction, failure: str) -> None:
+    """Log `f`'s failure on a whole batch the first time only: a function that works on single
+    samples alone fails so at every step (a 200-step run's log held 200 copies), and the later
+    failures are counted in its batch_failures metric instead."""
+    if f.batch_failure_logged:
+        log.debug("reward %s failed on the batch (%s); retrying per sample", f.name, failure)
+        return
+    f.batch_failure_logged = True
+    log.warning(
+        "reward %s failed on the batch (%s); retrying per sample. Each rollout still tries the "
+        "whole batch first; further failures on a batch are not logged, but counted in "
+        "rewards/%s/batch_failures",
+        f.name,
+        failure,
+        f.name,
+    )
+
+
 def _call(
     f: RewardFunction,
     prompts: list[Any],
     completions: list[str],
     columns: dict[str, list[Any]],
     timeout_s: float,
-) -> tuple[list[float | None], list[bool], str | None]:
-    """(values, failed, the last failure's message) for one function over the batch, falling
-    back to one sample at a time."""
+) -> tuple[list[float | None], list[bool], str | None, bool]:
+    """(values, failed, the last failure's message, whether the call on the whole batch
+    failed) for one function over the batch, falling back to one sample at a time."""
     n = len(completions)
     # each function gets its own copies: one that edits its arguments (a prompt's message list
     # is the dataset's own object) changes nothing for the next function or a later step
@@ -413,18 +437,14 @@ def _call(
     if f.model:
         # rltune's own reward model runs in this thread: under ZeRO-3 its forward passes are
         # collective, and a call abandoned by a timeout on one rank would hang the others
-        return _checked(f.fn(prompts, completions, **columns), n), [False] * n, None
+        return _checked(f.fn(prompts, completions, **columns), n), [False] * n, None, False
     try:
         values = call_with_timeout(f.fn, timeout_s, f.hung, prompts, completions, **columns)
-        return _checked(values, n), [False] * n, None
+        return _checked(values, n), [False] * n, None, False
     except _Hung as err:  # the retries would find no thread either
-        return [None] * n, [True] * n, _failure(err, prompts)
+        return [None] * n, [True] * n, _failure(err, prompts), False
     except Exception as err:  # noqa: BLE001 - a reward function must never stop the run
-        log.warning(
-            "reward %s failed on the batch (%s); retrying per sample",
-            f.name,
-            _failure(err, prompts),
-        )
+        _batch_failed(f, _failure(err, prompts))
     # the retries share one more timeout_s: a function that hangs costs a rollout twice its
     # timeout, not once per sample
     deadline = time.monotonic() + timeout_s
@@ -448,7 +468,7 @@ def _call(
             values.append(None)
             failed.append(True)
             last = _failure(err, prompts[i : i + 1])
-    return values, failed, last
+    return values, failed, last, True
 
 
 def score(
@@ -464,10 +484,11 @@ def score(
     total = torch.zeros(n)
     has_value = torch.zeros(n, dtype=torch.bool)
     broken = torch.zeros(n, dtype=torch.bool)
-    values, errors, last_error = {}, {}, {}
+    values, errors, last_error, batch_failures = {}, {}, {}, {}
     for f in functions:
-        vals, failed, last = _call(f, prompts, completions, columns, timeout_s)
+        vals, failed, last, batch_failed = _call(f, prompts, completions, columns, timeout_s)
         values[f.name], errors[f.name] = vals, sum(failed)
+        batch_failures[f.name] = int(batch_failed)
         if last is not None:
             last_error[f.name] = last
         for i, v in enumerate(vals):
@@ -476,4 +497,10 @@ def score(
                 has_value[i] = True
         broken |= torch.tensor(failed, dtype=torch.bool)
     total[~has_value | broken] = float("nan")
-    return RewardScores(total=total, values=values, errors=errors, last_error=last_error)
+    return RewardScores(
+        total=total,
+        values=values,
+        errors=errors,
+        last_error=last_error,
+        batch_failures=batch_failures,
+    )
