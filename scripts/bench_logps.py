@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from rltune.losses import linear_token_logps
+from rltune.logps import linear_token_logps
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rltune.evaluation import render_prompt
-from rltune.losses import token_logps
+from rltune.logps import token_logps
 from rltune.models import SHIPPED
 from rltune.rollout import SamplingParams, completion_lengths, position_ids, sample
 

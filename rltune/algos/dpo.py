@@ -46,14 +46,8 @@ from rltune.data.preference import (
 from rltune.data.source import split_records
 from rltune.data.stream import IndexStream, length_sorted
 from rltune.evaluation import get_task
-from rltune.losses import (
-    IGNORE_INDEX,
-    dpo_loss,
-    linear_token_logps,
-    sequence_logps,
-    shift_labels,
-    token_logps,
-)
+from rltune.logps import IGNORE_INDEX, linear_token_logps, sequence_logps, shift_labels, token_logps
+from rltune.losses import dpo_loss
 from rltune.models import (
     HiddenStateHead,
     Reference,

@@ -23,7 +23,7 @@ from rltune.data.stream import IndexStream
 from rltune.decode import fast_sample
 from rltune.distributed import all_reduce_sum
 from rltune.evaluation import get_task, render_prompt
-from rltune.losses import linear_token_logps, token_entropy, token_logps
+from rltune.logps import linear_token_logps, token_entropy, token_logps
 from rltune.models import (
     HiddenStateHead,
     Reference,
