@@ -364,7 +364,8 @@ def test_graph_decoder_lora_replica_shares_the_frozen_base_and_follows_adapter_u
 
     from rltune.config import PeftConfig
     from rltune.decode import _REPLICAS, fast_sample
-    from rltune.models import SHIPPED, apply_lora, autocast
+    from rltune.lora import apply_lora
+    from rltune.models import SHIPPED, autocast
 
     tokenizer = AutoTokenizer.from_pretrained(SHIPPED["tiny"])
     torch.manual_seed(0)
