@@ -565,7 +565,7 @@ def test_decoding_runs_a_compiled_model_uncompiled():
     from torch._dynamo.utils import counters
 
     from rltune.decode import fast_sample
-    from rltune.models import compile_stack
+    from rltune.hidden_states import compile_stack
     from rltune.rollout import generate_greedy
 
     tokenizer = AutoTokenizer.from_pretrained(SHIPPED["tiny"])
@@ -596,7 +596,7 @@ def test_each_compiled_model_has_a_recompile_budget_of_its_own(tiny):
     in requires_grad) each compile their own stack, rather than the reference running eagerly."""
     from torch._dynamo.utils import counters
 
-    from rltune.models import compile_stack
+    from rltune.hidden_states import compile_stack
 
     model, tokenizer = tiny
     policy, reference = copy.deepcopy(model), copy.deepcopy(model).requires_grad_(False)

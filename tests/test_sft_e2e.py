@@ -640,7 +640,8 @@ def test_fused_ce_needs_a_plain_output_layer():
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from rltune.models import SHIPPED, plain_output_layer
+    from rltune.hidden_states import plain_output_layer
+    from rltune.models import SHIPPED
 
     model = AutoModelForCausalLM.from_pretrained(SHIPPED["tiny"])
     assert plain_output_layer(model) is model.lm_head
