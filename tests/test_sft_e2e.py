@@ -363,8 +363,9 @@ def test_export_merges_into_a_base_of_a_third_dtype_in_fp32(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rltune.config import PeftConfig
+    from rltune.export import export_final
     from rltune.lora import apply_lora
-    from rltune.models import SHIPPED, export_final
+    from rltune.models import SHIPPED
 
     tokenizer = AutoTokenizer.from_pretrained(SHIPPED["tiny"])
     base = AutoModelForCausalLM.from_pretrained(SHIPPED["tiny"], dtype=torch.float16)
