@@ -17,7 +17,7 @@ drawn on the device, and the loop stops once every row has ended. Two decoders, 
 
 With `rollout.compile`, the static decoder's step is compiled by torch.compile (inductor fuses
 the elementwise work between the matmuls) and the compiled step is what the graph captures; the
-draw from its logits is compiled too. Each decoder compiles its own (`_compile`).
+draw from its logits is compiled too. Each decoder compiles its own (`decoders._compile`).
 
 Between steps the host only enqueues work: the early-exit test (`finished.all()`, a sync) runs
 every `SYNC_EVERY` tokens on CUDA.

@@ -62,7 +62,7 @@ def draw(
 def _compile(fn):
     """`fn` compiled for one static decoder, at its fixed shapes (rollout.compile), with a
     recompile budget of its own (`OWN_RECOMPILES`): every decoder runs the same code, and a run
-    whose prompts grow wider makes a new decoder per `WIDTH_STEP`, so on a shared budget the
+    whose prompts grow wider makes a new decoder per `decode.WIDTH_STEP`, so on a shared budget the
     ninth would decode uncompiled for the rest of the run. Dynamo keeps a replaced decoder's
     compiled code (not its cache) until `torch._dynamo.reset`; its `accumulated_recompile_limit`
     (256 compiles of one code object, all budgets together) still holds."""
@@ -81,8 +81,8 @@ def _quiet():
 
 
 def _compiled(compiled: bool):
-    """Lifts `fast_sample`'s force-eager stance for what `rollout.compile` compiled: the static
-    decoder's step and the draw."""
+    """Lifts `decode.fast_sample`'s force-eager stance for what `rollout.compile` compiled: the
+    static decoder's step and the draw."""
     return torch.compiler.set_stance("default") if compiled else nullcontext()
 
 
@@ -154,7 +154,7 @@ class StaticDecoder:
         device, dtype = param.device, param.dtype
         text = model.config.get_text_config(decoder=True)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        # weak: a replica's decoder must not keep the policy (its key in _REPLICAS) alive
+        # weak: a replica's decoder must not keep the policy (its key in decode._REPLICAS) alive
         self.model = weakref.ref(model)
         self.rows, self.width, self.length = rows, width, length
         self.cache = StaticCache(config=model.config, max_cache_len=length)

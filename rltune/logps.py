@@ -69,10 +69,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def linear_nll_sum(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, chunk_size: int = 2048
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`token_nll_sum` and `token_accuracy_sum` from the last hidden states [B, T, H] and the
-    output layer's weight [V, H] instead of logits: only the labelled positions go through the
-    output layer, `chunk_size` at a time, so the [B, T, V] logits never exist. Returns (summed
-    NLL, labelled tokens, correctly predicted tokens)."""
+    """`losses.token_nll_sum` and `losses.token_accuracy_sum` from the last hidden states
+    [B, T, H] and the output layer's weight [V, H] instead of logits: only the labelled positions
+    go through the output layer, `chunk_size` at a time, so the [B, T, V] logits never exist.
+    Returns (summed NLL, labelled tokens, correctly predicted tokens)."""
     targets = shift_labels(labels).flatten()  # [B*T]
     keep = (targets != IGNORE_INDEX).nonzero().squeeze(-1)  # [N]
     nll, correct = _LinearCrossEntropy.apply(
@@ -84,8 +84,8 @@ def linear_nll_sum(
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probability of each row's labelled tokens, and how many there are.
 
-    `logits` [B, T, V] predict the next token; `labels` [B, T] as in `token_nll_sum`. The fp32
-    log-softmax is computed in chunks (see `token_logps`), never for the whole batch at once.
+    `logits` [B, T, V] predict the next token; `labels` [B, T] as in `losses.token_nll_sum`. The
+    fp32 log-softmax is computed in chunks (see `token_logps`), never for the whole batch at once.
     """
     targets = shift_labels(labels)  # [B, T]
     mask = targets != IGNORE_INDEX  # [B, T]

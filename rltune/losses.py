@@ -22,7 +22,7 @@ def token_nll_sum(
     where no loss is wanted (the shift happens here). The caller divides by the number of loss
     tokens of the whole optimizer step, so every token weighs the same however the step is split
     into micro-batches. Logits of more than `chunk_above` elements (256 MiB in fp32) never get a
-    whole fp32 copy: the log-softmax runs a chunk of positions at a time (`token_logps`).
+    whole fp32 copy: the log-softmax runs a chunk of positions at a time (`logps.token_logps`).
     """
     if logits.numel() > chunk_above:
         logps, count = sequence_logps(logits, labels)  # [B], [B]

@@ -38,7 +38,8 @@ there are `torch._dynamo.config.recompile_limit` (8) of them it runs that code e
 input none of them fits, for the rest of the process, with one warning in the log. What rltune
 compiles more than once is such shared code: every model's decoder stack runs transformers' one
 decorated `forward` (PPO's three models, in train and eval mode, with and without grad, took
-all 8 in 30 steps of the tiny job), and every static decoder's step `StaticDecoder._forward`.
+all 8 in 30 steps of the tiny job), and every static decoder's step
+`decoders.StaticDecoder._forward`.
 Without the option (an older torch) they share the 8."""
 
 
