@@ -737,7 +737,7 @@ def validate(cfg: RLTuneConfig) -> None:
                 f"peft.r={p.r} must be >= 1, peft.alpha={p.alpha} > 0 and "
                 f"peft.dropout={p.dropout} in [0, 1)"
             )
-        from rltune.models import lora_targets
+        from rltune.lora import lora_targets
 
         lora_targets(p.target_modules)  # its form now; the names once the model has loaded
     if t.lr is not None and t.lr <= 0:

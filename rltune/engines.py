@@ -31,7 +31,8 @@ from rltune import checkpoint as ckpt
 from rltune.config import TrainConfig
 from rltune.distributed import Dist, barrier, gathered, partitioned_bytes
 from rltune.durable import make_dirs
-from rltune.models import export_final, is_peft
+from rltune.export import export_final
+from rltune.lora import is_peft
 
 log = logging.getLogger(__name__)
 

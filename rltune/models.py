@@ -1,7 +1,8 @@
-"""Loading, wrapping and exporting models: policy (with optional LoRA), tokenizer, dtype, device.
+"""Loading and wrapping models: policy (with optional LoRA), tokenizer, dtype, device.
 
 Later algorithms add the reference, value and reward models here; this file owns every
-`from_pretrained` call so dtype, attention and LoRA handling stay in one place.
+`from_pretrained` call so dtype, attention and LoRA handling stay in one place (the adapters
+themselves are put on by `rltune.lora`). `rltune.export` writes the trained model out.
 """
 
 from __future__ import annotations
@@ -10,14 +11,13 @@ import contextlib
 import inspect
 import logging
 import os
-import re
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from rltune.config import ConfigError, ModelConfig, PeftConfig
+from rltune.lora import apply_lora, is_peft
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,8 @@ there are `torch._dynamo.config.recompile_limit` (8) of them it runs that code e
 input none of them fits, for the rest of the process, with one warning in the log. What rltune
 compiles more than once is such shared code: every model's decoder stack runs transformers' one
 decorated `forward` (PPO's three models, in train and eval mode, with and without grad, took
-all 8 in 30 steps of the tiny job), and every static decoder's step `StaticDecoder._forward`.
+all 8 in 30 steps of the tiny job), and every static decoder's step
+`decoders.StaticDecoder._forward`.
 Without the option (an older torch) they share the 8."""
 
 
@@ -175,106 +176,6 @@ def load_causal_lm(cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device
         **kwargs,
     )
     return model.to(device)
-
-
-ALL_LINEAR = "all-linear"
-PLAIN_NAME = re.compile(r"\w+(\.\w+)*")
-"""A module name or dotted name suffix (`q_proj`, `self_attn.o_proj`); any other string in
-peft.target_modules is a regular expression that peft matches against whole module names."""
-
-
-def lora_targets(value: Any) -> str | list[str]:
-    """peft.target_modules as peft takes it: `all-linear`, a regular expression, or a list of
-    names. A plain name on its own is a one-item list: peft would read it as a regular
-    expression that must match a whole module name (`model.layers.0.self_attn.q_proj`), which a
-    bare `q_proj` never does."""
-    key = "peft.target_modules"
-    if isinstance(value, str):
-        if value == ALL_LINEAR:
-            return value
-        if PLAIN_NAME.fullmatch(value):
-            return [value]
-        try:
-            re.compile(value)
-        except re.error as err:
-            raise ConfigError(f"{key}={value!r} is not a regular expression: {err}") from None
-        return value
-    if not isinstance(value, (list, tuple)) or not value:
-        raise ConfigError(
-            f"{key}={value!r} must be {ALL_LINEAR}, a list of module names or a regular expression"
-        )
-    bad = [v for v in value if not isinstance(v, str) or not PLAIN_NAME.fullmatch(v)]
-    if bad:
-        raise ConfigError(f"{key}: {bad[0]!r} is not a module name (like q_proj or mlp.up_proj)")
-    return list(value)
-
-
-def _layer_kinds() -> tuple[tuple[type, ...], tuple[type, ...]]:
-    """(linear layers, every layer that LoRA adapts)."""
-    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
-
-    linear = (nn.Linear, Conv1D)
-    return linear, (*linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def check_lora_targets(model: nn.Module, targets: str | list[str]) -> None:
-    """Before peft wraps `model`: every name in `targets` (from `lora_targets`) is a layer of
-    `model` that LoRA can adapt (peft would fail with its own traceback on a name that matches
-    nothing, or silently skip it when another name matches), and none is the output layer or
-    input embedding of a model that ties the two: merging the adapter into final/ would write
-    its update into the one shared matrix, so it would reach the other end too."""
-    if targets == ALL_LINEAR:
-        return  # peft leaves the output layer out of all-linear
-    key = "peft.target_modules"
-    linear_kinds, adaptable = _layer_kinds()
-    modules = {n: m for n, m in model.named_modules() if n}  # not the model itself
-    output, embedding = model.get_output_embeddings(), model.get_input_embeddings()
-    ties = output is not None and embedding is not None and output.weight is embedding.weight
-    tied = {n: m for n, m in modules.items() if ties and (m is output or m is embedding)}
-    linear = sorted(
-        {n.rsplit(".", 1)[-1] for n, m in modules.items() if isinstance(m, linear_kinds)}
-        - {n.rsplit(".", 1)[-1] for n in tied}
-    )
-    if isinstance(targets, str):
-        groups = {targets: [n for n in modules if re.fullmatch(targets, n)]}
-    else:
-        groups = {t: [n for n in modules if n == t or n.endswith("." + t)] for t in targets}
-    for target, names in groups.items():
-        if not names:
-            raise ConfigError(
-                f"{key}: {target!r} matches no module of {type(model).__name__}; its linear "
-                f"layers: {', '.join(linear)} (or {ALL_LINEAR})"
-            )
-        other = next((n for n in names if not isinstance(modules[n], adaptable)), None)
-        if other is not None:
-            raise ConfigError(
-                f"{key}: {target!r} matches {other}, a {type(modules[other]).__name__}, which "
-                f"LoRA cannot adapt; its linear layers: {', '.join(linear)} (or {ALL_LINEAR})"
-            )
-        hit = next((n for n in names if n in tied), None)
-        if hit is not None:
-            partner = next(n for n, m in tied.items() if m is not tied[hit])
-            raise ConfigError(
-                f"{key}: {target!r} puts an adapter on {hit}, whose weight {type(model).__name__} "
-                f"shares with {partner} (tie_word_embeddings): merged into final/, its update "
-                f"would change both. Leave {hit} out ({ALL_LINEAR} does), or train from a copy "
-                "of the model saved with tie_word_embeddings=false"
-            )
-
-
-def apply_lora(model: nn.Module, cfg: PeftConfig, *, task_type: str = "CAUSAL_LM") -> nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    targets = lora_targets(cfg.target_modules)
-    check_lora_targets(model, targets)
-    lora = LoraConfig(
-        r=cfg.r,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=targets,
-        task_type=task_type,  # SEQ_CLS also trains (and saves) the new score head in full
-    )
-    return get_peft_model(model, lora)
 
 
 def load_policy(
@@ -418,153 +319,11 @@ def load_value_model(
     return load_scalar_model(path, model_cfg, device=device, pad_token_id=pad_token_id)
 
 
-NO_LOGITS = torch.zeros(0, dtype=torch.long)
-"""`logits_to_keep` that keeps no position: the forward pass stops before the output layer."""
-
-
-def last_hidden(model: nn.Module, **inputs) -> torch.Tensor:
-    """The final (normed) hidden states [B, T, H] of a causal LM, without computing logits:
-    from its decoder stack (`get_decoder()`, through PEFT's wrappers too), or else from the
-    whole model with `output_hidden_states` (which also keeps every layer's output until it
-    returns) and no position kept for logits. `plain_output_layer` checks the result."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if decoder is not None and decoder is not model:
-        return decoder(**inputs).last_hidden_state
-    device = inputs["input_ids"].device
-    out = model(**inputs, output_hidden_states=True, logits_to_keep=NO_LOGITS.to(device))
-    return out.hidden_states[-1]
-
-
-def compile_stack(model: nn.Module, **options) -> nn.Module:
-    """train.compile: `torch.compile` in place (parameter names unchanged) the part of `model`
-    that every loss runs: its decoder stack where it has one, since the losses from hidden
-    states (algo.fused_ce, algo.fused_logps) call that stack directly, past the model's own
-    forward, which compiling the whole model would leave eager. Else the whole model. The
-    output layer stays eager: a matmul gains nothing from fusion. Returns what was compiled."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    target = decoder if isinstance(decoder, nn.Module) and decoder is not model else model
-    target.compile(**{**OWN_RECOMPILES, **options})  # each model its own recompile budget
-    return target
-
-
-@torch.compiler.set_stance("force_eager")  # a one-off check of 8 tokens: nothing to compile
-def plain_output_layer(model: nn.Module) -> nn.Linear | None:
-    """The output layer of `model` when logits are exactly `layer(last_hidden(...))`: a
-    bias-free, whole (not ZeRO-3-partitioned, not LoRA-wrapped) `nn.Linear`, checked on a few
-    tokens against the model's own logits (architectures that scale or cap logits fail it).
-    None otherwise."""
-    head = model.get_output_embeddings()
-    if type(head) is not nn.Linear or head.bias is not None or hasattr(head.weight, "ds_id"):
-        return None  # ZeRO-3 parameters (ds_id) are whole only inside their module's call
-    device = head.weight.device
-    ids = torch.arange(3, 11, device=device)[None] % head.weight.shape[0]  # [1, 8]
-    was_training = model.training
-    model.eval()  # no dropout between the two passes
-    try:
-        with torch.no_grad():
-            logits = model(input_ids=ids, use_cache=False).logits.float()
-            try:
-                mine = head(last_hidden(model, input_ids=ids, use_cache=False)).float()
-            except Exception as e:  # a decoder stack that cannot run alone: the logits path
-                log.debug("last_hidden failed on %s: %r", type(model).__name__, e)
-                return None
-    finally:
-        model.train(was_training)
-    return head if torch.allclose(mine, logits, atol=1e-3, rtol=1e-3) else None
-
-
-class HiddenStateHead:
-    """A flag's choice (algo.fused_ce, algo.fused_logps) between losses from the last hidden
-    states and losses from logits, made per model at its first use: after DeepSpeed has wrapped
-    (and under ZeRO-3 partitioned) it, which is when `plain_output_layer` can tell. Logged once
-    per model, as `what: from hidden states ...` or `what: from logits: ...`."""
-
-    def __init__(self, flag: str, enabled: bool):
-        self.flag, self.enabled = flag, enabled
-        self._heads: dict[int, nn.Linear | None] = {}
-
-    def __call__(self, model: nn.Module, what: str) -> nn.Linear | None:
-        """`model`'s plain output layer when the flag is on and it qualifies, else None."""
-        if not self.enabled:
-            return None
-        known = self._heads.get(id(model), False)
-        if known is False or (known is not None and hasattr(known.weight, "ds_id")):
-            # not seen yet, or ZeRO-3 has partitioned it since (DPO's precompute_ref runs first)
-            device = next(model.parameters()).device
-            with torch.autocast(device.type, enabled=False):
-                head = plain_output_layer(model)
-            self._heads[id(model)] = head
-            log.info(
-                "%s: %s",
-                what,
-                f"from hidden states, no logits ({self.flag})"
-                if head is not None
-                else f"from logits: {self.flag} needs a plain, whole output layer that gives "
-                "the model's own logits",
-            )
-        return self._heads[id(model)]
-
-
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
-
-
-def is_peft(model: nn.Module) -> bool:
-    return hasattr(model, "peft_config")
-
-
-def export_final(
-    model: nn.Module,
-    tokenizer,
-    out_dir: Path,
-    dtype: torch.dtype | None = None,
-    *,
-    in_place: bool = False,
-) -> None:
-    """Write a Hugging Face folder that `from_pretrained` loads, its weights in `dtype` (None:
-    as they are). With LoRA the adapter goes to `out_dir/adapter/` as trained (fp32) and the
-    model merged from it to `out_dir/` itself, while `model` keeps its adapters and dtype,
-    unless `in_place` (training is over: the merge needs no second copy of the base, which at
-    the end of a long run may not fit on the GPU); without LoRA, `model` itself is cast to
-    `dtype`."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if is_peft(model) and getattr(model, "is_loaded_in_4bit", False):
-        # a 4-bit base cannot be merged without losing the adapter's precision: adapter only
-        model.save_pretrained(out_dir / "adapter")
-        log.warning("peft=qlora: final/adapter/ holds the adapter; merge it into the bf16 base")
-    elif is_peft(model):
-        model.save_pretrained(out_dir / "adapter")
-        # Merge into a copy so the in-memory policy keeps its adapters (callers may go on).
-        import copy
-
-        merged = model if in_place else copy.deepcopy(model)
-        dtypes = {p.dtype for p in merged.parameters() if p.is_floating_point()}
-        if dtype is not None and not dtypes <= {torch.float32, dtype}:
-            # peft adds the fp32 update into the base weights in place, so the sum is rounded
-            # once, to the base's dtype: right when that is fp32 or the export dtype, a second
-            # rounding otherwise (an fp16 base exported in bf16)
-            merged.float()
-        _save_model(merged.merge_and_unload(), out_dir, dtype)
-    else:
-        _save_model(model, out_dir, dtype)
-    tokenizer.save_pretrained(out_dir)
-
-
-def _save_model(model: nn.Module, out_dir: Path, dtype: torch.dtype | None) -> None:
-    if dtype is not None:
-        model.to(dtype)
-    # gradient checkpointing turns the KV cache off for training; whoever loads final/ decodes
-    cache_off = getattr(model.config, "use_cache", None) is False
-    if cache_off:
-        model.config.use_cache = True
-    try:
-        model.save_pretrained(out_dir)
-    finally:
-        if cache_off:
-            model.config.use_cache = False
 
 
 class Reference:

@@ -30,7 +30,7 @@ def _attention(model: nn.Module) -> str | None:
 def full_attention_only(model: nn.Module) -> bool:
     """Whether every layer of `model` attends to the whole sequence. transformers uses a 4-D
     mask as it is given, so under one a sliding-window (or chunked) layer would silently see
-    too far back; rltune.decode's static cache assumes full layers too."""
+    too far back; rltune.decoders' static cache assumes full layers too."""
     config = getattr(model, "config", None)
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:

@@ -42,15 +42,9 @@ from rltune.distributed import (
     shared_denominator,
 )
 from rltune.engines import MAIN, DeepSpeedEngine, PlainEngine, make_optimizer
+from rltune.hidden_states import compile_stack
 from rltune.logging import METRICS_FILE, MetricsLogger, NullLogger, read_metrics
-from rltune.models import (
-    autocast,
-    compile_stack,
-    count_parameters,
-    disable_dropout,
-    resolve_device,
-    resolve_dtype,
-)
+from rltune.models import autocast, count_parameters, disable_dropout, resolve_device, resolve_dtype
 from rltune.profiling import StepProfile, memory_metrics, reset_peak_memory
 
 log = logging.getLogger("rltune")

@@ -1,5 +1,5 @@
 """Peak memory and time of the output layer's log-probs from hidden states
-(`losses.linear_token_logps`), forward and backward, at the size of one GRPO micro-batch of
+(`logps.linear_token_logps`), forward and backward, at the size of one GRPO micro-batch of
 workload A (DESIGN.md) on the Qwen2.5-0.5B vocabulary: what the chunks cost beyond the
 output layer's weight and its gradient.
 
@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from rltune.losses import linear_token_logps
+from rltune.logps import linear_token_logps
 
 
 def main() -> None:

@@ -266,7 +266,8 @@ def test_lora_target_modules_are_checked_against_the_models_layers():
     from transformers import AutoModelForCausalLM
 
     from rltune.config import PeftConfig
-    from rltune.models import SHIPPED, apply_lora
+    from rltune.lora import apply_lora
+    from rltune.models import SHIPPED
 
     def lora(target):
         model = AutoModelForCausalLM.from_pretrained(SHIPPED["tiny"])
@@ -293,7 +294,8 @@ def test_lora_on_a_tied_output_layer_or_embedding_is_refused_and_untied_merges_e
     from transformers import AutoModelForCausalLM
 
     from rltune.config import PeftConfig
-    from rltune.models import SHIPPED, apply_lora
+    from rltune.lora import apply_lora
+    from rltune.models import SHIPPED
 
     tied = AutoModelForCausalLM.from_pretrained(SHIPPED["tiny"])
     for target, hit, partner in (

@@ -6,15 +6,8 @@ import pytest
 import torch
 
 from rltune.advantages import group_advantages, group_stats, zero_std_groups
-from rltune.losses import (
-    aggregate_loss,
-    clipped_surrogate,
-    kl_k3,
-    linear_token_logps,
-    loss_denominator,
-    token_entropy,
-    token_logps,
-)
+from rltune.logps import linear_token_logps, token_entropy, token_logps
+from rltune.losses import aggregate_loss, clipped_surrogate, kl_k3, loss_denominator
 
 
 def test_group_advantages_by_hand():
@@ -240,7 +233,7 @@ def test_log_probs_and_entropies_from_logits_in_chunks_with_weighted_gradients(d
     log-probs and entropies of logits [3, 5, 11] 4 positions at a time at temperature 0.7
     equal one whole log_softmax, and so does the gradient of a loss that weighs each log-prob
     and each entropy differently; the gradient comes back in the logits' dtype."""
-    from rltune.losses import logits_token_logps
+    from rltune.logps import logits_token_logps
 
     torch.manual_seed(0)
     logits = torch.randn(3, 5, 11).to(dtype).requires_grad_()

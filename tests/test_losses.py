@@ -4,13 +4,8 @@ import math
 
 import torch
 
-from rltune.losses import (
-    IGNORE_INDEX,
-    linear_nll_sum,
-    shift_labels,
-    token_accuracy_sum,
-    token_nll_sum,
-)
+from rltune.logps import IGNORE_INDEX, linear_nll_sum, shift_labels
+from rltune.losses import token_accuracy_sum, token_nll_sum
 
 
 def test_shift_labels_moves_targets_one_left():

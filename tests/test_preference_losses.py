@@ -8,7 +8,8 @@ import torch
 
 from rltune.algos.dpo import DPO
 from rltune.config import DPOConfig
-from rltune.losses import IGNORE_INDEX, bradley_terry_loss, dpo_loss, sequence_logps
+from rltune.logps import IGNORE_INDEX, sequence_logps
+from rltune.losses import bradley_terry_loss, dpo_loss
 
 
 def _sig(x):

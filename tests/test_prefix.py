@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from rltune.algos.online import OnlineAlgorithm
-from rltune.models import SHIPPED, HiddenStateHead
+from rltune.hidden_states import HiddenStateHead
+from rltune.models import SHIPPED
 from rltune.prefix import PAD, branch_attention_mask, group_rows, mask_for, takes_4d_mask
 from rltune.rollout import Rollout
 

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rltune.evaluation import render_prompt
-from rltune.losses import token_logps
+from rltune.logps import token_logps
 from rltune.models import SHIPPED
 from rltune.rollout import SamplingParams, completion_lengths, position_ids, sample
 
@@ -364,7 +364,8 @@ def test_graph_decoder_lora_replica_shares_the_frozen_base_and_follows_adapter_u
 
     from rltune.config import PeftConfig
     from rltune.decode import _REPLICAS, fast_sample
-    from rltune.models import SHIPPED, apply_lora, autocast
+    from rltune.lora import apply_lora
+    from rltune.models import SHIPPED, autocast
 
     tokenizer = AutoTokenizer.from_pretrained(SHIPPED["tiny"])
     torch.manual_seed(0)
@@ -483,7 +484,7 @@ def test_cuda_graph_decoder_on_a_random_qwen2_5_0_5b(tiny):
 
 
 def test_filter_logits_top_k_top_p_min_p():
-    from rltune.decode import filter_logits
+    from rltune.decoders import filter_logits
 
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
 
@@ -509,7 +510,7 @@ def test_draw_samples_the_filtered_distribution_and_returns_unfiltered_logps(kw,
     """The exponential race draws token i with probability p_i (after temperature and filters):
     frequencies over 40,000 rows within 0.012 (5 sigma); the log-prob returned is that of
     softmax(logits / temperature), before filtering, as the loss uses."""
-    from rltune.decode import draw
+    from rltune.decoders import draw
 
     _check_draw(draw, kw, expected)
 
@@ -519,7 +520,7 @@ def test_draw_samples_the_filtered_distribution_and_returns_unfiltered_logps(kw,
 )
 def test_compiled_draw_samples_the_same_distribution(kw, expected):
     """rollout.compile's draw (inductor, with its own random stream) keeps the distribution."""
-    from rltune.decode import _compile, draw
+    from rltune.decoders import _compile, draw
 
     _check_draw(_compile(draw), kw, expected)
 
@@ -564,7 +565,7 @@ def test_decoding_runs_a_compiled_model_uncompiled():
     from torch._dynamo.utils import counters
 
     from rltune.decode import fast_sample
-    from rltune.models import compile_stack
+    from rltune.hidden_states import compile_stack
     from rltune.rollout import generate_greedy
 
     tokenizer = AutoTokenizer.from_pretrained(SHIPPED["tiny"])
@@ -595,7 +596,7 @@ def test_each_compiled_model_has_a_recompile_budget_of_its_own(tiny):
     in requires_grad) each compile their own stack, rather than the reference running eagerly."""
     from torch._dynamo.utils import counters
 
-    from rltune.models import compile_stack
+    from rltune.hidden_states import compile_stack
 
     model, tokenizer = tiny
     policy, reference = copy.deepcopy(model), copy.deepcopy(model).requires_grad_(False)
@@ -668,16 +669,16 @@ def test_a_stop_string_may_start_in_the_prompt_but_not_lie_in_it(tiny):
 
 def _decoders_made(monkeypatch) -> list[int]:
     """The row counts of the static decoders made from now on (by a spy on their __init__)."""
-    from rltune import decode
+    from rltune import decoders
 
     made = []
-    original = decode.StaticDecoder.__init__
+    original = decoders.StaticDecoder.__init__
 
     def spy(self, model, rows, *args, **kwargs):
         made.append(rows)
         original(self, model, rows, *args, **kwargs)
 
-    monkeypatch.setattr(decode.StaticDecoder, "__init__", spy)
+    monkeypatch.setattr(decoders.StaticDecoder, "__init__", spy)
     return made
 
 

@@ -363,7 +363,9 @@ def test_export_merges_into_a_base_of_a_third_dtype_in_fp32(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rltune.config import PeftConfig
-    from rltune.models import SHIPPED, apply_lora, export_final
+    from rltune.export import export_final
+    from rltune.lora import apply_lora
+    from rltune.models import SHIPPED
 
     tokenizer = AutoTokenizer.from_pretrained(SHIPPED["tiny"])
     base = AutoModelForCausalLM.from_pretrained(SHIPPED["tiny"], dtype=torch.float16)
@@ -639,7 +641,8 @@ def test_fused_ce_needs_a_plain_output_layer():
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from rltune.models import SHIPPED, plain_output_layer
+    from rltune.hidden_states import plain_output_layer
+    from rltune.models import SHIPPED
 
     model = AutoModelForCausalLM.from_pretrained(SHIPPED["tiny"])
     assert plain_output_layer(model) is model.lm_head

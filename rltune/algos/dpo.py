@@ -46,22 +46,10 @@ from rltune.data.preference import (
 from rltune.data.source import split_records
 from rltune.data.stream import IndexStream, length_sorted
 from rltune.evaluation import get_task
-from rltune.losses import (
-    IGNORE_INDEX,
-    dpo_loss,
-    linear_token_logps,
-    sequence_logps,
-    shift_labels,
-    token_logps,
-)
-from rltune.models import (
-    HiddenStateHead,
-    Reference,
-    autocast,
-    last_hidden,
-    load_policy,
-    load_tokenizer,
-)
+from rltune.hidden_states import HiddenStateHead, last_hidden
+from rltune.logps import IGNORE_INDEX, linear_token_logps, sequence_logps, shift_labels, token_logps
+from rltune.losses import dpo_loss
+from rltune.models import Reference, autocast, load_policy, load_tokenizer
 from rltune.prefix import mask_for, takes_4d_mask
 
 log = logging.getLogger(__name__)

@@ -23,15 +23,9 @@ from rltune.data.stream import IndexStream
 from rltune.decode import fast_sample
 from rltune.distributed import all_reduce_sum
 from rltune.evaluation import get_task, render_prompt
-from rltune.losses import linear_token_logps, token_entropy, token_logps
-from rltune.models import (
-    HiddenStateHead,
-    Reference,
-    autocast,
-    last_hidden,
-    load_policy,
-    load_tokenizer,
-)
+from rltune.hidden_states import HiddenStateHead, last_hidden
+from rltune.logps import linear_token_logps, token_entropy, token_logps
+from rltune.models import Reference, autocast, load_policy, load_tokenizer
 from rltune.prefix import group_rows, mask_for
 from rltune.profiling import cuda_peak_gib
 from rltune.rollout import Rollout, SamplingParams, greedy_rollout, position_ids, sample

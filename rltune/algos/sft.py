@@ -26,14 +26,10 @@ from rltune.data import SFT_FORMATS, DataError, Record, collate_sft, encode_sft_
 from rltune.data.source import split_records
 from rltune.data.stream import IndexStream, length_sorted
 from rltune.evaluation import get_task
-from rltune.losses import (
-    IGNORE_INDEX,
-    linear_nll_sum,
-    shift_labels,
-    token_accuracy_sum,
-    token_nll_sum,
-)
-from rltune.models import HiddenStateHead, last_hidden, load_policy, load_tokenizer
+from rltune.hidden_states import HiddenStateHead, last_hidden
+from rltune.logps import IGNORE_INDEX, linear_nll_sum, shift_labels
+from rltune.losses import token_accuracy_sum, token_nll_sum
+from rltune.models import load_policy, load_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import torch
 from rltune.data.formats import DataError, preference_parts
 from rltune.data.loading import Record
 from rltune.data.sft import collate_sft, encode_sft
-from rltune.losses import IGNORE_INDEX
+from rltune.logps import IGNORE_INDEX
 from rltune.prefix import PAD, branch_attention_mask
 
 log = logging.getLogger(__name__)

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from rltune.data.formats import DataError, conversation, to_messages
-from rltune.losses import IGNORE_INDEX
+from rltune.logps import IGNORE_INDEX
 
 SFT_FORMATS = frozenset({"text", "instruction", "prompt_completion", "chat", "sharegpt"})
 
