@@ -18,6 +18,10 @@ A checkpoint is written into a hidden temporary folder, flushed to disk, and ren
 to a hidden name first, then deleted, so a crash never leaves a half-deleted `step-<N>`. Every
 rename is followed by a sync of the folder it happened in (see rltune.durable), so that after a
 power loss too `step-<N>` is there, complete, or not there at all.
+
+Before a resume, `check_resumable` refuses a checkpoint whose run trained other models (another
+algorithm, base model or adapter: SHAPING_KEYS), and `config_changes` lists the settings that
+differ from its config.yaml, for the trainer to report.
 """
 
 from __future__ import annotations
@@ -224,6 +228,74 @@ def find_resume(resume: str | None, root: Path) -> Path | None:
     if not (path / STATE_FILE).exists():
         raise ConfigError(f"train.resume={resume}: not a complete checkpoint (no {STATE_FILE})")
     return path
+
+
+IGNORED_CHANGES = ("train.resume", "train.fail_at_step", "train.max_steps", "train.epochs")
+"""Keys expected to differ when a run is resumed: not reported."""
+
+
+def config_changes(checkpoint: Path, config: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Keys (dotted) whose value in this run's config differs from the one in the checkpoint's
+    config.yaml, with (saved, now)."""
+
+    def flat(node: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(node, dict):
+            return {prefix: node}
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(flat(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+
+    path = checkpoint / "config.yaml"
+    if not path.exists():
+        return {}
+    saved, now = flat(_resolved_yaml(path)), flat(config)
+    return {
+        key: (saved.get(key), now.get(key))
+        for key in sorted(saved.keys() | now.keys())
+        if _normal(key, saved.get(key)) != _normal(key, now.get(key)) and key not in IGNORED_CHANGES
+    }
+
+
+def _resolved_yaml(path: Path) -> dict[str, Any]:
+    """A saved config with its interpolations (${oc.env:...}) resolved as this run resolved its
+    own; as written where one cannot be resolved here."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.load(path)
+    try:
+        return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
+    except Exception:  # noqa: BLE001 - e.g. ${hydra:...}, which needs Hydra's runtime
+        return OmegaConf.to_container(node, resolve=False)  # type: ignore[return-value]
+
+
+def _normal(key: str, value: Any) -> Any:
+    """model.path spelled any way that names the same folder (a shipped name, a relative or
+    absolute path, a trailing slash) compares as that folder."""
+    if key == "model.path" and isinstance(value, str):
+        from rltune.models import resolve_path
+
+        try:
+            folder = Path(resolve_path(value))
+        except ConfigError:
+            return value
+        return str(folder.resolve()) if folder.exists() else value
+    return value
+
+
+SHAPING_KEYS = ("algo.name", "model.path", "peft.method", "peft.r", "peft.target_modules")
+"""Config keys a checkpoint's weights and optimizer state depend on: a resume must keep them."""
+
+
+def check_resumable(checkpoint: Path, config: dict[str, Any]) -> None:
+    """ConfigError, before anything loads, when `checkpoint` was written by a run whose models
+    differ from this one's (another algorithm, base model or adapter)."""
+    changed = {k: v for k, v in config_changes(checkpoint, config).items() if k in SHAPING_KEYS}
+    if changed:
+        diffs = "; ".join(f"{k}={saved} there, {now} here" for k, (saved, now) in changed.items())
+        raise ConfigError(
+            f"train.resume={checkpoint}: the checkpoint's run trained other models ({diffs})"
+        )
 
 
 def load_checkpoint(

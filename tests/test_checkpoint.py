@@ -11,7 +11,9 @@ import pytest
 
 from rltune.checkpoint import (
     STATE_FILE,
+    check_resumable,
     clear_temporaries,
+    config_changes,
     find_resume,
     list_checkpoints,
     replace_dir,
@@ -135,7 +137,6 @@ def test_config_changes_resolve_interpolations_and_spellings_of_a_path(tmp_path,
     """The checkpoint's config.yaml is saved unresolved: ${oc.env:...} there and its value here
     are the same setting, and so are `tiny` and the shipped folder's path."""
     from rltune.models import SHIPPED
-    from rltune.trainer import check_resumable, config_changes
 
     monkeypatch.setenv("RLTUNE_TEST_LR", "0.001")
     (tmp_path / "config.yaml").write_text(

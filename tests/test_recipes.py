@@ -7,8 +7,8 @@ from __future__ import annotations
 import datasets
 import pytest
 
-from rltune.algos.online import with_system_turn
 from rltune.cli import run
+from rltune.data.formats import with_system_turn
 from rltune.logging import read_metrics
 from rltune.tasks import arith
 

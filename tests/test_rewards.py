@@ -10,6 +10,7 @@ import pytest
 
 from rltune import rewards
 from rltune.config import ConfigError, RewardConfig
+from rltune.rewards import calls as reward_calls
 from rltune.rewards.builtin import (
     extract_answer,
     length_penalty,
@@ -302,14 +303,14 @@ def test_a_function_that_hangs_for_good_holds_a_bounded_number_of_threads():
 
     fn = rewards.RewardFunction("hangs", hangs_on_batches, 1.0)
     try:
-        for _ in range(rewards.MAX_HUNG_CALLS - 1):  # a rollout: a hung batch, retries score
+        for _ in range(reward_calls.MAX_HUNG_CALLS - 1):  # a rollout: a hung batch, retries score
             out = rewards.score([fn], ["p"] * 3, ["a", "b", "c"], {}, timeout_s=0.05)
             assert out.errors == {"hangs": 0}
         for _ in range(3):  # the first hangs its batch too, then no call starts
             out = rewards.score([fn], ["p"] * 3, ["a", "b", "c"], {}, timeout_s=0.05)
             assert out.errors == {"hangs": 3} and out.total.isnan().all()
             assert "still running past their reward.timeout_s" in out.last_error["hangs"]
-        assert len(inside) == rewards.MAX_HUNG_CALLS
+        assert len(inside) == reward_calls.MAX_HUNG_CALLS
     finally:
         release.set()
     for thread in fn.hung:
@@ -334,7 +335,7 @@ def test_a_function_that_takes_one_sample_at_a_time_warns_once_then_counts(caplo
     single = rewards.RewardFunction("single", one_at_a_time, 1.0)
     steady = rewards.RewardFunction("steady", lambda p, c, **k: [0.5] * len(c), 1.0)
     failures = 0
-    with caplog.at_level(logging.WARNING, logger=rewards.log.name):
+    with caplog.at_level(logging.WARNING, logger=reward_calls.log.name):
         for _ in range(4):  # four rollouts
             out = rewards.score([single, steady], ["p"] * 3, ["a", "bb", "ccc"], {}, timeout_s=5)
             assert out.values["single"] == [1.0, 2.0, 3.0] and out.total.tolist() == [1.5, 2.5, 3.5]

@@ -1,28 +1,26 @@
 """What the online algorithms (GRPO, RLOO, REINFORCE, PPO, rejection sampling) share: prompts
-from the data, the policy, an optional reference, reward functions, sampling, log-probs of
-completions, and evaluation by greedy decoding. Each algorithm subclasses `OnlineAlgorithm` and
-adds its own batches and loss.
+from the data (as token ids: `rltune.data.prompts`), the policy, an optional reference, reward
+functions, sampling, log-probs of completions, and evaluation by greedy decoding. Each algorithm
+subclasses `OnlineAlgorithm` and adds its own batches and loss.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from rltune import rewards
 from rltune.algos import AlgorithmBase, BuildContext
-from rltune.config import ConfigError, check_groups
-from rltune.data import DataError
-from rltune.data.formats import with_system_turn
+from rltune.config import check_groups
+from rltune.data.prompts import PROMPT_FORMATS, Prompt, encode_prompts
 from rltune.data.source import split_records
 from rltune.data.stream import IndexStream
 from rltune.decode import fast_sample
 from rltune.distributed import all_reduce_sum
-from rltune.evaluation import get_task, render_prompt
+from rltune.evaluation import get_task
 from rltune.hidden_states import HiddenStateHead, last_hidden
 from rltune.logps import linear_token_logps, token_entropy, token_logps
 from rltune.models import Reference, autocast, load_policy, load_tokenizer
@@ -32,21 +30,8 @@ from rltune.rollout import Rollout, SamplingParams, greedy_rollout, position_ids
 
 log = logging.getLogger(__name__)
 
-PROMPT_FORMATS = {"prompt_answer", "prompt_completion"}
 NUM_SAMPLES = 4
 """Prompts whose completions go to samples.jsonl each time samples are logged."""
-
-
-@dataclass
-class Prompt:
-    prompt: Any
-    """As in the data: a string or a message list (handed to reward functions as is, without
-    data.system_prompt's turn)."""
-    ids: list[int]
-    """Token ids after the chat template (message lists, and every prompt under
-    data.system_prompt) or plain tokenisation (strings)."""
-    columns: dict[str, Any]
-    """The row's other columns (answer, ...), for reward functions."""
 
 
 class OnlineAlgorithm(AlgorithmBase):
@@ -145,67 +130,16 @@ class OnlineAlgorithm(AlgorithmBase):
         )
 
     def _encode(self, records, split: str) -> list[Prompt]:
-        budget = self.ctx.cfg.data.max_length - self.max_new_tokens
-        if budget < 1:
-            raise ConfigError(
-                f"data.max_length={self.ctx.cfg.data.max_length} leaves no room for a prompt "
-                f"beside data.max_new_tokens={self.max_new_tokens}"
-            )
-        system = self.ctx.cfg.data.system_prompt
-        if system is not None and not getattr(self.tokenizer, "chat_template", None):
-            raise ConfigError(
-                f"data.system_prompt is set, but the tokenizer of model.path="
-                f"{self.ctx.cfg.model.path} has no chat template to render it with"
-            )
-        prompts, truncated = [], 0
-        for record in records:
-            prompt = record.data["prompt"]
-            shown = prompt if system is None else with_system_turn(prompt, system)
-            # verbose=False: transformers would warn of "indexing errors" for a long prompt,
-            # which is cut below and counted in one warning
-            try:
-                if isinstance(shown, list):
-                    text = render_prompt(self.tokenizer, shown)
-                    ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-                else:
-                    ids = self.tokenizer(shown, verbose=False)["input_ids"]
-            except Exception as err:  # a template that rejects the messages, ...
-                if shown is not prompt and self._renders(prompt):  # the turn added, not the row
-                    raise ConfigError(
-                        f"data.system_prompt: the chat template of model.path="
-                        f"{self.ctx.cfg.model.path} cannot render a system turn ({err}); put "
-                        "the instruction in the prompts instead"
-                    ) from err
-                raise DataError(f"{record.where}: {err}") from err
-            if len(ids) > budget:
-                ids, truncated = ids[-budget:], truncated + 1
-            columns = {k: v for k, v in record.data.items() if k != "prompt"}
-            prompts.append(Prompt(prompt, list(ids), columns))
-        if not prompts:
-            raise DataError(f"{split} data: no prompts")
-        # what the policy reads, template and all: a wrong template shows here, not in a reward
-        first = self.tokenizer.decode(prompts[0].ids)
-        log.info(
-            "%s data: %d prompts; the first as the policy reads it: %r", split, len(prompts), first
+        c = self.ctx.cfg
+        return encode_prompts(
+            records,
+            split,
+            self.tokenizer,
+            max_length=c.data.max_length,
+            max_new_tokens=self.max_new_tokens,
+            system_prompt=c.data.system_prompt,
+            model_path=c.model.path,
         )
-        if truncated:
-            log.warning(
-                "%s data: %d prompts cut from the left to data.max_length - data.max_new_tokens "
-                "= %d tokens",
-                split,
-                truncated,
-                budget,
-            )
-        return prompts
-
-    def _renders(self, prompt: str | list[dict[str, Any]]) -> bool:
-        """Whether the chat template renders `prompt` (a string as the user's turn)."""
-        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        try:
-            render_prompt(self.tokenizer, messages)
-        except Exception:  # noqa: BLE001 - whatever the template raises
-            return False
-        return True
 
     # --- rollouts -------------------------------------------------------------------------
 
