@@ -253,7 +253,8 @@ def config_changes(checkpoint: Path, config: dict[str, Any]) -> dict[str, tuple[
     return {
         key: (saved.get(key), now.get(key))
         for key in sorted(saved.keys() | now.keys())
-        if _normal(key, saved.get(key)) != _normal(key, now.get(key)) and key not in IGNORED_CHANGES
+        if normal_value(key, saved.get(key)) != normal_value(key, now.get(key))
+        and key not in IGNORED_CHANGES
     }
 
 
@@ -269,7 +270,7 @@ def _resolved_yaml(path: Path) -> dict[str, Any]:
         return OmegaConf.to_container(node, resolve=False)  # type: ignore[return-value]
 
 
-def _normal(key: str, value: Any) -> Any:
+def normal_value(key: str, value: Any) -> Any:
     """model.path spelled any way that names the same folder (a shipped name, a relative or
     absolute path, a trailing slash) compares as that folder."""
     if key == "model.path" and isinstance(value, str):

@@ -34,7 +34,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from rltune.decoders import DynamicDecoder, StaticDecoder, _compiled
+from rltune.decoders import DynamicDecoder, StaticDecoder, compiled_draws
 from rltune.distributed import gathered
 from rltune.prefix import full_attention_only
 from rltune.rollout import (
@@ -335,7 +335,7 @@ def _decode(dec, prompt_ids, prompt_mask, group_size, params, greedy, ends, pad)
     finished = torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
     tokens, logps = [], []
     for step in range(params.max_new_tokens):
-        with _compiled(dec.compiled):  # rollout.compile: the draw's passes fused too
+        with compiled_draws(dec.compiled):  # rollout.compile: the draw's passes fused too
             token, logp = dec.draw(logits, params, greedy)
         token = token.masked_fill(finished, pad)
         tokens.append(token)

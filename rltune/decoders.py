@@ -80,7 +80,7 @@ def _quiet():
         yield
 
 
-def _compiled(compiled: bool):
+def compiled_draws(compiled: bool):
     """Lifts `decode.fast_sample`'s force-eager stance for what `rollout.compile` compiled: the
     static decoder's step and the draw."""
     return torch.compiler.set_stance("default") if compiled else nullcontext()
@@ -214,7 +214,7 @@ class StaticDecoder:
         self.ids.copy_(token[:, None])
         self.mask[:, 0, 0, self.t] = True
         if not self.capture:
-            with _quiet(), _compiled(self.compiled):
+            with _quiet(), compiled_draws(self.compiled):
                 logits = self._step(self, self.model())
         else:
             if self.graph is None:
@@ -243,12 +243,12 @@ class StaticDecoder:
         lengths = [layer.cumulative_length.clone() for layer in self.cache.layers]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), _quiet(), _compiled(self.compiled):
+        with torch.cuda.stream(stream), _quiet(), compiled_draws(self.compiled):
             for _ in range(2):  # the first call compiles (rollout.compile)
                 self._step(self, self.model())
         torch.cuda.current_stream().wait_stream(stream)
         for layer, n in zip(self.cache.layers, lengths, strict=True):
             layer.cumulative_length.copy_(n)
         self.graph = torch.cuda.CUDAGraph()
-        with _quiet(), _compiled(self.compiled), torch.cuda.graph(self.graph):  # its own pool
+        with _quiet(), compiled_draws(self.compiled), torch.cuda.graph(self.graph):  # its own pool
             self.logits = self._step(self, self.model())

@@ -24,12 +24,12 @@ import torch
 
 from rltune.algos import BuildContext, build_algorithm
 from rltune.checkpoint import (
-    _normal,
     check_resumable,
     clear_temporaries,
     config_changes,
     find_resume,
     load_algo_state,
+    normal_value,
     set_aside_after,
 )
 from rltune.config import BatchPlan, ConfigError, RLTuneConfig, TrainConfig
@@ -106,7 +106,7 @@ def preset_mismatch(cfg: RLTuneConfig) -> str | None:
     conf = conf_dir()
     preset = conf / "model" / f"{cfg.model.name}.yaml"
     own = OmegaConf.load(preset).get("path") if preset.exists() else None
-    if own is None or _normal("model.path", own) == _normal("model.path", cfg.model.path):
+    if own is None or normal_value("model.path", own) == normal_value("model.path", cfg.model.path):
         return None
     key = lr_key(cfg)
     tuned = []

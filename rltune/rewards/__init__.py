@@ -37,7 +37,7 @@ import torch
 
 from rltune.config import ConfigError, RewardConfig
 from rltune.rewards.builtin import RewardFn, format_reward, length_penalty, math_answer, task_reward
-from rltune.rewards.calls import _call
+from rltune.rewards.calls import call_function
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +294,9 @@ def score(
     broken = torch.zeros(n, dtype=torch.bool)
     values, errors, last_error, batch_failures = {}, {}, {}, {}
     for f in functions:
-        vals, failed, last, batch_failed = _call(f, prompts, completions, columns, timeout_s)
+        vals, failed, last, batch_failed = call_function(
+            f, prompts, completions, columns, timeout_s
+        )
         values[f.name], errors[f.name] = vals, sum(failed)
         batch_failures[f.name] = int(batch_failed)
         if last is not None:

@@ -1,9 +1,9 @@
 """Calling reward functions: user code that rltune does not control, called so that nothing
 it does stops the run.
 
-`score` (in `rltune.rewards`) calls every user or built-in function through `_call`, with a
-timeout (`reward.timeout_s`; the reward model, rltune's own code, runs directly). A call that
-raises, times out or returns something other than one number-or-None per completion is retried
+`score` (in `rltune.rewards`) calls every user or built-in function through `call_function`,
+with a timeout (`reward.timeout_s`; the reward model, rltune's own code, runs directly). A call
+that raises, times out or returns something other than one number-or-None per completion is retried
 one sample at a time, within one more timeout_s for all the retries, so only the samples that
 fail lose their reward. Every rollout tries the whole batch first; a function that only ever
 works one sample at a time would fail so at every step, so its first failure on a batch is
@@ -165,7 +165,7 @@ def _batch_failed(f: RewardFunction, failure: str) -> None:
     )
 
 
-def _call(
+def call_function(
     f: RewardFunction,
     prompts: list[Any],
     completions: list[str],
