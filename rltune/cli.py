@@ -312,6 +312,30 @@ def data_shorthand(args: list[str]) -> list[str]:
     return out
 
 
+def dict_overrides(args: list[str]) -> list[str]:
+    """`args` with overrides of a dict setting (`data.columns={question: prompt}`,
+    `data.columns.question=prompt`, `model.lrs={grpo: 1e-5}`) given Hydra's `++`: the config is
+    in struct mode, so Hydra refuses a key the dict does not have yet (an empty dict has none)
+    unless the override adds. The keys are merged into the dict, as with any Hydra override
+    of a dict; a key of its own may still be given `+` or `++`."""
+    from typing import get_origin, get_type_hints
+
+    dicts = {
+        f"{section}.{name}"
+        for section, cls in get_type_hints(RLTuneConfig).items()
+        if dataclasses.is_dataclass(cls)
+        for name, hint in get_type_hints(cls).items()
+        if get_origin(hint) is dict
+    }
+    out = []
+    for a in args:
+        key, eq, _ = a.partition("=")
+        if eq and any(key == d or key.startswith(f"{d}.") for d in dicts):
+            a = f"++{a}"
+        out.append(a)
+    return out
+
+
 def mixed_data_list_error(values: list[object], data: list[object]) -> str:
     """Why `data=[<values>]`, where only `data` are files, folders or hub ids, is refused."""
     listed = ",".join(map(str, data))
@@ -336,7 +360,7 @@ def main() -> None:
             print("rltune (not installed)")
         return
     try:
-        args = data_shorthand(args)
+        args = dict_overrides(data_shorthand(args))
         check_override_keys(args)
         check_jobs(args)
     except ConfigError as err:

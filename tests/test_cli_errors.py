@@ -263,3 +263,42 @@ def test_an_unknown_data_option_with_a_slash_is_named_whole(tmp_path, cli):
     proc = cli("-m", "data=arith,sub/nope", f"hydra.sweep.dir={tmp_path}", timeout=60)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "(data=sub/nope): data=sub/nope: no such option; one of: arith, custom" in proc.stderr
+
+
+def test_dict_settings_take_new_keys_without_a_plus():
+    from rltune.cli import dict_overrides
+
+    assert dict_overrides(
+        ["data.columns={question: prompt}", "data.columns.q=prompt", "model.lrs={grpo: 1e-5}"]
+    ) == [
+        "++data.columns={question: prompt}",
+        "++data.columns.q=prompt",
+        "++model.lrs={grpo: 1e-5}",
+    ]
+    # keys that are no dict, and overrides that already add, are left as they are
+    args = ["data.path=x.jsonl", "+data.columns.q=prompt", "model.lrs_x=1", "-m"]
+    assert dict_overrides(args) == args
+
+
+@pytest.mark.parametrize(
+    "rename", ["data.columns={question: prompt}", "data.columns.question=prompt"]
+)
+def test_data_columns_renames_as_the_readme_writes_it(tmp_path, rename):
+    """Hydra's struct mode refused a key the empty dict did not have ('Key 'question' is not
+    in struct') unless the override began with +."""
+    from rltune.cli import run
+
+    (tmp_path / "q.jsonl").write_text('{"question": "1+1=", "completion": "2"}\n' * 2)
+    run_dir = run(
+        [
+            "algo=sft",
+            f"data={tmp_path / 'q.jsonl'}",
+            rename,
+            "train.max_steps=1",
+            "train.batch_size=2",
+            "train.micro_batch_size=2",
+            "train.eval_samples=0",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ]
+    )
+    assert "train data: 2 rows (prompt_completion)" in (run_dir / "cli.log").read_text()
