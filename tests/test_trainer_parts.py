@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-from rltune.config import ConfigError, TrainConfig, check_groups
+from rltune.config import BatchPlan, ConfigError, TrainConfig, check_groups
 from rltune.data.stream import IndexStream, length_sorted
-from rltune.trainer import BatchPlan, lr_lambda
+from rltune.trainer import lr_lambda
 
 
 def test_batch_plan_derives_accumulation():

@@ -1,4 +1,9 @@
-"""Training data: load files into records, detect and validate formats, build SFT batches."""
+"""Training data, from files or the hub to batches.
+
+`loading` reads files, folders and hub datasets into records; `formats` detects and checks
+their format; `source` chooses the train and eval rows (data.path, splits, eval_ratio);
+`sft`, `preference` and `prompts` encode them for SFT, for DPO and reward models, and for the
+online algorithms' prompts; `stream` orders examples across epochs and processes."""
 
 from rltune.data.formats import (
     FORMATS,
