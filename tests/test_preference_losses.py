@@ -9,7 +9,7 @@ import torch
 from rltune.algos.dpo import DPO
 from rltune.config import DPOConfig
 from rltune.logps import IGNORE_INDEX, sequence_logps
-from rltune.losses import bradley_terry_loss, dpo_loss
+from rltune.losses import bradley_terry_loss, dpo_loss, log1mexp, orpo_loss, simpo_loss
 
 
 def _sig(x):
@@ -128,3 +128,63 @@ def test_ipo_loss_on_token_averages_and_rewards_of_whole_responses():
     torch.testing.assert_close(terms["rewards/rejected"], torch.tensor([0.5]))
     torch.testing.assert_close(terms["rewards/margins"], torch.tensor([0.5]))
     torch.testing.assert_close(terms["rewards/accuracies"], torch.tensor([1.0]))
+
+
+# --------------------------------------------------------------------- reference-free: SimPO, ORPO
+
+
+def test_simpo_by_hand():
+    """Average log-probs chosen -0.5, rejected -1.5; β = 2, γ = 1: z = 2 x (−0.5 + 1.5) − 1 = 1,
+    loss = −log σ(1) = log(1 + e^−1) = 0.313262; rewards β x average: −1 and −3.
+    With ε = 0.1: 0.9 x 0.313262 + 0.1 x log(1 + e^1) = 0.281936 + 0.131326 = 0.413262."""
+    c, r = torch.tensor([-0.5]), torch.tensor([-1.5])
+    losses, rc, rr = simpo_loss(c, r, beta=2.0, gamma=1.0)
+    assert losses.item() == pytest.approx(math.log(1 + math.exp(-1)), abs=1e-6)
+    assert losses.item() == pytest.approx(0.313262, abs=1e-5)
+    assert (rc.item(), rr.item()) == pytest.approx((-1.0, -3.0))
+    smoothed, _, _ = simpo_loss(c, r, beta=2.0, gamma=1.0, label_smoothing=0.1)
+    assert smoothed.item() == pytest.approx(0.413262, abs=1e-5)
+
+
+def test_simpo_margin_gamma_shifts_the_loss():
+    """Equal averages: z = −γ. γ = 0 gives log 2 = 0.693147; γ = 1 gives log(1 + e) = 1.313262."""
+    x = torch.tensor([-2.0])
+    assert simpo_loss(x, x, beta=2.0, gamma=0.0)[0].item() == pytest.approx(math.log(2))
+    assert simpo_loss(x, x, beta=2.0, gamma=1.0)[0].item() == pytest.approx(1.313262, abs=1e-5)
+
+
+def test_orpo_by_hand():
+    """P(chosen) = 0.5 per token: odds 1, log odds 0; P(rejected) = 0.2: odds 0.25, log odds
+    −1.386294. Log odds ratio 1.386294 = log 4, σ(log 4) = 0.8, log σ = −0.223144.
+    NLL = −log 0.5 = 0.693147; λ = 0.1: loss = 0.693147 + 0.1 x 0.223144 = 0.715461."""
+    c, r = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.2)])
+    losses, nll, log_odds_ratio = orpo_loss(c, r, lam=0.1)
+    assert log_odds_ratio.item() == pytest.approx(math.log(4), abs=1e-6)
+    assert nll.item() == pytest.approx(0.693147, abs=1e-6)
+    assert losses.item() == pytest.approx(0.715461, abs=1e-5)
+    no_odds, _, _ = orpo_loss(c, r, lam=0.0)  # λ = 0 is SFT on the chosen response
+    assert no_odds.item() == pytest.approx(0.693147, abs=1e-6)
+
+
+def test_log1mexp_keeps_precision_at_both_ends():
+    """log(1 − e^x): at x = −1e-10 it is log(1e-10) = −23.025851 (fp32's 1 − e^x is 0, so the
+    naive form gives −inf); at x = −50 it is −e^−50 = −1.92875e-22 (the naive form gives 0)."""
+    x = torch.tensor([-1e-10, -50.0, math.log(0.5)])
+    out = log1mexp(x)
+    assert torch.log(1 - torch.exp(x[:2])).tolist() == [-math.inf, 0.0]
+    assert out[0].item() == pytest.approx(-23.025851, abs=1e-5)
+    assert out[1].item() == pytest.approx(-1.92875e-22, rel=1e-4)
+    assert out[2].item() == pytest.approx(math.log(0.5), abs=1e-7)
+
+
+def test_orpo_with_a_certain_chosen_response_stays_finite():
+    """A chosen average of exactly 0 (every token certain) has odds P / (1 − P) = inf: its log
+    odds are capped at those of −1e-6, −1e-6 − log(1 − e^−1e-6) = 13.815510; the loss and its
+    gradient stay finite (the NLL term's gradient, −1, still flows)."""
+    c = torch.tensor([0.0], requires_grad=True)
+    r = torch.tensor([math.log(0.5)], requires_grad=True)
+    losses, _, log_odds_ratio = orpo_loss(c, r, lam=0.1)
+    losses.sum().backward()
+    assert log_odds_ratio.item() == pytest.approx(13.815510, abs=1e-3)
+    assert torch.isfinite(losses).all() and torch.isfinite(c.grad).all()
+    assert torch.isfinite(r.grad).all() and c.grad.item() == pytest.approx(-1.0)
