@@ -187,6 +187,39 @@ def test_shared_prompt_row_gives_each_sides_log_probs_and_gradients(attention, f
     assert shared_prompt(pairs[0]) is not None and shared_prompt(other) is None
 
 
+def test_response_token_counts_leave_out_prompt_and_padding_in_both_layouts():
+    """SimPO and ORPO divide each response's log-prob by its token count: in a row per side and
+    in the shared [prompt | chosen | rejected] row alike, the count is that response's labelled
+    tokens, whatever the prompt's length and the padding around it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rltune.algos.dpo import response_logps
+    from rltune.data.preference import collate_pairs, collate_shared, encode_pair, shared_prompt
+    from rltune.logps import IGNORE_INDEX
+    from rltune.models import SHIPPED
+    from rltune.prefix import mask_for
+    from rltune.tasks.arith import rows
+
+    tokenizer = AutoTokenizer.from_pretrained(SHIPPED["tiny"])
+    model = AutoModelForCausalLM.from_pretrained(
+        SHIPPED["tiny"], dtype=torch.float32, attn_implementation="sdpa"
+    )
+    pairs = [encode_pair(r, tokenizer) for r in rows("preference", 12, seed=0, split="train")]
+    expected = [
+        sum(label != IGNORE_INDEX for label in p[side]["labels"])
+        for side in ("chosen", "rejected")
+        for p in pairs
+    ]
+    assert len({shared_prompt(p) for p in pairs}) > 1 and len(set(expected)) > 1
+    shared = collate_shared(pairs, tokenizer.pad_token_id)
+    shared["attention_mask"] = mask_for(model, shared["attention_mask"])
+    with torch.no_grad():
+        for batch in (collate_pairs(pairs, tokenizer.pad_token_id), shared):
+            for head in (None, model.lm_head):
+                _, counts = response_logps(model, batch, head)
+                assert counts.tolist() == expected
+
+
 def test_scalar_head_scores_the_last_token_before_the_tokenizers_padding(tmp_path):
     """A model whose config names another pad id (here none) than the tokenizer's: the head
     would score a padding position of every padded row. Loading makes them agree, so a padded

@@ -188,3 +188,50 @@ def test_orpo_with_a_certain_chosen_response_stays_finite():
     assert log_odds_ratio.item() == pytest.approx(13.815510, abs=1e-3)
     assert torch.isfinite(losses).all() and torch.isfinite(c.grad).all()
     assert torch.isfinite(r.grad).all() and c.grad.item() == pytest.approx(-1.0)
+
+
+def _reference_free_terms(cfg, sums, counts):
+    """DPO._pair_terms with the policy's summed log-probs and response token counts [2B] given,
+    and no reference at all: calling one would fail."""
+    stub = SimpleNamespace(cfg=cfg, policy=None, _sides_logps=lambda model, batch: (sums, counts))
+    return DPO._pair_terms(stub, {})
+
+
+def test_simpo_pair_terms_average_over_each_responses_tokens():
+    """Chosen: summed log-prob −2 over 4 tokens (average −0.5); rejected: −4.5 over 3 (−1.5).
+    β = 2, γ = 1: as in test_simpo_by_hand, loss 0.313262, rewards −1 and −3, margin 2,
+    accuracy 1; logps/* stay the sums. (On the sums, z = 2 x 2.5 − 1 = 4: loss 0.018150.)"""
+    cfg = DPOConfig(loss_type="simpo", beta=2.0, simpo_gamma=1.0)
+    losses, terms = _reference_free_terms(cfg, torch.tensor([-2.0, -4.5]), torch.tensor([4, 3]))
+    torch.testing.assert_close(losses, torch.tensor([0.313262]), atol=1e-5, rtol=0)
+    expected = {
+        "rewards/chosen": -1.0,
+        "rewards/rejected": -3.0,
+        "rewards/margins": 2.0,
+        "rewards/accuracies": 1.0,
+        "logps/chosen": -2.0,
+        "logps/rejected": -4.5,
+    }
+    assert {k: terms[k].item() for k in expected} == pytest.approx(expected)
+
+
+def test_orpo_pair_terms_and_metrics():
+    """Chosen: 2 tokens of probability 0.5 (sum 2 log 0.5, average log 0.5); rejected: 3 of
+    0.2 (average log 0.2). λ = β = 0.1: as in test_orpo_by_hand, loss 0.715461, nll_loss
+    0.693147, log_odds_chosen (the log odds ratio) log 4 = 1.386294, log_odds_ratio
+    log σ(log 4) = log 0.8 = −0.223144; rewards β x average: 0.1 log 0.5 = −0.069315 and
+    0.1 log 0.2 = −0.160944, margin 0.091629."""
+    cfg = DPOConfig(loss_type="orpo", beta=0.1)
+    sums = torch.tensor([2 * math.log(0.5), 3 * math.log(0.2)])
+    losses, terms = _reference_free_terms(cfg, sums, torch.tensor([2, 3]))
+    torch.testing.assert_close(losses, torch.tensor([0.715461]), atol=1e-5, rtol=0)
+    expected = {
+        "nll_loss": 0.693147,
+        "log_odds_chosen": 1.386294,
+        "log_odds_ratio": -0.223144,
+        "rewards/chosen": -0.069315,
+        "rewards/rejected": -0.160944,
+        "rewards/margins": 0.091629,
+        "rewards/accuracies": 1.0,
+    }
+    assert {k: terms[k].item() for k in expected} == pytest.approx(expected, abs=1e-5)
