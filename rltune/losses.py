@@ -7,6 +7,8 @@ The log-probs they take come from `rltune.logps`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -90,6 +92,73 @@ def dpo_loss(
     chosen_rewards = beta * (policy_chosen - ref_chosen).detach()  # [B]
     rejected_rewards = beta * (policy_rejected - ref_rejected).detach()  # [B]
     return losses, chosen_rewards, rejected_rewards
+
+
+REFERENCE_FREE_LOSS_TYPES = ("simpo", "orpo")
+
+
+def simpo_loss(
+    chosen_avg: torch.Tensor,
+    rejected_avg: torch.Tensor,
+    *,
+    beta: float,
+    gamma: float,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SimPO (Meng et al. 2024): DPO without a reference, on length-normalised log-probs.
+
+    Inputs are each response's log-prob divided by its number of tokens, [B]. With
+    z = β (chosen_avg - rejected_avg) - γ:
+
+        -(1 - ε) log σ(z) - ε log σ(-z)
+
+    γ is the target reward margin. ε = 0 is the paper's loss; ε > 0 smooths the labels as
+    conservative DPO does (as SimPO's own code and TRL's CPO trainer allow).
+
+    Returns (losses [B], chosen_rewards [B], rejected_rewards [B]) with SimPO's implicit reward
+    β x average log-prob.
+    """
+    z = beta * (chosen_avg - rejected_avg) - gamma  # [B]
+    eps = label_smoothing
+    losses = -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)  # [B]
+    return losses, beta * chosen_avg.detach(), beta * rejected_avg.detach()
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, elementwise: log(-expm1(x)) above -ln 2 and log1p(-exp(x))
+    below, each where it keeps its precision (Maechler 2012)."""
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+# ORPO's odds need P < 1. An average log-prob of exactly 0 (every token certain, which fp32
+# reaches once a logit leads by ~17) makes log(1 - P) -inf, the log odds ratio inf - inf and the
+# gradient NaN; the average is capped just below 0 for the odds (P <= 1 - 1e-6), with no
+# gradient where it is capped. TRL's ORPO trainer has no such guard.
+_MAX_AVG_LOGP = -1e-6
+
+
+def orpo_loss(
+    chosen_avg: torch.Tensor, rejected_avg: torch.Tensor, *, lam: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ORPO (Hong et al. 2024): the chosen response's NLL plus an odds-ratio penalty, with no
+    reference.
+
+    Inputs are each response's log-prob divided by its number of tokens, [B] (the paper's
+    P(y|x) is the length-normalised likelihood). With odds(y) = P / (1 - P):
+
+        log odds(y)    = avg - log(1 - exp(avg))
+        log_odds_ratio = log odds(chosen) - log odds(rejected)
+        losses         = -chosen_avg - λ log σ(log_odds_ratio)
+
+    Returns (losses [B], nll [B] = -chosen_avg, log_odds_ratio [B]).
+    """
+    chosen_odds = chosen_avg.clamp(max=_MAX_AVG_LOGP)  # [B]
+    rejected_odds = rejected_avg.clamp(max=_MAX_AVG_LOGP)  # [B]
+    log_odds_ratio = (chosen_odds - log1mexp(chosen_odds)) - (
+        rejected_odds - log1mexp(rejected_odds)
+    )  # [B]
+    nll = -chosen_avg  # [B]
+    return nll - lam * F.logsigmoid(log_odds_ratio), nll, log_odds_ratio
 
 
 def bradley_terry_loss(

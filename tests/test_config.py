@@ -104,8 +104,21 @@ def test_plus_top_level_key_is_rejected():
         ("algo=sft,algo.name=dpo", "does not match the composed algo group"),
         ("algo=dpo,algo.beta=0", "algo.beta"),
         ("algo=dpo,algo.label_smoothing=0.5", "algo.label_smoothing"),
-        ("algo=dpo,algo.loss_type=ipo,algo.label_smoothing=0.1", "only sigmoid and robust"),
+        ("algo=dpo,algo.loss_type=ipo,algo.label_smoothing=0.1", "only sigmoid, robust and simpo"),
+        ("algo=dpo,algo.loss_type=orpo,algo.label_smoothing=0.1", "only sigmoid, robust and sim"),
         ("algo=dpo,algo.sft_weight=-1", "algo.sft_weight"),
+        ("algo=dpo,algo.loss_type=simpod", "algo.loss_type='simpod' is not one of"),
+        ("algo=dpo,algo.loss_type=simpo,algo.precompute_ref=true", "algo.precompute_ref=true has"),
+        (
+            "algo=dpo,algo.loss_type=orpo,algo.precompute_ref=true",
+            "no effect with algo.loss_type=o",
+        ),
+        (
+            "algo=dpo,algo.simpo_gamma=1.0",
+            "algo.simpo_gamma=1.0 has no effect with algo.loss_type=s",
+        ),
+        ("algo=dpo,algo.loss_type=simpo,algo.simpo_gamma=-1", "algo.simpo_gamma=-1"),
+        ("algo=dpo,algo.loss_type=orpo,algo.sft_weight=0.5", "algo.sft_weight=0.5 with algo.loss"),
         ("algo=ppo,algo.vf_coef=-1", "algo.vf_coef"),
         ("algo=ppo,algo.adaptive_kl=true,algo.target_kl=0", "algo.target_kl"),
         ("algo=ppo,algo.max_approx_kl=0", "algo.max_approx_kl"),
@@ -129,6 +142,19 @@ def test_plus_top_level_key_is_rejected():
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         check_schema(_compose(override.split(",")))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        "algo.loss_type=simpo,algo.beta=2.5,algo.simpo_gamma=1.25,algo.label_smoothing=0.1",
+        "algo.loss_type=simpo,algo.sft_weight=1",
+        "algo.loss_type=orpo,peft=lora",
+    ],
+)
+def test_reference_free_settings_that_apply_are_accepted(overrides):
+    settings = check_schema(_compose(["algo=dpo", *overrides.split(",")]))
+    assert settings.algo.loss_type in ("simpo", "orpo")
 
 
 def test_every_field_has_a_docstring():

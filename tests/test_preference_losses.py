@@ -9,7 +9,7 @@ import torch
 from rltune.algos.dpo import DPO
 from rltune.config import DPOConfig
 from rltune.logps import IGNORE_INDEX, sequence_logps
-from rltune.losses import bradley_terry_loss, dpo_loss
+from rltune.losses import bradley_terry_loss, dpo_loss, log1mexp, orpo_loss, simpo_loss
 
 
 def _sig(x):
@@ -128,3 +128,110 @@ def test_ipo_loss_on_token_averages_and_rewards_of_whole_responses():
     torch.testing.assert_close(terms["rewards/rejected"], torch.tensor([0.5]))
     torch.testing.assert_close(terms["rewards/margins"], torch.tensor([0.5]))
     torch.testing.assert_close(terms["rewards/accuracies"], torch.tensor([1.0]))
+
+
+# --------------------------------------------------------------------- reference-free: SimPO, ORPO
+
+
+def test_simpo_by_hand():
+    """Average log-probs chosen -0.5, rejected -1.5; β = 2, γ = 1: z = 2 x (−0.5 + 1.5) − 1 = 1,
+    loss = −log σ(1) = log(1 + e^−1) = 0.313262; rewards β x average: −1 and −3.
+    With ε = 0.1: 0.9 x 0.313262 + 0.1 x log(1 + e^1) = 0.281936 + 0.131326 = 0.413262."""
+    c, r = torch.tensor([-0.5]), torch.tensor([-1.5])
+    losses, rc, rr = simpo_loss(c, r, beta=2.0, gamma=1.0)
+    assert losses.item() == pytest.approx(math.log(1 + math.exp(-1)), abs=1e-6)
+    assert losses.item() == pytest.approx(0.313262, abs=1e-5)
+    assert (rc.item(), rr.item()) == pytest.approx((-1.0, -3.0))
+    smoothed, _, _ = simpo_loss(c, r, beta=2.0, gamma=1.0, label_smoothing=0.1)
+    assert smoothed.item() == pytest.approx(0.413262, abs=1e-5)
+
+
+def test_simpo_margin_gamma_shifts_the_loss():
+    """Equal averages: z = −γ. γ = 0 gives log 2 = 0.693147; γ = 1 gives log(1 + e) = 1.313262."""
+    x = torch.tensor([-2.0])
+    assert simpo_loss(x, x, beta=2.0, gamma=0.0)[0].item() == pytest.approx(math.log(2))
+    assert simpo_loss(x, x, beta=2.0, gamma=1.0)[0].item() == pytest.approx(1.313262, abs=1e-5)
+
+
+def test_orpo_by_hand():
+    """P(chosen) = 0.5 per token: odds 1, log odds 0; P(rejected) = 0.2: odds 0.25, log odds
+    −1.386294. Log odds ratio 1.386294 = log 4, σ(log 4) = 0.8, log σ = −0.223144.
+    NLL = −log 0.5 = 0.693147; λ = 0.1: loss = 0.693147 + 0.1 x 0.223144 = 0.715461."""
+    c, r = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.2)])
+    losses, nll, log_odds_ratio = orpo_loss(c, r, lam=0.1)
+    assert log_odds_ratio.item() == pytest.approx(math.log(4), abs=1e-6)
+    assert nll.item() == pytest.approx(0.693147, abs=1e-6)
+    assert losses.item() == pytest.approx(0.715461, abs=1e-5)
+    no_odds, _, _ = orpo_loss(c, r, lam=0.0)  # λ = 0 is SFT on the chosen response
+    assert no_odds.item() == pytest.approx(0.693147, abs=1e-6)
+
+
+def test_log1mexp_keeps_precision_at_both_ends():
+    """log(1 − e^x): at x = −1e-10 it is log(1e-10) = −23.025851 (fp32's 1 − e^x is 0, so the
+    naive form gives −inf); at x = −50 it is −e^−50 = −1.92875e-22 (the naive form gives 0)."""
+    x = torch.tensor([-1e-10, -50.0, math.log(0.5)])
+    out = log1mexp(x)
+    assert torch.log(1 - torch.exp(x[:2])).tolist() == [-math.inf, 0.0]
+    assert out[0].item() == pytest.approx(-23.025851, abs=1e-5)
+    assert out[1].item() == pytest.approx(-1.92875e-22, rel=1e-4)
+    assert out[2].item() == pytest.approx(math.log(0.5), abs=1e-7)
+
+
+def test_orpo_with_a_certain_chosen_response_stays_finite():
+    """A chosen average of exactly 0 (every token certain) has odds P / (1 − P) = inf: its log
+    odds are capped at those of −1e-6, −1e-6 − log(1 − e^−1e-6) = 13.815510; the loss and its
+    gradient stay finite (the NLL term's gradient, −1, still flows)."""
+    c = torch.tensor([0.0], requires_grad=True)
+    r = torch.tensor([math.log(0.5)], requires_grad=True)
+    losses, _, log_odds_ratio = orpo_loss(c, r, lam=0.1)
+    losses.sum().backward()
+    assert log_odds_ratio.item() == pytest.approx(13.815510, abs=1e-3)
+    assert torch.isfinite(losses).all() and torch.isfinite(c.grad).all()
+    assert torch.isfinite(r.grad).all() and c.grad.item() == pytest.approx(-1.0)
+
+
+def _reference_free_terms(cfg, sums, counts):
+    """DPO._pair_terms with the policy's summed log-probs and response token counts [2B] given,
+    and no reference at all: calling one would fail."""
+    stub = SimpleNamespace(cfg=cfg, policy=None, _sides_logps=lambda model, batch: (sums, counts))
+    return DPO._pair_terms(stub, {})
+
+
+def test_simpo_pair_terms_average_over_each_responses_tokens():
+    """Chosen: summed log-prob −2 over 4 tokens (average −0.5); rejected: −4.5 over 3 (−1.5).
+    β = 2, γ = 1: as in test_simpo_by_hand, loss 0.313262, rewards −1 and −3, margin 2,
+    accuracy 1; logps/* stay the sums. (On the sums, z = 2 x 2.5 − 1 = 4: loss 0.018150.)"""
+    cfg = DPOConfig(loss_type="simpo", beta=2.0, simpo_gamma=1.0)
+    losses, terms = _reference_free_terms(cfg, torch.tensor([-2.0, -4.5]), torch.tensor([4, 3]))
+    torch.testing.assert_close(losses, torch.tensor([0.313262]), atol=1e-5, rtol=0)
+    expected = {
+        "rewards/chosen": -1.0,
+        "rewards/rejected": -3.0,
+        "rewards/margins": 2.0,
+        "rewards/accuracies": 1.0,
+        "logps/chosen": -2.0,
+        "logps/rejected": -4.5,
+    }
+    assert {k: terms[k].item() for k in expected} == pytest.approx(expected)
+
+
+def test_orpo_pair_terms_and_metrics():
+    """Chosen: 2 tokens of probability 0.5 (sum 2 log 0.5, average log 0.5); rejected: 3 of
+    0.2 (average log 0.2). λ = β = 0.1: as in test_orpo_by_hand, loss 0.715461, nll_loss
+    0.693147, log_odds_chosen (the log odds ratio) log 4 = 1.386294, log_odds_ratio
+    log σ(log 4) = log 0.8 = −0.223144; rewards β x average: 0.1 log 0.5 = −0.069315 and
+    0.1 log 0.2 = −0.160944, margin 0.091629."""
+    cfg = DPOConfig(loss_type="orpo", beta=0.1)
+    sums = torch.tensor([2 * math.log(0.5), 3 * math.log(0.2)])
+    losses, terms = _reference_free_terms(cfg, sums, torch.tensor([2, 3]))
+    torch.testing.assert_close(losses, torch.tensor([0.715461]), atol=1e-5, rtol=0)
+    expected = {
+        "nll_loss": 0.693147,
+        "log_odds_chosen": 1.386294,
+        "log_odds_ratio": -0.223144,
+        "rewards/chosen": -0.069315,
+        "rewards/rejected": -0.160944,
+        "rewards/margins": 0.091629,
+        "rewards/accuracies": 1.0,
+    }
+    assert {k: terms[k].item() for k in expected} == pytest.approx(expected, abs=1e-5)

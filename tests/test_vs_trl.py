@@ -11,12 +11,22 @@ exists): GRPO's and RLOO's advantages (`_generate_and_score_completions`) and PP
 GAE and whitening (TRL 1.16 has no PPOTrainer). Their hand-computed tests are in
 test_grpo_losses.py and test_ppo_math.py.
 
+SimPO is compared with TRL's CPOTrainer (loss_type="simpo", cpo_alpha=0) and ORPO with its
+ORPOTrainer, both under trl.experimental in 1.16, from the same logits: TRL's own
+`concatenated_forward` averages the log-probs there, rltune's `response_logps` and `DPO.loss`
+here.
+
 Differences by design, so not compared: conservative DPO (`loss_type=sigmoid` with
 `label_smoothing>0`; TRL 1.16's sigmoid has no smoothing), and RPO's NLL on pairs of unequal
 length (rltune averages each chosen response over its own tokens, then over pairs, as the RPO
-paper does; TRL's `sft` loss averages over all chosen tokens of the batch).
+paper does; TRL's `sft` loss averages over all chosen tokens of the batch). The same holds for
+ORPO's NLL term, which TRL also takes over the prompt's tokens: it is compared where a
+one-token prompt (never predicted) and chosen responses of one length make the two equal, and
+otherwise the loss less its NLL is. `logps/chosen` and `logps/rejected` stay summed log-probs
+in rltune for every loss type; TRL's CPO and ORPO log per-token averages under those names.
 """
 
+import os
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -34,7 +44,7 @@ reward_trainer = pytest.importorskip("trl.trainer.reward_trainer")
 trl_utils = pytest.importorskip("trl.trainer.utils")
 
 from rltune.advantages import group_advantages, group_stats  # noqa: E402
-from rltune.algos.dpo import DPO  # noqa: E402
+from rltune.algos.dpo import DPO, response_logps  # noqa: E402
 from rltune.algos.grpo import GRPO  # noqa: E402
 from rltune.algos.rm import RewardModelTraining  # noqa: E402
 from rltune.config import DPOConfig, GRPOConfig  # noqa: E402
@@ -180,6 +190,144 @@ def test_rpo_matches_trl_sigmoid_plus_sft_on_equal_lengths(loss_type):
         policy, ref, mask, DPOConfig(beta=0.1, loss_type=loss_type, sft_weight=0.5)
     )
     torch.testing.assert_close(loss, trl_loss, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------- SimPO and ORPO (no reference)
+
+
+def _trl_experimental(name: str):
+    """trl.experimental.<name>.<name>_trainer, or a skip where this TRL lacks it."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # its import warns that it may change
+    return pytest.importorskip(f"trl.experimental.{name}.{name}_trainer")
+
+
+def _logits_and_rows(seed: int, chosen_lengths, rejected_lengths, *, prompt: int, vocab=11):
+    """Random logits [2B, T, V] (chosen rows, then rejected) and TRL's batch of rows
+    [prompt | response | padding]: labels -100 on the prompt and the padding."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = list(chosen_lengths) + list(rejected_lengths)
+    width = prompt + max(lengths)
+    ids = torch.randint(1, vocab, (len(lengths), width), generator=g)
+    attention = (torch.arange(width)[None] < prompt + torch.tensor(lengths)[:, None]).long()
+    ids = ids * attention  # padding id 0
+    labels = ids.masked_fill(attention == 0, -100)
+    labels[:, :prompt] = -100
+    logits = 2 * torch.randn(len(lengths), width, vocab, generator=g)
+    pairs = len(chosen_lengths)
+    rows = {}
+    for side, part in (("chosen", slice(0, pairs)), ("rejected", slice(pairs, None))):
+        rows |= {
+            f"{side}_input_ids": ids[part],
+            f"{side}_attention_mask": attention[part],
+            f"{side}_labels": labels[part],
+        }
+    return logits, rows
+
+
+def _rltune_pairs(logits, rows, cfg: DPOConfig):
+    """DPO.loss over one micro-batch holding the whole step, the log-probs and token counts
+    taken from `logits` by `response_logps` (a row per side)."""
+    batch = {
+        key: torch.cat([rows[f"chosen_{key}"], rows[f"rejected_{key}"]])
+        for key in ("input_ids", "attention_mask", "labels")
+    }
+    model = lambda **kw: SimpleNamespace(logits=logits)  # noqa: E731
+    stub = SimpleNamespace(cfg=cfg, policy=model)  # no reference: calling one would fail
+    stub._sides_logps = lambda model, batch: response_logps(model, batch, None)
+    stub._pair_terms = lambda batch: DPO._pair_terms(stub, batch)
+    pairs = len(logits) // 2
+    return DPO.loss(stub, batch | {"num_tokens": 0}, float(pairs))
+
+
+def _trl_reference_free(trainer, logits, rows, **attrs):
+    """TRL's get_batch_loss_metrics, its concatenated_forward run on a model that returns
+    `logits`. Returns (loss, TRL's metrics)."""
+    me = SimpleNamespace(
+        accelerator=_accelerator(),
+        aux_loss_enabled=False,
+        is_encoder_decoder=False,
+        pad_token_id=0,
+        padding_value=0,
+        **attrs,
+    )
+    for name in ("concatenated_inputs", "get_batch_logps"):  # static methods
+        setattr(me, name, getattr(trainer, name))
+    for name in ("concatenated_forward", "cpo_loss", "odds_ratio_loss"):
+        if hasattr(trainer, name):
+            setattr(me, name, getattr(trainer, name).__get__(me))
+    model = lambda *a, **kw: SimpleNamespace(logits=logits)  # noqa: E731
+    return trainer.get_batch_loss_metrics(me, model, rows, "train")
+
+
+REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+
+
+@pytest.mark.parametrize(
+    "beta, gamma, label_smoothing, nll_weight",
+    [(2.0, 1.0, 0.0, 0.0), (0.1, 0.5, 0.0, 0.0), (2.5, 1.2, 0.1, 0.0), (2.0, 1.0, 0.0, 0.5)],
+)
+def test_simpo_loss_and_metrics_match_trls_cpo(beta, gamma, label_smoothing, nll_weight):
+    """Responses of unequal length, prompts of three tokens: the per-token averages count the
+    response tokens only. nll_weight: rltune's sft_weight against TRL's cpo_alpha (CPO-SimPO),
+    on chosen responses of one length (TRL averages the NLL over the batch's chosen tokens)."""
+    cpo = _trl_experimental("cpo").CPOTrainer
+    chosen = [4, 4, 4, 4, 4] if nll_weight else [1, 5, 3, 6, 2]
+    logits, rows = _logits_and_rows(0, chosen, [2, 6, 4, 1, 5], prompt=3)
+    trl_loss, trl_metrics = _trl_reference_free(
+        cpo,
+        logits,
+        rows,
+        loss_type="simpo",
+        beta=beta,
+        simpo_gamma=gamma,
+        label_smoothing=label_smoothing,
+        cpo_alpha=nll_weight,
+        alpha=0.0,
+    )
+    cfg = DPOConfig(
+        loss_type="simpo",
+        beta=beta,
+        simpo_gamma=gamma,
+        label_smoothing=label_smoothing,
+        sft_weight=nll_weight,
+    )
+    loss, metrics = _rltune_pairs(logits, rows, cfg)
+    torch.testing.assert_close(loss, trl_loss, rtol=0, atol=1e-6)
+    for key in REWARDS:
+        assert metrics[key] == pytest.approx(trl_metrics[key], abs=1e-6), key
+    summed = cpo.get_batch_logps(
+        logits, torch.cat([rows["chosen_labels"], rows["rejected_labels"]])
+    )
+    assert metrics["logps/chosen"] == pytest.approx(summed[:5].mean().item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_orpo_loss_and_metrics_match_trl_where_their_nll_agrees(beta):
+    """A one-token prompt (no position predicts it) and chosen responses of one length: TRL's
+    NLL over prompt and response tokens of the batch equals rltune's mean of per-response NLLs.
+    Rejected responses of unequal length exercise the per-token averages of the odds."""
+    orpo = _trl_experimental("orpo").ORPOTrainer
+    logits, rows = _logits_and_rows(1, [3, 3, 3, 3], [1, 5, 2, 4], prompt=1)
+    trl_loss, trl_metrics = _trl_reference_free(orpo, logits, rows, beta=beta)
+    loss, metrics = _rltune_pairs(logits, rows, DPOConfig(loss_type="orpo", beta=beta))
+    torch.testing.assert_close(loss, trl_loss, rtol=0, atol=1e-6)
+    for key in (*REWARDS, "nll_loss", "log_odds_ratio", "log_odds_chosen"):
+        assert metrics[key] == pytest.approx(trl_metrics[key], abs=1e-6), key
+
+
+def test_orpo_odds_ratio_term_matches_trl_on_any_lengths():
+    """Prompts of four tokens and chosen responses of unequal length: the NLL terms differ by
+    design (module docstring); the loss less its NLL, and the odds and rewards, do not."""
+    orpo = _trl_experimental("orpo").ORPOTrainer
+    logits, rows = _logits_and_rows(2, [2, 6, 1, 4, 3], [5, 1, 3, 2, 6], prompt=4)
+    trl_loss, trl_metrics = _trl_reference_free(orpo, logits, rows, beta=0.2)
+    loss, metrics = _rltune_pairs(logits, rows, DPOConfig(loss_type="orpo", beta=0.2))
+    assert loss.item() - metrics["nll_loss"] == pytest.approx(
+        trl_loss.item() - trl_metrics["nll_loss"], abs=1e-6
+    )
+    assert metrics["nll_loss"] != pytest.approx(trl_metrics["nll_loss"], abs=1e-3)
+    for key in (*REWARDS, "log_odds_ratio", "log_odds_chosen"):
+        assert metrics[key] == pytest.approx(trl_metrics[key], abs=1e-6), key
 
 
 # ---------------------------------------------------------------------------------------- GRPO

@@ -1,24 +1,38 @@
-"""DPO (and IPO, hinge/SLiC, robust and conservative DPO, RPO's NLL term) on preference pairs.
+"""DPO (and IPO, hinge/SLiC, robust and conservative DPO, RPO's NLL term) on preference pairs,
+and the reference-free SimPO and ORPO.
 
 The reference is chosen automatically and logged at start:
     full fine-tuning       a frozen copy of the starting model (eval mode, no gradients)
     peft=lora              the policy itself with its adapters disabled: no second model
     algo.precompute_ref    one pass before training stores the reference log-probs in
                            <run dir>/ref_logps.pt (reused on resume); no reference in memory
+    loss_type simpo, orpo  none: no copy, no pass ("reference: none ...")
 
 Policy log-probs of the chosen and rejected responses come from one forward pass. With
 algo.share_prompt (the default) a pair is one row, [prompt | chosen | rejected], whose rejected
 tokens cannot see the chosen ones, so the prompt is computed once; otherwise the 2B sides are rows
-of their own.
+of their own. Either way each side's log-prob is summed over its response tokens, which are also
+counted (not the prompt's, not padding): IPO, SimPO and ORPO divide by that count.
 
-Logged metrics (means over the step's pairs):
-    loss                 the DPO-family loss (+ sft_weight x chosen NLL per token)
-    rewards/chosen       beta (log pi(y_c|x) - log ref(y_c|x))
-    rewards/rejected     beta (log pi(y_r|x) - log ref(y_r|x))
+SimPO and ORPO follow the papers' losses on those per-token averages (rltune.losses). Where
+they depart from TRL: ORPO's NLL is each chosen response's NLL per token, averaged over pairs,
+as rltune's RPO term (TRL's ORPOTrainer averages over all tokens of the batch's chosen rows,
+prompt included; the prompt's log-probs are not even computed here).
+
+Logged metrics (means over the step's pairs). The rewards are each loss's implicit reward:
+    loss                 the loss (+ sft_weight x chosen NLL per token)
+    rewards/chosen       beta (log pi(y_c|x) - log ref(y_c|x)); simpo, orpo: beta x the
+                         per-token average log pi(y_c|x) (SimPO's reward; TRL's, for ORPO)
+    rewards/rejected     the same for the rejected response
     rewards/accuracies   share of pairs with rewards/chosen > rewards/rejected
     rewards/margins      rewards/chosen - rewards/rejected
-    logps/chosen         summed log-prob of the chosen response under the policy
+    logps/chosen         summed log-prob of the chosen response under the policy, for every loss
+                         type (TRL's CPO and ORPO log the per-token average under this name)
     logps/rejected       the same for the rejected response
+    nll_loss             orpo: the chosen responses' NLL per token
+    log_odds_chosen      orpo: log odds(y_c) - log odds(y_r), odds = P / (1 - P) of the average
+    log_odds_ratio       orpo: log sigma(log_odds_chosen), the odds-ratio term before lambda
+                         (TRL's names and meanings, both)
     eval/loss, eval/rewards/accuracies, eval/rewards/margins   on held-out pairs
     eval/accuracy        greedy exact match on the built-in task (data.task only)
 """
@@ -31,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rltune.algos import AlgorithmBase, BuildContext
@@ -48,7 +63,7 @@ from rltune.data.stream import IndexStream, length_sorted
 from rltune.evaluation import get_task
 from rltune.hidden_states import HiddenStateHead, last_hidden
 from rltune.logps import IGNORE_INDEX, linear_token_logps, sequence_logps, shift_labels, token_logps
-from rltune.losses import dpo_loss
+from rltune.losses import REFERENCE_FREE_LOSS_TYPES, dpo_loss, orpo_loss, simpo_loss
 from rltune.models import Reference, autocast, load_policy, load_tokenizer
 from rltune.prefix import mask_for, takes_4d_mask
 
@@ -83,7 +98,10 @@ class DPO(AlgorithmBase):
         )
         self.hidden_head = HiddenStateHead("algo.fused_logps", cfg.fused_logps)
         self.ref_cache: dict[str, torch.Tensor] | None = None
-        if cfg.precompute_ref:
+        self.reference: Reference | None = None
+        if cfg.loss_type in REFERENCE_FREE_LOSS_TYPES:
+            log.info("reference: none (algo.loss_type=%s needs no reference)", cfg.loss_type)
+        elif cfg.precompute_ref:
             self.reference = Reference(
                 self.policy, ctx.cfg.model, device=ctx.device, untrained_policy=True
             )
@@ -185,31 +203,53 @@ class DPO(AlgorithmBase):
     def _pair_terms(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-pair losses [B] and the per-pair quantities the metrics average."""
         logps, counts = self._sides_logps(self.policy, batch)  # [2B]
-        if "ref" in batch:
-            ref = batch["ref"]  # [B, 2]
-            ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
-        else:
-            ref_chosen, ref_rejected = self._reference_logps(batch).chunk(2)  # [B] each
         chosen, rejected = logps.chunk(2)  # [B] each
-        n_chosen, n_rejected = counts.chunk(2)
-        if self.cfg.loss_type == "ipo":  # IPO compares per-token averages
-            args = (
+        n_chosen, n_rejected = counts.chunk(2)  # response tokens only: no prompt, no padding
+        beta, extra = self.cfg.beta, {}
+        if self.cfg.loss_type == "simpo":
+            losses, r_chosen, r_rejected = simpo_loss(
                 chosen / n_chosen,
                 rejected / n_rejected,
-                ref_chosen / n_chosen,
-                ref_rejected / n_rejected,
+                beta=beta,
+                gamma=self.cfg.simpo_gamma,
+                label_smoothing=self.cfg.label_smoothing,
             )
+        elif self.cfg.loss_type == "orpo":
+            losses, nll, log_odds_ratio = orpo_loss(
+                chosen / n_chosen, rejected / n_rejected, lam=beta
+            )
+            # TRL's rewards for ORPO: beta x the average log-probs
+            r_chosen = beta * (chosen / n_chosen).detach()  # [B]
+            r_rejected = beta * (rejected / n_rejected).detach()  # [B]
+            extra = {  # TRL's names and meanings
+                "nll_loss": nll.detach(),
+                "log_odds_ratio": F.logsigmoid(log_odds_ratio).detach(),
+                "log_odds_chosen": log_odds_ratio.detach(),
+            }
         else:
-            args = (chosen, rejected, ref_chosen, ref_rejected)
-        losses, _, _ = dpo_loss(
-            *args,
-            beta=self.cfg.beta,
-            loss_type=self.cfg.loss_type,
-            label_smoothing=self.cfg.label_smoothing,
-        )
-        # the implicit rewards of whole responses, whatever the loss took (IPO: averages)
-        r_chosen = self.cfg.beta * (chosen - ref_chosen).detach()  # [B]
-        r_rejected = self.cfg.beta * (rejected - ref_rejected).detach()  # [B]
+            if "ref" in batch:
+                ref = batch["ref"]  # [B, 2]
+                ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
+            else:
+                ref_chosen, ref_rejected = self._reference_logps(batch).chunk(2)  # [B] each
+            if self.cfg.loss_type == "ipo":  # IPO compares per-token averages
+                args = (
+                    chosen / n_chosen,
+                    rejected / n_rejected,
+                    ref_chosen / n_chosen,
+                    ref_rejected / n_rejected,
+                )
+            else:
+                args = (chosen, rejected, ref_chosen, ref_rejected)
+            losses, _, _ = dpo_loss(
+                *args,
+                beta=beta,
+                loss_type=self.cfg.loss_type,
+                label_smoothing=self.cfg.label_smoothing,
+            )
+            # the implicit rewards of whole responses, whatever the loss took (IPO: averages)
+            r_chosen = beta * (chosen - ref_chosen).detach()  # [B]
+            r_rejected = beta * (rejected - ref_rejected).detach()  # [B]
         if self.cfg.sft_weight:
             losses = losses + self.cfg.sft_weight * (
                 -chosen / n_chosen
@@ -222,7 +262,7 @@ class DPO(AlgorithmBase):
             "logps/chosen": chosen.detach(),
             "logps/rejected": rejected.detach(),
         }
-        return losses, terms
+        return losses, terms | extra
 
     # --- the Algorithm protocol ---------------------------------------------------------
 

@@ -32,15 +32,17 @@ class DPOConfig:
     lora_lr: float = 5e-6
     """Default learning rate with peft=lora."""
     beta: float = 0.1
-    """Strength of the KL regularisation toward the reference (IPO's tau for loss_type=ipo)."""
+    """Strength of the KL regularisation toward the reference (IPO's tau for loss_type=ipo); simpo: the reward scale (the SimPO paper uses 2.0-2.5); orpo: the odds-ratio term's weight lambda (0.1 as in TRL)."""
     loss_type: str = "sigmoid"
-    """sigmoid (DPO), robust, ipo or hinge."""
+    """sigmoid (DPO), robust, ipo or hinge; simpo or orpo train without a reference model."""
+    simpo_gamma: float = 0.5
+    """SimPO's target reward margin gamma (loss_type=simpo), as TRL's and LLaMA-Factory's simpo_gamma; the paper pairs beta 2.0-2.5 with gamma about beta / 2."""
     label_smoothing: float = 0.0
-    """Assumed share of flipped labels: conservative DPO (sigmoid; TRL 1.16's sigmoid has no smoothing) or robust DPO (robust); ipo and hinge have none."""
+    """Assumed share of flipped labels: conservative DPO (sigmoid; TRL 1.16's sigmoid has no smoothing), robust DPO (robust) or smoothed SimPO (simpo, as TRL's CPO); ipo, hinge and orpo have none."""
     sft_weight: float = 0.0
-    """Weight of an NLL term on the chosen responses (RPO): each one's NLL per token, averaged over pairs as the RPO paper does (TRL's loss_type sft averages over all chosen tokens of the batch); 0 disables it."""
+    """Weight of an NLL term on the chosen responses (RPO): each one's NLL per token, averaged over pairs as the RPO paper does (TRL's loss_type sft averages over all chosen tokens of the batch); 0 disables it. Not with orpo, whose loss has this term at weight 1."""
     precompute_ref: bool = False
-    """Compute reference log-probs once before training (cached in the run dir); no reference model in memory."""
+    """Compute reference log-probs once before training (cached in the run dir); no reference model in memory. Not with simpo or orpo, which use no reference."""
     fused_logps: bool = True
     """Take the responses' log-probs from the last hidden states, the output layer applied a chunk of positions at a time (recomputed in backward): the [tokens, vocabulary] logits never exist (same numbers; falls back to logits where the output layer is not a plain Linear)."""
     share_prompt: bool = True
@@ -52,13 +54,35 @@ class DPOConfig:
             raise ConfigError(f"algo.beta={self.beta} must be > 0 (at 0 the loss has no gradient)")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"algo.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
-        if self.label_smoothing and self.loss_type not in ("sigmoid", "robust"):
+        if self.label_smoothing and self.loss_type not in ("sigmoid", "robust", "simpo"):
             raise ConfigError(
                 f"algo.label_smoothing={self.label_smoothing} has no effect with "
-                f"algo.loss_type={self.loss_type}: only sigmoid and robust use it"
+                f"algo.loss_type={self.loss_type}: only sigmoid, robust and simpo use it"
             )
         if self.sft_weight < 0:
             raise ConfigError(f"algo.sft_weight={self.sft_weight} must be >= 0")
+        if not (math.isfinite(self.simpo_gamma) and self.simpo_gamma >= 0):
+            raise ConfigError(
+                f"algo.simpo_gamma={self.simpo_gamma} must be >= 0 (a target reward margin)"
+            )
+        # a setting left at its default cannot be told from one not given: only other values
+        # are refused
+        if self.simpo_gamma != DPOConfig.simpo_gamma and self.loss_type != "simpo":
+            raise ConfigError(
+                f"algo.simpo_gamma={self.simpo_gamma} has no effect with "
+                f"algo.loss_type={self.loss_type}: only simpo uses it"
+            )
+        if self.loss_type in ("simpo", "orpo") and self.precompute_ref:
+            raise ConfigError(
+                f"algo.precompute_ref=true has no effect with algo.loss_type={self.loss_type}, "
+                "which uses no reference model: leave algo.precompute_ref out"
+            )
+        if self.loss_type == "orpo" and self.sft_weight:
+            raise ConfigError(
+                f"algo.sft_weight={self.sft_weight} with algo.loss_type=orpo would add a second "
+                "NLL term on the chosen responses: ORPO's loss has one at weight 1 (algo.beta "
+                "weighs its odds-ratio term against it)"
+            )
 
 
 @dataclass

@@ -105,7 +105,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     ),
     "logger.backend": ("none", "wandb"),
     "logger.mode": ("auto", "online", "offline", "disabled"),
-    "algo.loss_type": ("sigmoid", "robust", "ipo", "hinge"),
+    "algo.loss_type": ("sigmoid", "robust", "ipo", "hinge", "simpo", "orpo"),
     "algo.scale_rewards": ("group", "batch", "none"),
     "algo.estimator": ("grpo", "rloo", "reinforce"),
     "algo.critic_init": ("auto", "reward", "policy"),
