@@ -235,6 +235,9 @@ def test_a_raising_user_reward_is_counted_and_the_run_goes_on(tmp_path):
     # eval logs each function's mean too; arith's on the greedy completions is the task's accuracy
     evals = _rows(run_dir, "eval/reward")
     assert [e["eval/rewards/arith/mean"] for e in evals] == [e["eval/accuracy"] for e in evals]
+    # and each function's failed samples, which eval/reward leaves out of its mean
+    assert sum(e["eval/rewards/picky/errors"] for e in evals) > 0
+    assert all(e["eval/rewards/arith/errors"] == 0 for e in evals)
 
 
 def test_unknown_reward_module_fails_fast_naming_it(tmp_path, cli):

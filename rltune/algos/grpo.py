@@ -30,7 +30,7 @@ function was called per sample), frac_reward_zero_std, filtered_groups (with fil
 kl (kl_coef > 0), entropy, clip_ratio/low_mean, clip_ratio/high_mean, clip_ratio/region_mean,
 completions/mean_length, completions/min_length, completions/max_length, completions/clipped_ratio,
 time/generate, time/reward, time/train; at eval steps eval/reward (greedy completions of held-out
-prompts), eval/rewards/<fn>/mean and eval/accuracy (built-in task).
+prompts), eval/rewards/<fn>/mean, eval/rewards/<fn>/errors and eval/accuracy (built-in task).
 """
 
 from __future__ import annotations

@@ -420,6 +420,9 @@ class OnlineAlgorithm(AlgorithmBase):
         present = scores.total[~scores.total.isnan()]
         metrics = {"eval/reward": present.mean().item() if present.numel() else float("nan")}
         metrics |= function_means(scores, "eval/rewards")
+        # eval/reward averages the samples that were scored: say how many were not
+        for name in scores.values:
+            metrics[f"eval/rewards/{name}/errors"] = float(scores.errors[name])
         if self.task is not None:
             answers = [p.columns.get("answer") for p in prompts]
             correct = [

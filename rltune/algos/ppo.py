@@ -27,7 +27,7 @@ rewards/<fn>/batch_failures, rewards/clipped_frac (with algo.reward_clip: the sh
 outside the bounds), kl (per completion, summed over its tokens), kl_coef, returns/mean,
 advantages/mean (before whitening), value/explained_var, completions/*, time/*, and per step loss,
 ppo/policy_loss, ppo/value_loss, ppo/clipfrac, ppo/approx_kl, value/clipfrac, entropy; eval/reward,
-eval/rewards/<fn>/mean and eval/accuracy at eval steps.
+eval/rewards/<fn>/mean, eval/rewards/<fn>/errors and eval/accuracy at eval steps.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ round samples from the improved policy.
 Logged: acceptance_rate (share of a round's prompts that kept a completion), reward (mean over every
 sample of the round), rewards/<fn>/mean, rewards/<fn>/errors, rewards/<fn>/batch_failures, rounds,
 completions/*, time/generate, time/reward at each round; loss and num_tokens per step; eval/reward,
-eval/rewards/<fn>/mean and eval/accuracy at eval steps.
+eval/rewards/<fn>/mean, eval/rewards/<fn>/errors and eval/accuracy at eval steps.
 """
 
 from __future__ import annotations
