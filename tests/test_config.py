@@ -374,3 +374,11 @@ def test_a_tokenizer_without_eos_is_named_before_the_model_loads(tmp_path):
             load_tokenizer(cfg)
         assert str(err.value).startswith(f"{key}={tmp_path}: the tokenizer has no eos_token;")
     assert load_tokenizer(ModelConfig()).pad_token == "<|endoftext|>"
+
+
+def test_tuned_settings_apply_by_themselves_and_tilde_tuned_leaves_them_out():
+    from rltune.config import TrainConfig
+
+    assert _compose([]).train.batch_size == 256  # conf/tuned/grpo_tiny.yaml
+    assert _compose(["~tuned"]).train.batch_size == TrainConfig.batch_size
+    assert TrainConfig.batch_size != 256
