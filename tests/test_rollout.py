@@ -421,7 +421,7 @@ def test_graph_decoder_lora_replica_shares_the_frozen_base_and_follows_adapter_u
     assert _REPLICAS[model] is replica and replica.decoders[16] is decoder  # refreshed, not rebuilt
 
 
-def _qwen05b_random(dtype):
+def _qwen05b_random(dtype, device="cuda"):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from rltune.models import QWEN2_5_0_5B
@@ -433,8 +433,45 @@ def _qwen05b_random(dtype):
         pad_token_id=151643,
     )
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        return Qwen2ForCausalLM(config).to(dtype)
+    with torch.device(device):
+        return Qwen2ForCausalLM(config).to(dtype).eval()
+
+
+def _random_ids(n, lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randint(0, 151000, (int(k),), generator=g).tolist()
+        for k in torch.randint(*lengths, (n,), generator=g)
+    ]
+
+
+def test_fast_engine_on_a_random_qwen2_5_0_5b_on_cpu(tiny):
+    """Full Qwen2.5-0.5B shape (random weights, fp32, ~20 s on 2 cores): the fast engine's
+    greedy ids, with the dynamic and with the static (CUDA-graph layout) cache, equal
+    `generate`'s token for token, and its log-probs equal a fresh forward pass within 1e-5."""
+    from rltune.decode import fast_sample
+
+    _, tokenizer = tiny  # ids above its vocabulary decode to nothing; the ids are compared
+    model = _qwen05b_random(torch.float32, device="cpu")
+    prompts = _random_ids(4, (8, 24))
+    params = SamplingParams(max_new_tokens=12)
+    for decoder in ("dynamic", "static"):
+        rollout, logps = fast_sample(
+            model, tokenizer, prompts, params, greedy=True, decoder=decoder
+        )
+        ids, mask = rollout.prompt_ids, rollout.prompt_mask
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=False,
+                max_new_tokens=12,
+                eos_token_id=[tokenizer.eos_token_id],
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        assert torch.equal(rollout.completion_ids, out[:, ids.shape[1] :]), decoder
+        fresh = _fresh_logps(model, rollout) * rollout.completion_mask
+        torch.testing.assert_close(logps, fresh, atol=1e-5, rtol=1e-5)
 
 
 @cuda
@@ -447,11 +484,7 @@ def test_cuda_graph_decoder_on_a_random_qwen2_5_0_5b(tiny):
 
     _, tokenizer = tiny  # ids above its vocabulary decode to nothing; the ids are compared
     model = _qwen05b_random(torch.float32)
-    g = torch.Generator().manual_seed(1)
-    prompts = [
-        torch.randint(0, 151000, (int(n),), generator=g).tolist()
-        for n in torch.randint(20, 60, (8,), generator=g)
-    ]
+    prompts = _random_ids(8, (20, 60))
     params = SamplingParams(max_new_tokens=32)
     rollout, _ = fast_sample(model, tokenizer, prompts, params, greedy=True, decoder="graph")
     ids, mask = rollout.prompt_ids[:, :], rollout.prompt_mask
