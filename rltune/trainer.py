@@ -413,6 +413,8 @@ def train(
     if evals:
         (first_step, first), (last_step, last) = evals[0], evals[-1]
         for key in last:
+            if key.endswith("/errors") and not last[key] and not first.get(key):
+                continue  # a reward function that never failed: nothing to report
             before = (
                 f"{first[key]:.4g} at step {first_step} -> "
                 if key in first and first_step != last_step

@@ -238,6 +238,10 @@ def test_a_raising_user_reward_is_counted_and_the_run_goes_on(tmp_path):
     # and each function's failed samples, which eval/reward leaves out of its mean
     assert sum(e["eval/rewards/picky/errors"] for e in evals) > 0
     assert all(e["eval/rewards/arith/errors"] == 0 for e in evals)
+    # the closing summary reports the failing function's errors, not the other's zeros
+    log = (run_dir / "cli.log").read_text()
+    assert "eval/rewards/picky/errors:" in log and "eval/accuracy:" in log
+    assert "eval/rewards/arith/errors:" not in log
 
 
 def test_unknown_reward_module_fails_fast_naming_it(tmp_path, cli):
