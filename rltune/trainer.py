@@ -47,6 +47,7 @@ from rltune.distributed import (
 from rltune.engines import MAIN, DeepSpeedEngine, PlainEngine, make_optimizer
 from rltune.hidden_states import compile_stack
 from rltune.logging import METRICS_FILE, MetricsLogger, NullLogger, read_metrics
+from rltune.memory import check_memory
 from rltune.models import autocast, count_parameters, disable_dropout, resolve_device, resolve_dtype
 from rltune.profiling import StepProfile, memory_metrics, reset_peak_memory
 
@@ -183,6 +184,8 @@ def train(
     resume_from = find_resume(t.resume, ckpt_root)
     if resume_from is not None:  # before any model loads
         check_resumable(resume_from, config_dict)
+    if t.memory_check and not use_ds and d.world_size == 1:
+        check_memory(cfg, compute_dtype=dtype, device=device)
 
     algo = build_algorithm(
         BuildContext(
