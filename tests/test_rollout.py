@@ -445,6 +445,21 @@ def _random_ids(n, lengths, seed=1):
     ]
 
 
+def _generate_greedy(model, tokenizer, rollout, max_new_tokens):
+    """`generate`'s greedy completion ids for the rollout's (left-padded) prompts."""
+    ids, mask = rollout.prompt_ids, rollout.prompt_mask
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=[tokenizer.eos_token_id],
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return out[:, ids.shape[1] :]
+
+
 def test_fast_engine_on_a_random_qwen2_5_0_5b_on_cpu(tiny):
     """Full Qwen2.5-0.5B shape (random weights, fp32, ~20 s on 2 cores): the fast engine's
     greedy ids, with the dynamic and with the static (CUDA-graph layout) cache, equal
@@ -459,17 +474,8 @@ def test_fast_engine_on_a_random_qwen2_5_0_5b_on_cpu(tiny):
         rollout, logps = fast_sample(
             model, tokenizer, prompts, params, greedy=True, decoder=decoder
         )
-        ids, mask = rollout.prompt_ids, rollout.prompt_mask
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                do_sample=False,
-                max_new_tokens=12,
-                eos_token_id=[tokenizer.eos_token_id],
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        assert torch.equal(rollout.completion_ids, out[:, ids.shape[1] :]), decoder
+        expected = _generate_greedy(model, tokenizer, rollout, 12)
+        assert torch.equal(rollout.completion_ids, expected), decoder
         fresh = _fresh_logps(model, rollout) * rollout.completion_mask
         torch.testing.assert_close(logps, fresh, atol=1e-5, rtol=1e-5)
 
@@ -487,17 +493,7 @@ def test_cuda_graph_decoder_on_a_random_qwen2_5_0_5b(tiny):
     prompts = _random_ids(8, (20, 60))
     params = SamplingParams(max_new_tokens=32)
     rollout, _ = fast_sample(model, tokenizer, prompts, params, greedy=True, decoder="graph")
-    ids, mask = rollout.prompt_ids[:, :], rollout.prompt_mask
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            do_sample=False,
-            max_new_tokens=32,
-            eos_token_id=[tokenizer.eos_token_id],
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    generated = out[:, ids.shape[1] :]
+    generated = _generate_greedy(model, tokenizer, rollout, 32)
     width = generated.shape[1]
     assert torch.equal(rollout.completion_ids[:, :width], generated)
 
