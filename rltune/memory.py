@@ -24,7 +24,7 @@ import torch
 
 from rltune.config import ConfigError, ModelConfig, RLTuneConfig
 from rltune.losses import REFERENCE_FREE_LOSS_TYPES
-from rltune.models import DTYPES, resolve_path
+from rltune.models import DTYPES, resolve_path, scalar_dtype
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +106,12 @@ def model_states(
     """What the run's models hold on `device` from the first step to the last."""
     m, algo = cfg.model, cfg.algo
     weights = torch.float32 if m.dtype == "auto" else DTYPES[m.dtype]
-    if algo.name == "rm":  # a scalar-head model, loaded in fp32 (rltune.models.load_scalar_model)
+    scalar = scalar_dtype(m)  # a trained reward model's and PPO's value model's weights
+    if algo.name == "rm":
         params = parameter_count(m.path, m, scalar_head=True)
         if cfg.peft.method == "none":
-            return _trained("reward model", params, torch.float32)
-        return [Holding("reward model", "frozen base fp32", params * 4)]
+            return _trained("reward model", params, scalar)
+        return [Holding("reward model", f"frozen base {_name(scalar)}", params * _size(scalar))]
 
     params = parameter_count(m.path, m)
     if cfg.peft.method == "qlora":  # 4-bit NF4: half a byte per weight, a floor
@@ -146,12 +147,12 @@ def model_states(
         held.append(
             Holding("reward model", f"frozen {_name(compute_dtype)}", scored * _size(compute_dtype))
         )
-    if algo.name == "ppo":  # the critic, fully trained in fp32 (rltune.models.load_value_model)
+    if algo.name == "ppo":  # the critic, fully trained (rltune.models.load_value_model)
         critic = parameter_count(m.path, m, scalar_head=True)
         if reward_path is not None and algo.critic_init != "policy":
             # from the reward model, unless its tokenizer differs (then the policy): the smaller
             critic = min(critic, scored)
-        held.extend(_trained("value model", critic, torch.float32))
+        held.extend(_trained("value model", critic, scalar))
     return held
 
 

@@ -259,11 +259,18 @@ def load_4bit(model_cfg: ModelConfig, *, dtype: torch.dtype, device: torch.devic
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
+def scalar_dtype(model_cfg: ModelConfig) -> torch.dtype:
+    """The weights' dtype of a scalar-head model (a trained reward model, PPO's value model):
+    bf16 with model.dtype=bf16, else fp32 (master weights: fp16 is never trained in place)."""
+    return torch.bfloat16 if model_cfg.dtype == "bf16" else torch.float32
+
+
 def load_scalar_model(
     path: str, model_cfg: ModelConfig, *, device: torch.device, pad_token_id: int
 ) -> nn.Module:
     """`AutoModelForSequenceClassification` with one output from `path` (a causal LM gets a new,
-    randomly initialised score head), fp32 weights: a reward model or PPO's value model.
+    randomly initialised score head), its weights in `scalar_dtype`: a reward model or PPO's
+    value model.
 
     Its config's pad_token_id becomes `pad_token_id`, the tokenizer's, which pads the batches:
     the head scores each row's last token that is not that id."""
@@ -279,7 +286,7 @@ def load_scalar_model(
         num_labels=1,
         revision=model_cfg.revision,
         trust_remote_code=model_cfg.trust_remote_code,
-        dtype=torch.float32,
+        dtype=scalar_dtype(model_cfg),
         **kwargs,
     ).to(device)
     if model.config.pad_token_id != pad_token_id:

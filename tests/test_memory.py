@@ -67,8 +67,10 @@ def test_parameter_counts_come_from_the_config_and_equal_the_loaded_models():
         ["algo=grpo", "algo.kl_coef=0.04", "peft=lora"],
         ["algo=ppo"],
         ["algo=ppo", "reward.funcs=[]", "reward.model_path=RM"],
+        ["algo=ppo", "model.dtype=bf16"],
         ["algo=rs"],
         ["algo=rm", "data=custom", "data.path=PREFS"],
+        ["algo=rm", "data=custom", "data.path=PREFS", "model.dtype=bf16"],
     ],
     ids=lambda o: " ".join(o),
 )

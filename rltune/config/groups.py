@@ -85,7 +85,7 @@ class ModelConfig:
     revision: str | None = None
     """Hub revision (branch, tag or commit)."""
     dtype: str = "auto"
-    """Weights dtype: auto (fp32 for trained weights, the compute dtype for frozen LoRA bases), fp32, bf16, fp16."""
+    """Weights dtype: auto (fp32 for trained weights, the compute dtype for frozen LoRA bases), fp32, bf16 (trained weights too, reward and value models included), or fp16 (a policy's frozen LoRA base only)."""
     attn_implementation: str | None = None
     """sdpa, eager or flash_attention_2; null lets transformers choose."""
     trust_remote_code: bool = False

@@ -199,7 +199,7 @@ def validate(cfg: RLTuneConfig) -> None:
     group_size = getattr(cfg.algo, "group_size", None)
     if group_size is not None and not isinstance(cfg.algo, RSConfig):
         check_groups(plan, group_size, explicit_accum=t.grad_accum is not None)
-    if cfg.model.dtype == "fp16" and cfg.peft.method == "none" and cfg.algo.name != "rm":
+    if cfg.model.dtype == "fp16" and cfg.peft.method == "none":
         raise ConfigError(
             "model.dtype=fp16 with peft=none would train fp16 weights in place, with no fp32 "
             "master copy or loss scaling: updates underflow and the model breaks. Use "
