@@ -137,6 +137,17 @@ def test_plus_top_level_key_is_rejected():
         ("+data.columns.question=prompt", "renames the columns of data.path's rows, but data.pat"),
         ("+data.columns.q=prompt,+data.columns.p=prompt", "renames two columns to one name"),
         ("algo=sft,data.system_prompt=Think", "data.system_prompt is for the prompts of online"),
+        # nan passes every range check (nan < 0 is false); inf passes the lower bounds
+        ("train.lr=nan", "train.lr=nan must be a finite number"),
+        ("train.lr=inf", "train.lr=inf must be a finite number"),
+        ("algo=sft,train.epochs=nan", "train.epochs=nan must be a finite number"),
+        ("train.weight_decay=nan", "train.weight_decay=nan must be a finite number"),
+        ("train.max_grad_norm=inf", "train.max_grad_norm=inf must be a finite number"),
+        ("rollout.temperature=inf", "rollout.temperature=inf must be a finite number"),
+        ("algo.kl_coef=nan", "algo.kl_coef=nan must be a finite number"),
+        ("algo=rs,algo.threshold=nan", "algo.threshold=nan must be a finite number"),
+        ("reward.timeout_s=inf", "reward.timeout_s=inf must be a finite number"),
+        ("++model.lrs.grpo=nan", "model.lrs.grpo=nan must be a finite number"),
     ],
 )
 def test_bad_values_name_the_key(override, key):

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -138,8 +140,26 @@ def check_algorithm(algo: Any) -> None:
         )
 
 
+def check_finite(cfg: RLTuneConfig) -> None:
+    """Every number setting of every group (and model.lrs) a finite number: nan passes every
+    range check below (nan < 0 is false), and nan or inf in a learning rate, a clip, a
+    coefficient or a temperature fails only once training runs, or quietly breaks it."""
+    for section in dataclasses.fields(cfg):
+        node = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(node):
+            continue
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            items = value.items() if isinstance(value, dict) else [(None, value)]
+            for sub, v in items:
+                if isinstance(v, float) and not math.isfinite(v):
+                    key = f"{section.name}.{f.name}" + (f".{sub}" if sub is not None else "")
+                    raise ConfigError(f"{key}={v} must be a finite number")
+
+
 def validate(cfg: RLTuneConfig) -> None:
     """Value checks that the schema's types cannot express. Raises ConfigError naming the key."""
+    check_finite(cfg)
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
         if not hasattr(getattr(cfg, section), name):
