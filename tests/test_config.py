@@ -148,11 +148,20 @@ def test_plus_top_level_key_is_rejected():
         ("algo=rs,algo.threshold=nan", "algo.threshold=nan must be a finite number"),
         ("reward.timeout_s=inf", "reward.timeout_s=inf must be a finite number"),
         ("++model.lrs.grpo=nan", "model.lrs.grpo=nan must be a finite number"),
+        ("train.seed=-1", "train.seed=-1 must be in"),
+        ("train.seed=4294967296", "train.seed=4294967296 must be in"),
     ],
 )
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         check_schema(_compose(override.split(",")))
+
+
+def test_an_empty_stop_string_is_named():
+    """An empty string is found at once in any text: every completion would end at once."""
+    with pytest.raises(ConfigError) as err:
+        check_schema(_compose(["rollout.stop=['</a>','']"]))
+    assert str(err.value).startswith("rollout.stop=['</a>', ''] holds an empty string")
 
 
 @pytest.mark.parametrize(

@@ -202,6 +202,8 @@ def validate(cfg: RLTuneConfig) -> None:
         raise ConfigError(f"train.weight_decay={t.weight_decay} must be >= 0")
     if t.max_grad_norm < 0:
         raise ConfigError(f"train.max_grad_norm={t.max_grad_norm} must be >= 0 (0: no clipping)")
+    if not 0 <= t.seed < 2**32:  # numpy's seed range; the trainer seeds numpy with it
+        raise ConfigError(f"train.seed={t.seed} must be in [0, 2**32 - 1]")
     if t.device != "auto":
         import torch
 
@@ -316,6 +318,11 @@ def validate(cfg: RLTuneConfig) -> None:
     if r.top_k < 0 or not 0.0 <= r.min_p < 1.0 or r.batch_size < 1:
         raise ConfigError(
             "rollout.top_k must be >= 0, rollout.min_p in [0, 1), rollout.batch_size >= 1"
+        )
+    if any(not stop for stop in r.stop):  # "" is found at once: every completion one token
+        raise ConfigError(
+            f"rollout.stop={list(r.stop)} holds an empty string, which would end "
+            "every completion after its first token"
         )
     if r.compile and (r.engine == "hf" or not r.cuda_graphs):
         raise ConfigError(
