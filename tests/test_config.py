@@ -210,6 +210,35 @@ def test_a_local_folder_without_a_model_is_named_before_loading(tmp_path):
         load_tokenizer(ModelConfig(tokenizer_path="/no/such"))
 
 
+def test_a_model_path_that_cannot_load_is_named_before_loading(tmp_path):
+    """A file for a folder, a broken config.json and a model type transformers does not know
+    stop the run at the check, naming the setting, not with a tokenizer error or a traceback
+    from from_pretrained after the data loaded."""
+    import json
+
+    from rltune.models import SHIPPED
+
+    file = tmp_path / "model.safetensors"
+    file.write_text("x")
+    with pytest.raises(ConfigError, match=rf"model.path={file}: a file, not a model folder"):
+        check_schema(_compose([f"model.path={file}"]))
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for text, message in [
+        ('{"model_type": "qwen2",', r"config.json is not a JSON object \(Expecting"),
+        ("[1]", r"config.json is not a JSON object \(a list\)"),
+        ('{"model_type": "qwen9"}', r"config.json's model_type 'qwen9' is not one transformers"),
+        ('{"hidden_size": 8}', r"config.json has no model_type"),
+    ]:
+        (folder / "config.json").write_text(text)
+        with pytest.raises(ConfigError, match=rf"model.path={folder}: {message}"):
+            check_schema(_compose([f"model.path={folder}"]))
+    # a model with code of its own, and the shipped one, pass
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen9", "auto_map": {}}))
+    check_schema(_compose([f"model.path={folder}"]))
+    check_schema(_compose([f"model.path={SHIPPED['tiny']}"]))
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
