@@ -344,10 +344,9 @@ def validate(cfg: RLTuneConfig) -> None:
     if not 0 <= cfg.deepspeed.stage <= 3:
         raise ConfigError(f"deepspeed.stage={cfg.deepspeed.stage} must be 0, 1, 2 or 3")
     if cfg.deepspeed.config is not None:
-        from pathlib import Path
+        from rltune.distributed import read_user_config
 
-        if not Path(cfg.deepspeed.config).expanduser().is_file():
-            raise ConfigError(f"deepspeed.config={cfg.deepspeed.config}: no such file")
+        read_user_config(cfg.deepspeed.config)  # read again when the engine is built
     if t.compile and (cfg.deepspeed.stage > 0 or cfg.deepspeed.config is not None):
         raise ConfigError(
             f"train.compile=true does not combine with deepspeed={cfg.deepspeed.name}: "
