@@ -343,6 +343,10 @@ def validate(cfg: RLTuneConfig) -> None:
         check_qlora(cfg.train.device)
     if not 0 <= cfg.deepspeed.stage <= 3:
         raise ConfigError(f"deepspeed.stage={cfg.deepspeed.stage} must be 0, 1, 2 or 3")
+    if cfg.logger.backend == "wandb":
+        from rltune.logging import check_wandb_environment
+
+        check_wandb_environment()
     if cfg.deepspeed.config is not None:
         from rltune.distributed import read_user_config
 
