@@ -489,6 +489,17 @@ def test_wrong_kind_for_algo():
     require_kind("chat", {"chat"}, "sft", "x.jsonl")
 
 
+def test_a_forced_format_the_algorithm_cannot_use_names_data_format():
+    """data.format=chat on prompt rows for GRPO: the setting is wrong, not the file."""
+    records = [Record({"prompt": "1+1=", "answer": "2"}, "q.jsonl", 0, 1)]
+    with pytest.raises(DataError) as e:
+        checked(records, "chat", PROMPTS, "grpo")
+    assert str(e.value) == (
+        "data.format=chat but algo=grpo needs one of: prompt_completion (prompt, completion), "
+        "prompt_answer (prompt, [answer])"
+    )
+
+
 def test_forced_format_and_mixed_files(tmp_path):
     records = [Record({"prompt": "p", "completion": "c"}, "a.jsonl", 0)]
     assert resolve_format(records, "prompt_answer") == "prompt_answer"

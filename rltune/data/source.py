@@ -54,7 +54,7 @@ def renamed(records: list[Record], columns: dict[str, str]) -> list[Record]:
 def checked(records: list[Record], forced: str, allowed: set[str], algo: str) -> str:
     """The records' format (forced, or detected from the columns); every row validated."""
     fmt = resolve_format(records, None if forced == "auto" else forced)
-    require_kind(fmt, allowed, algo, records[0].file)
+    require_kind(fmt, allowed, algo, records[0].file, forced=forced != "auto")
     check_records(records, fmt)
     return fmt
 
