@@ -634,6 +634,18 @@ def test_with_eval_off_no_eval_file_or_split_is_read(tmp_path, monkeypatch):
     assert (len(train), evals) == (10, None)
 
 
+def test_an_eval_ratio_that_leaves_no_training_row_says_so(tmp_path):
+    """One row and data.eval_ratio=0.5: the one row held out is at least one, so none trains;
+    the error was 'data.path: no rows loaded', about a file that has a row."""
+    (tmp_path / "d.jsonl").write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n")
+    with pytest.raises(DataError) as e:
+        _split(_data(tmp_path, eval_ratio=0.5))
+    assert str(e.value) == (
+        f"data.eval_ratio=0.5 holds out all 1 row(s) of data.path={tmp_path / 'd.jsonl'}: none "
+        "are left to train on (add rows, or set data.eval_ratio=0)"
+    )
+
+
 def test_the_eval_rows_of_another_hub_dataset_are_read_at_their_own_subset(tmp_path, monkeypatch):
     """data.subset is data.path's: the eval rows of another dataset are read at
     data.eval_subset (no subset when null), those of the same dataset at data.subset unless

@@ -146,6 +146,12 @@ def split_records(
             order = torch.randperm(
                 len(train), generator=torch.Generator().manual_seed(data.seed)
             ).tolist()
+            if n_eval >= len(train):  # at least one row is held out
+                raise DataError(
+                    f"data.eval_ratio={data.eval_ratio} holds out all {len(train)} row(s) of "
+                    f"data.path={data.path}: none are left to train on (add rows, or set "
+                    "data.eval_ratio=0)"
+                )
             evals = [train[i] for i in order[:n_eval]]
             train = [train[i] for i in sorted(order[n_eval:])]
     train_part = (train, checked(train, data.format, allowed, algo))
