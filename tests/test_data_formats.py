@@ -634,6 +634,17 @@ def test_with_eval_off_no_eval_file_or_split_is_read(tmp_path, monkeypatch):
     assert (len(train), evals) == (10, None)
 
 
+def test_eval_rows_of_a_format_the_algorithm_cannot_use_name_data_eval_path(tmp_path):
+    """The eval file was named as data.path, the training file's setting."""
+    (tmp_path / "d.jsonl").write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n")
+    (tmp_path / "e.jsonl").write_text(json.dumps({"text": "some words"}) + "\n")
+    with pytest.raises(DataError) as e:
+        _split(_data(tmp_path, eval_path=str(tmp_path / "e.jsonl")))
+    assert str(e.value).startswith(
+        f"data.eval_path {tmp_path / 'e.jsonl'} has format 'text' but algo=grpo needs one of"
+    )
+
+
 def test_an_eval_ratio_that_leaves_no_training_row_says_so(tmp_path):
     """One row and data.eval_ratio=0.5: the one row held out is at least one, so none trains;
     the error was 'data.path: no rows loaded', about a file that has a row."""

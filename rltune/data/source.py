@@ -51,10 +51,13 @@ def renamed(records: list[Record], columns: dict[str, str]) -> list[Record]:
     return out
 
 
-def checked(records: list[Record], forced: str, allowed: set[str], algo: str) -> str:
-    """The records' format (forced, or detected from the columns); every row validated."""
+def checked(
+    records: list[Record], forced: str, allowed: set[str], algo: str, key: str = "data.path"
+) -> str:
+    """The records' format (forced, or detected from the columns); every row validated.
+    `key` is the setting the records were read from."""
     fmt = resolve_format(records, None if forced == "auto" else forced)
-    require_kind(fmt, allowed, algo, records[0].file, forced=forced != "auto")
+    require_kind(fmt, allowed, algo, records[0].file, forced=forced != "auto", key=key)
     check_records(records, fmt)
     return fmt
 
@@ -155,5 +158,6 @@ def split_records(
             evals = [train[i] for i in order[:n_eval]]
             train = [train[i] for i in sorted(order[n_eval:])]
     train_part = (train, checked(train, data.format, allowed, algo))
-    eval_part = (evals, checked(evals, data.format, allowed, algo)) if evals else None
+    eval_key = "data.eval_path" if data.eval_path is not None else "data.path"
+    eval_part = (evals, checked(evals, data.format, allowed, algo, eval_key)) if evals else None
     return train_part, eval_part
