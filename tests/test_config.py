@@ -148,6 +148,8 @@ def test_plus_top_level_key_is_rejected():
         ("algo=rs,algo.threshold=nan", "algo.threshold=nan must be a finite number"),
         ("reward.timeout_s=inf", "reward.timeout_s=inf must be a finite number"),
         ("++model.lrs.grpo=nan", "model.lrs.grpo=nan must be a finite number"),
+        ("algo=dpo,data.packing=true", "data.packing=true packs SFT examples; algo=dpo does"),
+        ("data.packing=true", "data.packing=true packs SFT examples; algo=grpo does not"),
         ("train.seed=-1", "train.seed=-1 must be in"),
         ("train.seed=4294967296", "train.seed=4294967296 must be in"),
     ],

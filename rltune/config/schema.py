@@ -308,6 +308,11 @@ def validate(cfg: RLTuneConfig) -> None:
             f"data.system_prompt is for the prompts of online algorithms (grpo, ppo, rloo, "
             f"reinforce, rs), not algo={cfg.algo.name}: put system turns in the data instead"
         )
+    if cfg.data.packing and cfg.algo.name != "sft":  # the other algorithms never read it
+        raise ConfigError(
+            f"data.packing=true packs SFT examples; algo={cfg.algo.name} does not pack its "
+            "rows: leave data.packing out"
+        )
     if cfg.data.max_new_tokens < 1:
         raise ConfigError(f"data.max_new_tokens={cfg.data.max_new_tokens} must be >= 1")
     r = cfg.rollout
