@@ -224,9 +224,21 @@ def find_resume(resume: str | None, root: Path) -> Path | None:
             log.info("train.resume=auto: no checkpoint in %s, starting fresh", root)
             return None
         return found[-1]
-    path = Path(resume)
+    path = Path(resume).expanduser()
+    if not path.exists():
+        raise ConfigError(f"train.resume={resume}: no such folder")
     if not (path / STATE_FILE).exists():
-        raise ConfigError(f"train.resume={resume}: not a complete checkpoint (no {STATE_FILE})")
+        # a run directory or its checkpoints/ folder, given for one of the checkpoints in it
+        inside = list_checkpoints(path) or list_checkpoints(path / "checkpoints")
+        hint = (
+            f"; its newest checkpoint is {inside[-1]} (or train.resume=auto with "
+            "hydra.run.dir set to the run's directory)"
+            if inside
+            else ""
+        )
+        raise ConfigError(
+            f"train.resume={resume}: not a complete checkpoint (no {STATE_FILE}){hint}"
+        )
     return path
 
 

@@ -151,18 +151,30 @@ def barrier() -> None:
         dist.barrier()
 
 
+def read_user_config(config: str) -> dict[str, Any]:
+    """The JSON object in the file deepspeed.config names; a ConfigError naming it when it is
+    missing or is not a JSON object (checked with the config, before anything loads)."""
+    path = Path(config).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"deepspeed.config={config}: no such file")
+    try:
+        ds = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"deepspeed.config={config}: not valid JSON: {err}") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(
+            f"deepspeed.config={config}: not a JSON object of DeepSpeed settings "
+            f"(a {type(ds).__name__})"
+        )
+    return ds
+
+
 def deepspeed_config(cfg: RLTuneConfig, *, grad_accum: int, dtype: torch.dtype) -> dict[str, Any]:
     """The DeepSpeed config: the user's JSON (deepspeed.config) or the stage's preset, with the
     loop's own settings filled in so the two never disagree."""
     d = cfg.deepspeed
     if d.config is not None:
-        path = Path(d.config).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"deepspeed.config={d.config}: no such file")
-        try:
-            ds: dict[str, Any] = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"deepspeed.config={d.config}: not valid JSON: {err}") from None
+        ds = read_user_config(d.config)
     else:
         zero: dict[str, Any] = {"stage": d.stage}
         if d.offload_optimizer:

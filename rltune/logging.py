@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rltune.config import LoggerConfig
+from rltune.config import ConfigError, LoggerConfig
 from rltune.durable import fsync_dir
 
 log = logging.getLogger("rltune")
@@ -223,6 +223,22 @@ def _wandb_has_key() -> bool:
     host = urlparse(base).hostname or base
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
     return netrc.exists() and f"machine {host}" in netrc.read_text()
+
+
+WANDB_MODES = ("online", "offline", "disabled", "dryrun", "run", "shared")
+"""The values wandb takes in WANDB_MODE: it refuses any other (also in another case, or
+empty) in wandb.init, whatever logger.mode says."""
+
+
+def check_wandb_environment() -> None:
+    """A ConfigError naming WANDB_MODE when it holds a value wandb refuses (checked with the
+    config: wandb.init would fail with a validation traceback once the models had loaded)."""
+    env = os.environ.get("WANDB_MODE")
+    if env is not None and env not in WANDB_MODES:
+        raise ConfigError(
+            f"logger.backend=wandb: the environment's WANDB_MODE={env!r} is not a mode wandb "
+            f"takes ({', '.join(WANDB_MODES)}): unset it, or fix it"
+        )
 
 
 def _auto_mode() -> tuple[str, str]:

@@ -107,20 +107,47 @@ def resolve_path(path: str, key: str = "model.path") -> str:
 
 def check_model_folder(path: str, key: str, *, scalar_head: bool = False) -> None:
     """Before anything loads: a local folder given as a model must hold a Hugging Face config
-    (and, for `scalar_head`, one of a sequence-classification model: a reward model)."""
+    of a model type transformers knows (and, for `scalar_head`, one of a sequence-classification
+    model: a reward model)."""
+    import json
+
     folder = Path(resolve_path(path, key))
+    if folder.is_file():
+        raise ConfigError(
+            f"{key}={path}: a file, not a model folder (give the folder that holds config.json "
+            "and the weights, or a hub id)"
+        )
     if not folder.is_dir():
         return  # a hub id: from_pretrained reports its own errors
     config = folder / "config.json"
     if not config.exists():
         raise ConfigError(f"{key}={path}: no config.json there; not a Hugging Face model folder")
-    if scalar_head:
-        import json
+    try:
+        settings = json.loads(config.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{key}={path}: config.json is not a JSON object ({err})") from None
+    if not isinstance(settings, dict):
+        raise ConfigError(
+            f"{key}={path}: config.json is not a JSON object (a {type(settings).__name__})"
+        )
+    model_type = settings.get("model_type")
+    if "auto_map" not in settings:  # a model with code of its own names its classes there
+        from transformers import CONFIG_MAPPING, __version__
 
-        try:
-            architectures = json.loads(config.read_text()).get("architectures") or []
-        except (json.JSONDecodeError, AttributeError) as err:
-            raise ConfigError(f"{key}={path}: config.json is not a JSON object ({err})") from None
+        if model_type is None and not any(name in str(folder) for name in CONFIG_MAPPING):
+            # (without one, transformers takes the first known type in the folder's name)
+            raise ConfigError(
+                f"{key}={path}: config.json has no model_type, which transformers needs to "
+                "choose the model's classes"
+            )
+        if model_type is not None and model_type not in CONFIG_MAPPING:
+            raise ConfigError(
+                f"{key}={path}: config.json's model_type {model_type!r} is not one transformers "
+                f"{__version__} knows (a newer transformers may; a model with code of its own "
+                "names it in an auto_map, with model.trust_remote_code=true)"
+            )
+    if scalar_head:
+        architectures = settings.get("architectures") or []
         if architectures and not any(
             a.endswith("ForSequenceClassification") for a in architectures
         ):

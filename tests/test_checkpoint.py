@@ -42,6 +42,25 @@ def test_resume_auto_skips_a_half_written_checkpoint(tmp_path):
     assert find_resume("auto", tmp_path / "nothing-here") is None
 
 
+def test_a_resume_path_that_is_no_checkpoint_says_what_it_is(tmp_path):
+    from rltune.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"train.resume={tmp_path}/nope: no such folder$"):
+        find_resume(str(tmp_path / "nope"), tmp_path)
+    run_dir = tmp_path / "run"
+    _complete(run_dir / "checkpoints", 2)
+    newest = _complete(run_dir / "checkpoints", 10)
+    for given in (run_dir, run_dir / "checkpoints"):  # the run, not one of its checkpoints
+        with pytest.raises(ConfigError) as err:
+            find_resume(str(given), tmp_path)
+        assert str(err.value) == (
+            f"train.resume={given}: not a complete checkpoint (no {STATE_FILE}); its newest "
+            f"checkpoint is {newest} (or train.resume=auto with hydra.run.dir set to the run's "
+            "directory)"
+        )
+    assert find_resume(str(newest), tmp_path) == newest
+
+
 def test_numeric_order_and_rotation(tmp_path):
     for step in (2, 10, 100):
         _complete(tmp_path, step)

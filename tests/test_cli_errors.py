@@ -156,6 +156,39 @@ def test_missing_reward_model_or_deepspeed_config_fails_before_loading(
     assert "Loading weights" not in proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"zero_optimization": {', "not valid JSON: Expecting property name"),
+        ('[{"stage": 2}]', "not a JSON object of DeepSpeed settings (a list)"),
+    ],
+)
+def test_a_deepspeed_config_that_is_no_json_object_fails_before_loading(
+    tmp_path, cli, text, expected
+):
+    config = tmp_path / "ds.json"
+    config.write_text(text)
+    proc = cli(f"deepspeed.config={config}", f"hydra.run.dir={tmp_path}/run", timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"rltune: error: deepspeed.config={config}: {expected}" in proc.stderr
+    assert "Loading weights" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("mode", ["bogus", "Offline", ""])
+def test_a_wandb_mode_that_wandb_refuses_fails_before_loading(tmp_path, cli, mode):
+    """wandb.init validates WANDB_MODE exactly, whatever mode it is given: a value it refuses
+    crashed the run with a pydantic traceback after the models had loaded."""
+    proc = cli(
+        "logger=wandb", "train.max_steps=1", f"hydra.run.dir={tmp_path}", timeout=60,
+        env={"WANDB_MODE": mode},
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"rltune: error: logger.backend=wandb: the environment's WANDB_MODE={mode!r} is not" in (
+        proc.stderr
+    )
+    assert "Loading weights" not in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_a_crash_is_written_to_the_runs_log(tmp_path, monkeypatch):
     """A run that crashes leaves its traceback in cli.log, not only on the console."""
     from rltune import trainer

@@ -137,11 +137,33 @@ def test_plus_top_level_key_is_rejected():
         ("+data.columns.question=prompt", "renames the columns of data.path's rows, but data.pat"),
         ("+data.columns.q=prompt,+data.columns.p=prompt", "renames two columns to one name"),
         ("algo=sft,data.system_prompt=Think", "data.system_prompt is for the prompts of online"),
+        # nan passes every range check (nan < 0 is false); inf passes the lower bounds
+        ("train.lr=nan", "train.lr=nan must be a finite number"),
+        ("train.lr=inf", "train.lr=inf must be a finite number"),
+        ("algo=sft,train.epochs=nan", "train.epochs=nan must be a finite number"),
+        ("train.weight_decay=nan", "train.weight_decay=nan must be a finite number"),
+        ("train.max_grad_norm=inf", "train.max_grad_norm=inf must be a finite number"),
+        ("rollout.temperature=inf", "rollout.temperature=inf must be a finite number"),
+        ("algo.kl_coef=nan", "algo.kl_coef=nan must be a finite number"),
+        ("algo=rs,algo.threshold=nan", "algo.threshold=nan must be a finite number"),
+        ("reward.timeout_s=inf", "reward.timeout_s=inf must be a finite number"),
+        ("++model.lrs.grpo=nan", "model.lrs.grpo=nan must be a finite number"),
+        ("algo=dpo,data.packing=true", "data.packing=true packs SFT examples; algo=dpo does"),
+        ("data.packing=true", "data.packing=true packs SFT examples; algo=grpo does not"),
+        ("train.seed=-1", "train.seed=-1 must be in"),
+        ("train.seed=4294967296", "train.seed=4294967296 must be in"),
     ],
 )
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         check_schema(_compose(override.split(",")))
+
+
+def test_an_empty_stop_string_is_named():
+    """An empty string is found at once in any text: every completion would end at once."""
+    with pytest.raises(ConfigError) as err:
+        check_schema(_compose(["rollout.stop=['</a>','']"]))
+    assert str(err.value).startswith("rollout.stop=['</a>', ''] holds an empty string")
 
 
 @pytest.mark.parametrize(
@@ -188,6 +210,35 @@ def test_a_local_folder_without_a_model_is_named_before_loading(tmp_path):
         rewards.resolve(RewardConfig(model_path=str(tmp_path)), max_new_tokens=8)
     with pytest.raises(ConfigError, match=r"model.tokenizer_path=/no/such: no such folder"):
         load_tokenizer(ModelConfig(tokenizer_path="/no/such"))
+
+
+def test_a_model_path_that_cannot_load_is_named_before_loading(tmp_path):
+    """A file for a folder, a broken config.json and a model type transformers does not know
+    stop the run at the check, naming the setting, not with a tokenizer error or a traceback
+    from from_pretrained after the data loaded."""
+    import json
+
+    from rltune.models import SHIPPED
+
+    file = tmp_path / "model.safetensors"
+    file.write_text("x")
+    with pytest.raises(ConfigError, match=rf"model.path={file}: a file, not a model folder"):
+        check_schema(_compose([f"model.path={file}"]))
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for text, message in [
+        ('{"model_type": "qwen2",', r"config.json is not a JSON object \(Expecting"),
+        ("[1]", r"config.json is not a JSON object \(a list\)"),
+        ('{"model_type": "qwen9"}', r"config.json's model_type 'qwen9' is not one transformers"),
+        ('{"hidden_size": 8}', r"config.json has no model_type"),
+    ]:
+        (folder / "config.json").write_text(text)
+        with pytest.raises(ConfigError, match=rf"model.path={folder}: {message}"):
+            check_schema(_compose([f"model.path={folder}"]))
+    # a model with code of its own, and the shipped one, pass
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen9", "auto_map": {}}))
+    check_schema(_compose([f"model.path={folder}"]))
+    check_schema(_compose([f"model.path={SHIPPED['tiny']}"]))
 
 
 @pytest.mark.parametrize(

@@ -489,6 +489,17 @@ def test_wrong_kind_for_algo():
     require_kind("chat", {"chat"}, "sft", "x.jsonl")
 
 
+def test_a_forced_format_the_algorithm_cannot_use_names_data_format():
+    """data.format=chat on prompt rows for GRPO: the setting is wrong, not the file."""
+    records = [Record({"prompt": "1+1=", "answer": "2"}, "q.jsonl", 0, 1)]
+    with pytest.raises(DataError) as e:
+        checked(records, "chat", PROMPTS, "grpo")
+    assert str(e.value) == (
+        "data.format=chat but algo=grpo needs one of: prompt_completion (prompt, completion), "
+        "prompt_answer (prompt, [answer])"
+    )
+
+
 def test_forced_format_and_mixed_files(tmp_path):
     records = [Record({"prompt": "p", "completion": "c"}, "a.jsonl", 0)]
     assert resolve_format(records, "prompt_answer") == "prompt_answer"
@@ -621,6 +632,29 @@ def test_with_eval_off_no_eval_file_or_split_is_read(tmp_path, monkeypatch):
     beside = _data(tmp_path, eval_path=str(tmp_path / "nope.jsonl"), eval_ratio=0.2)
     (train, _), evals = split_records(beside, **off)
     assert (len(train), evals) == (10, None)
+
+
+def test_eval_rows_of_a_format_the_algorithm_cannot_use_name_data_eval_path(tmp_path):
+    """The eval file was named as data.path, the training file's setting."""
+    (tmp_path / "d.jsonl").write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n")
+    (tmp_path / "e.jsonl").write_text(json.dumps({"text": "some words"}) + "\n")
+    with pytest.raises(DataError) as e:
+        _split(_data(tmp_path, eval_path=str(tmp_path / "e.jsonl")))
+    assert str(e.value).startswith(
+        f"data.eval_path {tmp_path / 'e.jsonl'} has format 'text' but algo=grpo needs one of"
+    )
+
+
+def test_an_eval_ratio_that_leaves_no_training_row_says_so(tmp_path):
+    """One row and data.eval_ratio=0.5: the one row held out is at least one, so none trains;
+    the error was 'data.path: no rows loaded', about a file that has a row."""
+    (tmp_path / "d.jsonl").write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n")
+    with pytest.raises(DataError) as e:
+        _split(_data(tmp_path, eval_ratio=0.5))
+    assert str(e.value) == (
+        f"data.eval_ratio=0.5 holds out all 1 row(s) of data.path={tmp_path / 'd.jsonl'}: none "
+        "are left to train on (add rows, or set data.eval_ratio=0)"
+    )
 
 
 def test_the_eval_rows_of_another_hub_dataset_are_read_at_their_own_subset(tmp_path, monkeypatch):

@@ -164,6 +164,28 @@ def test_numpy_torch_and_bool_values_are_numbers():
     assert scores.total.tolist() == [3.5, 2.0]
 
 
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (
+            1.0,
+            "returned a float, not a list of one number (or None) for each of the 2 completion(s)",
+        ),
+        ((x for x in [1.0, 0.0]), "returned a generator, not a list of one number (or None) for"),
+        ([1.0, 0.0, 1.0], "returned a list of 3 values for 2 completion(s)"),
+    ],
+)
+def test_a_return_value_that_is_not_one_number_per_completion_says_what_it_was(value, message):
+    """A float or a generator was reported as 'float of no items', 'generator of no items'."""
+    with pytest.raises(TypeError) as err:
+        reward_calls._checked(value, 2)
+    assert message in str(err.value)
+    scores = rewards.score(
+        [rewards.RewardFunction("f", lambda p, c, **k: 1.0, 1.0)], ["p"], ["a"], {}, timeout_s=5
+    )
+    assert scores.last_error["f"].startswith("TypeError: returned a float, not a list")
+
+
 def test_a_function_failing_on_every_sample_stops_the_run_after_three_rollouts():
     """A signature without **columns fails whenever there are columns: every sample fails, the
     rewards are all missing and nothing would train. Three such rollouts in a row stop the run

@@ -249,6 +249,24 @@ def test_multirun_gives_each_job_its_own_dir(tmp_path, cli):
     assert lrs == pytest.approx([1e-4, 3e-4])
 
 
+def test_data_with_no_loss_token_names_its_file_and_the_settings(tmp_path, cli):
+    """Chats without an assistant turn, or rows cut to nothing by data.max_length: the error
+    named neither the file nor what to change."""
+    data = tmp_path / "user_only.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    proc = cli(
+        "algo=sft", f"data={data}", "train.max_steps=1", "train.eval_samples=0",
+        f"hydra.run.dir={tmp_path}/run", timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert (
+        f"rltune: error: train data ({data}): no usable examples: all 1 had no loss token left "
+        "at data.max_length=512; completion or assistant tokens are trained "
+        "(algo.completion_only=true), so a chat needs an assistant turn"
+    ) in proc.stderr
+    assert "Loading weights" not in proc.stderr
+
+
 def test_a_sweep_checks_every_job_before_the_first_trains(tmp_path, cli):
     """The bad value is in the last job: it is named before job 0 trains (nothing written)."""
     proc = cli(

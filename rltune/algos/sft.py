@@ -95,8 +95,17 @@ class SFT(AlgorithmBase):
                 stats.dropped_no_loss,
             )
         if not examples:
+            files = sorted({record.file for record in records})
+            shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+            trained = (
+                "completion or assistant tokens are trained (algo.completion_only=true), so a "
+                "chat needs an assistant turn"
+                if self.cfg.completion_only
+                else "every token is trained"
+            )
             raise DataError(
-                f"{split} data: no usable examples (all {stats.dropped_no_loss} had no loss tokens)"
+                f"{split} data ({shown}): no usable examples: all {stats.dropped_no_loss} had no "
+                f"loss token left at data.max_length={max_length}; {trained}"
             )
         return examples
 

@@ -51,7 +51,7 @@ class TrainConfig:
     save_every: int = 0
     """Checkpoint every N steps; 0 saves only on interruption (final/ is always written)."""
     keep_checkpoints: int = 2
-    """How many step-N checkpoints to keep; older ones are deleted after a new one is complete."""
+    """How many step-N checkpoints to keep (0: all); older ones are deleted after a new one is complete."""
     resume: str | None = None
     """null starts fresh; 'auto' continues from the newest complete checkpoint; or a path."""
     seed: int = 0

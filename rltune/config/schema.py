@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -138,8 +140,26 @@ def check_algorithm(algo: Any) -> None:
         )
 
 
+def check_finite(cfg: RLTuneConfig) -> None:
+    """Every number setting of every group (and model.lrs) a finite number: nan passes every
+    range check below (nan < 0 is false), and nan or inf in a learning rate, a clip, a
+    coefficient or a temperature fails only once training runs, or quietly breaks it."""
+    for section in dataclasses.fields(cfg):
+        node = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(node):
+            continue
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            items = value.items() if isinstance(value, dict) else [(None, value)]
+            for sub, v in items:
+                if isinstance(v, float) and not math.isfinite(v):
+                    key = f"{section.name}.{f.name}" + (f".{sub}" if sub is not None else "")
+                    raise ConfigError(f"{key}={v} must be a finite number")
+
+
 def validate(cfg: RLTuneConfig) -> None:
     """Value checks that the schema's types cannot express. Raises ConfigError naming the key."""
+    check_finite(cfg)
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
         if not hasattr(getattr(cfg, section), name):
@@ -182,6 +202,8 @@ def validate(cfg: RLTuneConfig) -> None:
         raise ConfigError(f"train.weight_decay={t.weight_decay} must be >= 0")
     if t.max_grad_norm < 0:
         raise ConfigError(f"train.max_grad_norm={t.max_grad_norm} must be >= 0 (0: no clipping)")
+    if not 0 <= t.seed < 2**32:  # numpy's seed range; the trainer seeds numpy with it
+        raise ConfigError(f"train.seed={t.seed} must be in [0, 2**32 - 1]")
     if t.device != "auto":
         import torch
 
@@ -286,6 +308,11 @@ def validate(cfg: RLTuneConfig) -> None:
             f"data.system_prompt is for the prompts of online algorithms (grpo, ppo, rloo, "
             f"reinforce, rs), not algo={cfg.algo.name}: put system turns in the data instead"
         )
+    if cfg.data.packing and cfg.algo.name != "sft":  # the other algorithms never read it
+        raise ConfigError(
+            f"data.packing=true packs SFT examples; algo={cfg.algo.name} does not pack its "
+            "rows: leave data.packing out"
+        )
     if cfg.data.max_new_tokens < 1:
         raise ConfigError(f"data.max_new_tokens={cfg.data.max_new_tokens} must be >= 1")
     r = cfg.rollout
@@ -296,6 +323,11 @@ def validate(cfg: RLTuneConfig) -> None:
     if r.top_k < 0 or not 0.0 <= r.min_p < 1.0 or r.batch_size < 1:
         raise ConfigError(
             "rollout.top_k must be >= 0, rollout.min_p in [0, 1), rollout.batch_size >= 1"
+        )
+    if any(not stop for stop in r.stop):  # "" is found at once: every completion one token
+        raise ConfigError(
+            f"rollout.stop={list(r.stop)} holds an empty string, which would end "
+            "every completion after its first token"
         )
     if r.compile and (r.engine == "hf" or not r.cuda_graphs):
         raise ConfigError(
@@ -316,11 +348,14 @@ def validate(cfg: RLTuneConfig) -> None:
         check_qlora(cfg.train.device)
     if not 0 <= cfg.deepspeed.stage <= 3:
         raise ConfigError(f"deepspeed.stage={cfg.deepspeed.stage} must be 0, 1, 2 or 3")
-    if cfg.deepspeed.config is not None:
-        from pathlib import Path
+    if cfg.logger.backend == "wandb":
+        from rltune.logging import check_wandb_environment
 
-        if not Path(cfg.deepspeed.config).expanduser().is_file():
-            raise ConfigError(f"deepspeed.config={cfg.deepspeed.config}: no such file")
+        check_wandb_environment()
+    if cfg.deepspeed.config is not None:
+        from rltune.distributed import read_user_config
+
+        read_user_config(cfg.deepspeed.config)  # read again when the engine is built
     if t.compile and (cfg.deepspeed.stage > 0 or cfg.deepspeed.config is not None):
         raise ConfigError(
             f"train.compile=true does not combine with deepspeed={cfg.deepspeed.name}: "

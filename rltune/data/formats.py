@@ -106,12 +106,22 @@ def resolve_format(records: Sequence[Record], fmt: str | None = None) -> str:
     return first
 
 
-def require_kind(fmt: str, allowed: Iterable[str], algo: str, file: str) -> None:
-    """Fail unless ``fmt`` is one of the formats ``algo`` can train on."""
+def require_kind(
+    fmt: str,
+    allowed: Iterable[str],
+    algo: str,
+    file: str,
+    *,
+    forced: bool = False,
+    key: str = "data.path",
+) -> None:
+    """Fail unless ``fmt`` is one of the formats ``algo`` can train on; a ``forced`` format is
+    data.format's, not the file's; ``key`` is the setting that named ``file``."""
     allowed = [name for name in FORMATS if name in set(allowed)]
     if fmt not in allowed:
+        what = f"data.format={fmt}" if forced else f"{key} {file} has format {fmt!r}"
         raise DataError(
-            f"data.path {file} has format {fmt!r} but algo={algo} needs one of: "
+            f"{what} but algo={algo} needs one of: "
             + ", ".join(FORMATS[name].describe() for name in allowed)
         )
 

@@ -51,10 +51,13 @@ def renamed(records: list[Record], columns: dict[str, str]) -> list[Record]:
     return out
 
 
-def checked(records: list[Record], forced: str, allowed: set[str], algo: str) -> str:
-    """The records' format (forced, or detected from the columns); every row validated."""
+def checked(
+    records: list[Record], forced: str, allowed: set[str], algo: str, key: str = "data.path"
+) -> str:
+    """The records' format (forced, or detected from the columns); every row validated.
+    `key` is the setting the records were read from."""
     fmt = resolve_format(records, None if forced == "auto" else forced)
-    require_kind(fmt, allowed, algo, records[0].file)
+    require_kind(fmt, allowed, algo, records[0].file, forced=forced != "auto", key=key)
     check_records(records, fmt)
     return fmt
 
@@ -146,8 +149,15 @@ def split_records(
             order = torch.randperm(
                 len(train), generator=torch.Generator().manual_seed(data.seed)
             ).tolist()
+            if n_eval >= len(train):  # at least one row is held out
+                raise DataError(
+                    f"data.eval_ratio={data.eval_ratio} holds out all {len(train)} row(s) of "
+                    f"data.path={data.path}: none are left to train on (add rows, or set "
+                    "data.eval_ratio=0)"
+                )
             evals = [train[i] for i in order[:n_eval]]
             train = [train[i] for i in sorted(order[n_eval:])]
     train_part = (train, checked(train, data.format, allowed, algo))
-    eval_part = (evals, checked(evals, data.format, allowed, algo)) if evals else None
+    eval_key = "data.eval_path" if data.eval_path is not None else "data.path"
+    eval_part = (evals, checked(evals, data.format, allowed, algo, eval_key)) if evals else None
     return train_part, eval_part

@@ -89,9 +89,15 @@ def _checked(values: Any, n: int) -> list[float | None]:
     numbers: Python's, numpy's, bools, or one-element tensors."""
     if hasattr(values, "tolist") and getattr(values, "ndim", None) == 1:  # tensor, array
         values = values.tolist()
-    if not isinstance(values, list | tuple) or len(values) != n:
-        size = len(values) if hasattr(values, "__len__") else "no"
-        raise TypeError(f"returned {type(values).__name__} of {size} items for {n} completions")
+    if not isinstance(values, list | tuple):  # a number, a generator, a dict, ...
+        raise TypeError(
+            f"returned a {type(values).__name__}, not a list of one number (or None) for each "
+            f"of the {n} completion(s)"
+        )
+    if len(values) != n:
+        raise TypeError(
+            f"returned a {type(values).__name__} of {len(values)} values for {n} completion(s)"
+        )
     out: list[float | None] = []
     for v in values:
         if v is None:
