@@ -203,6 +203,9 @@ def test_a_local_folder_without_a_model_is_named_before_loading(tmp_path):
 
     with pytest.raises(ConfigError, match=r"model.path=.*: no config.json there"):
         check_schema(_compose([f"model.path={tmp_path}"]))
+    # with the config's checks, before the memory check reads the models' configs
+    with pytest.raises(ConfigError, match=r"reward.model_path=.*: no config.json there"):
+        check_schema(_compose(["algo=grpo", f"reward.model_path={tmp_path}"]))
     with pytest.raises(ConfigError, match=r"reward.model_path=.*a Qwen2ForCausalLM, not a reward"):
         rewards.resolve(RewardConfig(model_path=str(SHIPPED["tiny"])), max_new_tokens=8)
     (tmp_path / "config.json").write_text("{not json")

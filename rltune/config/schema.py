@@ -342,6 +342,8 @@ def validate(cfg: RLTuneConfig) -> None:
     from rltune.models import check_model_folder
 
     check_model_folder(cfg.model.path, "model.path")
+    if cfg.reward.model_path is not None:  # before the memory check reads its config
+        check_model_folder(cfg.reward.model_path, "reward.model_path", scalar_head=True)
     if cfg.peft.method == "qlora":
         from rltune.models import check_qlora
 
