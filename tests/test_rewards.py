@@ -195,13 +195,38 @@ def test_a_function_failing_on_every_sample_stops_the_run_after_three_rollouts()
     fine = rewards.score([broken], ["p"], ["a"], {}, timeout_s=5)
     assert failing.errors["noargs"] == 2 and fine.errors["noargs"] == 0
     assert "TypeError" in failing.last_error["noargs"]
-    assert rewards.failed_everywhere(failing, 2) == {"noargs": 1.0}
-    assert rewards.failed_everywhere(fine, 1) == {"noargs": 0.0}
+    no_reward = rewards.NO_REWARD  # no sample has a reward when its only function failed
+    assert rewards.failed_everywhere(failing, 2) == {"noargs": 1.0, no_reward: 1.0}
+    assert rewards.failed_everywhere(fine, 1) == {"noargs": 0.0, no_reward: 0.0}
     watch = rewards.FailureWatch()
     for failed in (True, True, False, True, True):
         watch.update({"noargs": failed}, failing.last_error)
     with pytest.raises(rewards.RewardError, match="noargs failed on every sample of 3 rollouts"):
         watch.update({"noargs": True}, failing.last_error)
+
+
+def test_a_run_in_which_no_sample_gets_a_reward_stops_after_three_rollouts(tmp_path, cli):
+    """None means 'does not apply'; a function that applies to nothing leaves every advantage 0
+    and the run would train on nothing while looking alive. A sample scored by any function
+    counts; three rollouts in a row without one stop the run."""
+    never = rewards.RewardFunction("never", lambda p, c, **k: [None] * len(c), 1.0)
+    some = rewards.RewardFunction("some", lambda p, c, **k: [1.0] + [None] * (len(c) - 1), 1.0)
+    unscored = rewards.score([never], ["p", "q"], ["a", "b"], {}, timeout_s=5)
+    assert rewards.failed_everywhere(unscored, 2) == {"never": 0.0, rewards.NO_REWARD: 1.0}
+    scored = rewards.score([never, some], ["p", "q"], ["a", "b"], {}, timeout_s=5)
+    assert rewards.failed_everywhere(scored, 2)[rewards.NO_REWARD] == 0.0
+
+    (tmp_path / "user_rewards.py").write_text(
+        "def never(prompts, completions, **columns):\n    return [None] * len(completions)\n"
+    )
+    proc = cli(
+        "reward.funcs=[" + str(tmp_path / "user_rewards.py") + ":never]",
+        "train.eval_samples=0",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "no completion got a reward in 3 rollouts in a row" in proc.stderr
 
 
 def test_a_checker_without_an_answer_column_fails_before_loading(tmp_path, cli):

@@ -87,9 +87,14 @@ FAILING_STEPS = 3
 """Steps in a row in which a reward function fails on every sample before the run stops."""
 
 
+NO_REWARD = "(no reward)"
+"""`failed_everywhere`'s entry for a rollout in which no sample got a reward at all."""
+
+
 class FailureWatch:
     """Stops a run whose reward function fails on every sample for FAILING_STEPS steps in a
-    row: its rewards are all missing, so the run would train on nothing while looking alive."""
+    row, or in which no sample gets a reward for as long (every function returned None): its
+    rewards are all missing, so the run would train on nothing while looking alive."""
 
     def __init__(self) -> None:
         self.streak: dict[str, int] = {}
@@ -99,6 +104,12 @@ class FailureWatch:
         every process: the decision to stop must be the same everywhere)."""
         for name, failed in failed_all.items():
             self.streak[name] = self.streak.get(name, 0) + 1 if failed else 0
+            if self.streak[name] >= FAILING_STEPS and name == NO_REWARD:
+                raise RewardError(
+                    f"no completion got a reward in {FAILING_STEPS} rollouts in a row: the "
+                    "reward functions returned None for every sample, so there is nothing to "
+                    "learn from (None means 'does not apply to this sample')"
+                )
             if self.streak[name] >= FAILING_STEPS:
                 raise RewardError(
                     f"reward function {name} failed on every sample of {FAILING_STEPS} rollouts "
@@ -107,9 +118,11 @@ class FailureWatch:
 
 
 def failed_everywhere(scores: RewardScores, n: int) -> dict[str, float]:
-    """Per function, 1.0 when it failed on all `n` samples (0.0 otherwise): summed over the
-    processes, it is their number exactly when it failed everywhere."""
-    return {name: float(n > 0 and failed == n) for name, failed in scores.errors.items()}
+    """Per function, 1.0 when it failed on all `n` samples (0.0 otherwise), and under NO_REWARD
+    1.0 when no sample got a reward: summed over the processes, it is their number exactly when
+    it happened everywhere."""
+    failed = {name: float(n > 0 and count == n) for name, count in scores.errors.items()}
+    return failed | {NO_REWARD: float(n > 0 and bool(scores.total.isnan().all()))}
 
 
 ROLLOUT_COLUMNS = ("completion_ids", "truncated")
