@@ -47,7 +47,7 @@ from rltune.distributed import (
 from rltune.engines import MAIN, DeepSpeedEngine, PlainEngine, make_optimizer
 from rltune.hidden_states import compile_stack
 from rltune.logging import METRICS_FILE, MetricsLogger, NullLogger, read_metrics
-from rltune.memory import check_memory
+from rltune.memory import Layout, check_memory
 from rltune.models import autocast, count_parameters, disable_dropout, resolve_device, resolve_dtype
 from rltune.profiling import StepProfile, memory_metrics, reset_peak_memory
 
@@ -184,8 +184,10 @@ def train(
     resume_from = find_resume(t.resume, ckpt_root)
     if resume_from is not None:  # before any model loads
         check_resumable(resume_from, config_dict)
-    if t.memory_check and not use_ds and d.world_size == 1:
-        check_memory(cfg, compute_dtype=dtype, device=device)
+    ds_config = deepspeed_config(cfg, grad_accum=plan.grad_accum, dtype=dtype) if use_ds else None
+    if t.memory_check and (use_ds or d.world_size == 1):  # (several without DeepSpeed: refused)
+        layout = Layout.of(ds_config, d.world_size)
+        check_memory(cfg, compute_dtype=dtype, device=device, layout=layout)
 
     algo = build_algorithm(
         BuildContext(
@@ -256,7 +258,7 @@ def train(
                 log.info("%s: %d dropouts set to 0 (train.disable_dropout)", role, changed)
     factor = lr_lambda(t, max_steps)
     if use_ds:
-        ds_config = deepspeed_config(cfg, grad_accum=plan.grad_accum, dtype=dtype)
+        assert ds_config is not None
         engine: Any = DeepSpeedEngine(
             {MAIN: (trained, lr), **extra}, t, factor, ds_config, d, device
         )

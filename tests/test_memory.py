@@ -13,10 +13,11 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from rltune.algos import BuildContext, build_algorithm
 from rltune.cli import check_schema, conf_dir
 from rltune.config import BatchPlan, ConfigError, register_configs
-from rltune.memory import GIB, check_memory, model_states, parameter_count
+from rltune.memory import GIB, Layout, check_memory, model_states, parameter_count
 from rltune.models import SHIPPED
 
 CPU = torch.device("cpu")
+PLAIN = Layout()  # one process, no DeepSpeed
 
 
 def _cfg(overrides):
@@ -26,10 +27,9 @@ def _cfg(overrides):
         return check_schema(compose(config_name="config", overrides=overrides))
 
 
-def _states(cfg, compute=torch.float32, device=CPU):
-    return {
-        (h.role, h.what): h.nbytes for h in model_states(cfg, compute_dtype=compute, device=device)
-    }
+def _states(cfg, compute=torch.float32, device=CPU, layout=PLAIN):
+    held = model_states(cfg, compute_dtype=compute, device=device, layout=layout)
+    return {(h.role, h.what): h.nbytes for h in held}
 
 
 @pytest.fixture(scope="module")
@@ -193,3 +193,95 @@ def test_the_command_line_stops_before_loading_and_memory_check_false_goes_on(tm
     assert "memory: model states" in (tmp_path / "run" / "cli.log").read_text()  # logged first
     proc = cli(*common, "train.memory_check=false", timeout=120)
     assert proc.returncode != 0 and "optimizer states alone need" not in proc.stderr
+
+
+def test_deepspeed_layouts_come_from_its_config_and_partition_by_stage():
+    from rltune.distributed import deepspeed_config
+
+    def layout(overrides, world=8):
+        cfg = _cfg(overrides)
+        return Layout.of(deepspeed_config(cfg, grad_accum=1, dtype=torch.bfloat16), world)
+
+    assert layout(["deepspeed=zero2"]) == Layout(stage=2, world=8, bf16=True)
+    assert layout(["deepspeed=zero3_offload"]) == Layout(
+        stage=3, world=8, bf16=True, offload_optimizer=True, offload_params=True
+    )
+    assert Layout.of(None, 1) == Layout()
+
+    cfg = _cfg(["algo=grpo", "algo.kl_coef=0.04"])
+    p = parameter_count("tiny", cfg.model)
+    cuda = torch.device("cuda")
+    opt = ("policy", "optimizer fp32 (master weights, AdamW moments)")
+
+    def states(stage, **offload):
+        return _states(cfg, torch.bfloat16, cuda, Layout(stage, 8, True, **offload))
+
+    # bf16 weights and gradients, an fp32 master copy and two moments (12 bytes) partitioned
+    # from stage 1, gradients from stage 2, everything at stage 3; the frozen reference in
+    # bf16, partitioned at stage 3; no decoding replica (the module is bf16 already)
+    assert states(1) == {
+        ("policy", "weights bf16"): 2 * p,
+        ("policy", "gradients bf16"): 2 * p,
+        opt: 12 * p // 8,
+        ("reference", "frozen bf16"): 2 * p,
+    }
+    assert states(2)[("policy", "gradients bf16")] == 2 * p // 8
+    assert states(3) == {
+        ("policy", "weights bf16"): 2 * p // 8,
+        ("policy", "gradients bf16"): 2 * p // 8,
+        opt: 12 * p // 8,
+        ("reference", "frozen bf16"): 2 * p // 8,
+    }
+    # offloaded: the optimizer's partition (with stage 2-3's gradients) and the parameters
+    assert states(3, offload_optimizer=True, offload_params=True) == {
+        ("reference", "frozen bf16"): 2 * p // 8
+    }
+    assert states(2, offload_optimizer=True) == {
+        ("policy", "weights bf16"): 2 * p,
+        ("reference", "frozen bf16"): 2 * p,
+    }
+    # DeepSpeed in fp32: an fp32 module and gradients; the optimizer holds the two moments
+    fp32 = _states(cfg, torch.float32, CPU, Layout(2, 8, False))
+    assert fp32[("policy", "optimizer fp32 (AdamW moments)")] == 8 * p // 8
+
+
+def test_under_deepspeed_the_check_counts_one_process_share_and_names_stages(tmp_path, cli):
+    """One process under ZeRO-2 (no launcher needed) with a config of ~70B parameters: stopped
+    before anything loads, its share counted per process, with ZeRO-3 and offload offered."""
+    folder = _qwen7b_folder(tmp_path / "q70b", layers=300)
+    for f in SHIPPED["tiny"].iterdir():
+        if "token" in f.name or f.suffix == ".jinja":
+            shutil.copy(f, folder)
+    proc = cli(
+        "algo=sft",
+        "deepspeed=zero2",
+        "train.device=cpu",
+        f"model.path={folder}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "per process (ZeRO-2, 1 process)" in proc.stderr
+    assert "deepspeed=zero3 (parameters partitioned too, over the 1 processes" in proc.stderr
+    # on a CPU, offloading to CPU memory frees nothing: not offered
+    assert "deepspeed=zero3_offload" not in proc.stderr
+
+
+def test_offloading_is_offered_on_a_gpu(tmp_path, monkeypatch):
+    cfg = _cfg(["algo=sft", f"model.path={_qwen7b_folder(tmp_path)}"])
+    monkeypatch.setattr("rltune.memory.free_memory", lambda device: 20 * GIB)
+    with pytest.raises(ConfigError) as err:
+        layout = Layout(stage=2, world=8, bf16=True)
+        check_memory(cfg, compute_dtype=torch.bfloat16, device=torch.device("cuda"), layout=layout)
+    p = 7_615_616_512
+    message = str(err.value)
+    assert (
+        f"need {(2 * p + 14 * p // 8) / GIB:.1f} GiB per process (ZeRO-2, 8 processes)" in message
+    )
+    # ZeRO-3 partitions the weights too; with both offloads no state stays on the GPU
+    assert (
+        f"deepspeed=zero3 (parameters partitioned too, over the 8 processes: {16 * p / 8 / GIB:.1f} GiB, below the free memory)"
+        in message
+    )
+    offload = "deepspeed=zero3_offload (optimizer states and parameters in CPU memory: 0.0 MiB"
+    assert offload in message

@@ -67,7 +67,7 @@ class TrainConfig:
     compile: bool = False
     """torch.compile each model's decoder stack for training (not with DeepSpeed; decoding runs it eager, see rollout.compile); the first input shape compiles, and a second one compiles again with its lengths left dynamic for every later one (30 steps of the tiny GRPO job: 2 compiles). Each model has dynamo's recompile budget to itself (torch 2.13)."""
     memory_check: bool = True
-    """Before any weights load (one process, no DeepSpeed): count the models' weights, gradients, AdamW moments and frozen copies from their configs, log the sum, and stop with the settings that need less when it alone exceeds the device's free memory (the GPU's, or the host's MemAvailable)."""
+    """Before any weights load: count the models' weights, gradients, optimizer states and frozen copies from their configs (under DeepSpeed, each process's share), log the sum, and stop with the settings that need less when it alone exceeds the device's free memory (the GPU's, or the host's MemAvailable)."""
     profile_step: int = 0
     """Run optimizer step N under torch.profiler (0: never): profile.txt in the run directory gets the operators (and CUDA kernels) by their own time, profile_trace.json a Chrome trace."""
     fail_at_step: int | None = None
