@@ -127,14 +127,16 @@ def _trained(role: str, params: int, dtype: torch.dtype, layout: Layout) -> list
             Holding(role, f"gradients {name}", each),
             Holding(role, f"AdamW moments {name}", 2 * each),
         ]
-    # DeepSpeed: the module in bf16 (or fp32), the optimizer's fp32 master copy (in bf16) and
-    # moments partitioned from stage 1, gradients from stage 2, parameters at stage 3
+    # DeepSpeed: the module in bf16 (or fp32); the optimizer's fp32 master copy (when in bf16)
+    # and moments partitioned from stage 1, gradients from stage 2, parameters at stage 3
     width = 2 if layout.bf16 else 4
     name = "bf16" if layout.bf16 else "fp32"
     optimizer = params * (12 if layout.bf16 else 8)
     held = [
         Holding(
-            role, f"weights {name}", 0 if layout.offload_params else layout.share(params * width, 3)
+            role,
+            f"weights {name}",
+            0 if layout.offload_params and layout.stage == 3 else layout.share(params * width, 3),
         ),
         Holding(
             role,
