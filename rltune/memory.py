@@ -29,8 +29,6 @@ from rltune.models import DTYPES, resolve_path, scalar_dtype
 log = logging.getLogger(__name__)
 
 GIB = 1024**3
-ONLINE = ("grpo", "rloo", "reinforce", "ppo", "rs")
-"""Algorithms that sample rollouts from the policy (and may score them with reward.model_path)."""
 
 
 @dataclass(frozen=True)
@@ -200,7 +198,7 @@ def model_states(
         held = _trained("policy", params, weights, layout)
     if _needs_reference(cfg):
         held.append(_frozen("reference", "frozen", params, weights, layout))
-    if algo.name not in ONLINE:
+    if not hasattr(algo, "group_size"):  # rollouts (and reward.model_path): online algorithms
         return held
 
     graph_replica = (
