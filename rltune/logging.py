@@ -8,7 +8,8 @@ which the resumed run would not write again; each file's name is synced into the
 once, when it is created. On resume, rows after the checkpoint's
 step belong to the abandoned trajectory: they are moved to `metrics.orphaned.jsonl` (never
 deleted) and the main file is rewritten atomically without them (written beside it, synced,
-renamed over it, the rename synced); `samples.jsonl` likewise.
+renamed over it, the rename synced); `samples.jsonl` likewise. A move that a crash cut short
+is finished by the next resume, not repeated: rows never land in the orphans' file twice.
 
 wandb plots every metric against `step`, a metric of its own, rather than wandb's internal
 step: a resumed run goes on in the same wandb run, and the steps it repeats (those after its
@@ -69,8 +70,9 @@ def _truncate(path: Path, orphans: Path, step: int) -> tuple[int, bool]:
     if not orphaned and (not text or text.endswith("\n")):
         return 0, False
     if orphaned:  # on disk, named, before they leave the main file
+        done = _moved_before(orphans, orphaned)
         with _append(orphans) as f:
-            f.writelines(json.dumps(r) + "\n" for r in orphaned)
+            f.writelines(json.dumps(r) + "\n" for r in orphaned[done:])
             _fsync(f)
     tmp = path.with_suffix(".jsonl.tmp")
     with open(tmp, "w") as f:
@@ -79,6 +81,29 @@ def _truncate(path: Path, orphans: Path, step: int) -> tuple[int, bool]:
     os.replace(tmp, path)
     fsync_dir(path.parent)  # else a power loss could bring back the old file, or none
     return len(orphaned), torn
+
+
+def _moved_before(orphans: Path, rows: list[dict[str, Any]]) -> int:
+    """How many of `rows` (from their start) an interrupted earlier move already appended to
+    `orphans`: a crash after that append but before the main file's rewrite leaves them in both
+    files, and the next resume moves them again. A torn last line (a crash mid-append) is cut
+    off first: its row is among `rows`, and the append would glue the next row onto it."""
+    if not orphans.exists():
+        return 0
+    data = orphans.read_bytes()
+    whole = data[: data.rfind(b"\n") + 1]
+    if len(whole) < len(data):
+        os.truncate(orphans, len(whole))
+    there = []
+    for line in whole.decode().splitlines():
+        try:
+            there.append(json.loads(line))
+        except json.JSONDecodeError:  # glued by an older version's append: matches no row
+            there.append(None)
+    for i in range(max(0, len(there) - len(rows)), len(there)):
+        if there[i:] == rows[: len(there) - i]:
+            return len(there) - i
+    return 0
 
 
 def _append(path: Path):

@@ -30,6 +30,7 @@ from rltune.checkpoint import (
     find_resume,
     load_algo_state,
     normal_value,
+    rotate,
     set_aside_after,
 )
 from rltune.config import BatchPlan, ConfigError, RLTuneConfig, TrainConfig
@@ -308,6 +309,9 @@ def train(
                     step,
                     path,
                 )
+        # a crash between a save's rename and its rotation left one checkpoint too many; a run
+        # resumed at its last step saves none, so no later save would ever rotate it away
+        rotate(ckpt_root, t.keep_checkpoints)
     barrier()
     logger.truncate_after(step if resume_from is not None else -1)
 

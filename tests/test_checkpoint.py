@@ -326,3 +326,39 @@ def test_a_folder_that_cannot_be_synced_is_skipped_quietly(tmp_path, monkeypatch
     with pytest.raises(OSError) as raised:
         fsync_dir(tmp_path)
     assert raised.value.errno == errno.EIO
+
+
+def test_rows_moved_aside_by_a_resume_cut_short_are_not_moved_twice(tmp_path, monkeypatch):
+    """A crash after the abandoned rows reach the orphans' file, before metrics.jsonl is
+    rewritten without them, leaves them in both files, and the next resume moves them again:
+    they must end up in the orphans' file once. A crash in the middle of that append tears its
+    last line, which the next append must not glue a row onto."""
+    path, orphans = tmp_path / "metrics.jsonl", tmp_path / "metrics.orphaned.jsonl"
+    rows = "".join(json.dumps({"step": s, "loss": s / 10}) + "\n" for s in range(8))
+    earlier = json.dumps({"step": 9, "loss": 0.0}) + "\n"  # moved aside by an earlier resume
+
+    class Crash(BaseException):
+        pass
+
+    def replace(src, dst):
+        raise Crash
+
+    def truncate_after(step):
+        MetricsLogger(tmp_path, LoggerConfig(), config={}, total_steps=10).truncate_after(step)
+
+    path.write_text(rows)
+    orphans.write_text(earlier)
+    with monkeypatch.context() as crashing:
+        crashing.setattr(os, "replace", replace)
+        with pytest.raises(Crash):
+            truncate_after(4)
+    assert [r["step"] for r in read_metrics(path)] == list(range(8))  # still all there
+    truncate_after(4)
+    assert [r["step"] for r in read_metrics(path)] == [0, 1, 2, 3, 4]
+    assert [r["step"] for r in read_metrics(orphans)] == [9, 5, 6, 7]
+
+    path.write_text(rows)  # the crash came mid-append: row 5 written, row 6 in part
+    orphans.write_text(earlier + json.dumps({"step": 5, "loss": 0.5}) + '\n{"step": 6, "lo')
+    truncate_after(4)
+    assert [r["step"] for r in read_metrics(orphans)] == [9, 5, 6, 7]
+    assert orphans.read_text().endswith("\n")

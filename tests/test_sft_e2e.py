@@ -142,6 +142,35 @@ def test_a_checkpoint_moved_aside_by_a_crashed_save_is_put_back_before_resuming(
     assert sorted(p.name for p in root.iterdir()) == ["step-4", "step-8"]
 
 
+def test_a_rotation_cut_short_by_a_crash_is_finished_by_the_resume(tmp_path, monkeypatch):
+    """A crash after the last step's checkpoint is renamed into place, before the rotation that
+    follows it, leaves one checkpoint too many. The resume starts at the last step and saves
+    nothing, so it must rotate itself, else keep_checkpoints is exceeded for good."""
+    from rltune import checkpoint
+
+    class Crash(BaseException):  # not an Exception: nothing on the way reports it as a failure
+        pass
+
+    real_replace = checkpoint.replace_dir
+
+    def replace_dir(tmp, final):  # the rename that completes a save, then the crash
+        real_replace(tmp, final)
+        if final.name == "step-6":
+            raise Crash
+
+    common = ["model=tiny_init", "train.max_steps=6", "train.save_every=2", *FAST]
+    run_dir = tmp_path / "run"
+    root = run_dir / "checkpoints"
+    monkeypatch.setattr(checkpoint, "replace_dir", replace_dir)
+    with pytest.raises(Crash):
+        run([*common, f"hydra.run.dir={run_dir}"])
+    monkeypatch.undo()
+    assert sorted(p.name for p in root.iterdir()) == ["step-2", "step-4", "step-6"]
+    run([*common, "train.resume=auto", f"hydra.run.dir={run_dir}"])
+    assert f"resumed from {root / 'step-6'} at step 6" in (run_dir / "cli.log").read_text()
+    assert sorted(p.name for p in root.iterdir()) == ["step-4", "step-6"]  # keep_checkpoints=2
+
+
 def test_resuming_another_runs_checkpoint_fails_before_loading(tmp_path, cli):
     """A checkpoint of full weights resumed with LoRA adapters (or by another algorithm) would
     fail deep inside loading; it is named before any model loads."""
