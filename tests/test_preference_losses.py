@@ -91,6 +91,7 @@ def test_sequence_logps_by_hand():
 
 def test_pairs_with_the_same_response_twice_are_reported(caplog):
     from rltune.config import ModelConfig
+    from rltune.data.formats import DataError
     from rltune.data.loading import Record
     from rltune.data.preference import encode_pairs
     from rltune.models import load_tokenizer
@@ -106,6 +107,9 @@ def test_pairs_with_the_same_response_twice_are_reported(caplog):
     assert len(pairs) == 3  # kept: a warning, not an error
     assert "2 preference pairs have the same chosen and rejected response" in caplog.text
     assert "prefs.jsonl, row 1" in caplog.text
+    # every pair a tie: nothing to learn, refused naming the first
+    with pytest.raises(DataError, match=r"all 2 preference pairs .* \(first: prefs.jsonl, row 1\)"):
+        encode_pairs(records[1:], load_tokenizer(ModelConfig()), max_length=64)
 
 
 def test_ipo_loss_on_token_averages_and_rewards_of_whole_responses():

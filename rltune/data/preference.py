@@ -58,7 +58,8 @@ def encode_pairs(
     records: list[Record], tokenizer: Any, *, max_length: int
 ) -> tuple[list[dict], int, int]:
     """(pairs, prompts truncated, pairs dropped). Raises DataError naming the row on bad input;
-    warns about pairs whose two responses are the same (they carry no preference)."""
+    warns about pairs whose two responses are the same (they carry no preference), and raises
+    when every pair is so."""
     pairs, truncated, dropped, ties = [], 0, 0, []
     for record in records:
         try:
@@ -80,6 +81,11 @@ def encode_pairs(
                     f"{record.where}: margin {record.data['margin']!r} is not a number"
                 ) from None
         pairs.append(fitted)
+    if ties and len(ties) == len(records):
+        raise DataError(
+            f"all {len(records)} preference pairs have the same chosen and rejected response "
+            f"(first: {ties[0].where}): there is no preference to learn"
+        )
     if ties:
         log.warning(
             "%d preference pairs have the same chosen and rejected response (first: %s): they "
